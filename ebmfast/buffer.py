@@ -1,0 +1,105 @@
+"""Replay buffer for persistent contrastive divergence (the seed's ``Sampler`` storage), device-resident.
+
+Storage is one fixed-shape tensor ``(capacity, *sample_shape)`` plus a device-side write pointer: drawing and
+writing back are pure tensor ops (no host round trip, no Python list of tensors), so both can be captured in a
+CUDA graph.
+
+Semantics versus the seed:
+- The seed starts from ``capacity`` U(lo, hi) images; so does this.
+- The seed draws a Binomial(batch, p) count of fresh U(lo, hi) images and fills the rest uniformly (with
+  replacement) from the buffer. Here each of the ``batch`` slots is fresh with probability ``p`` independently:
+  the number of fresh slots is the same Binomial(batch, p), only their positions in the batch differ (the seed
+  puts them first), which nothing downstream depends on. Fixed shapes make it capturable.
+- The seed prepends the newest chains and keeps the first ``capacity``: the oldest are evicted. A ring buffer
+  does exactly that.
+"""
+from __future__ import annotations
+
+import torch
+
+from .validation import check_clamp, check_positive_int, check_samples
+
+__all__ = ["ReplayBuffer"]
+
+
+class ReplayBuffer:
+    def __init__(
+        self,
+        sample_shape,
+        capacity: int = 8192,
+        fresh_prob: float = 0.05,
+        clamp: tuple[float, float] = (-1.0, 1.0),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ):
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        if not self.sample_shape or any(s <= 0 for s in self.sample_shape):
+            raise ValueError(f"sample_shape must be a non-empty tuple of positive sizes, got {sample_shape!r}")
+        self.capacity = check_positive_int(capacity, "capacity")
+        if not (isinstance(fresh_prob, (int, float)) and 0.0 <= float(fresh_prob) <= 1.0):
+            raise ValueError(f"fresh_prob must be a probability in [0, 1], got {fresh_prob!r}")
+        self.fresh_prob = float(fresh_prob)
+        self.lo, self.hi = check_clamp(clamp)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.generator = generator
+        self.storage = self._uniform((self.capacity, *self.sample_shape))
+        # Next slot to overwrite (the oldest entry); a device tensor so that writes need no host sync.
+        self.ptr = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def _uniform(self, shape) -> torch.Tensor:
+        u = torch.rand(shape, device=self.device, dtype=self.dtype, generator=self.generator)
+        return u.mul_(self.hi - self.lo).add_(self.lo)
+
+    def __len__(self) -> int:
+        return self.capacity
+
+    def draw(self, batch_size: int) -> torch.Tensor:
+        """A batch of chain starts: fresh U(lo, hi) with probability ``fresh_prob``, else a stored sample."""
+        batch_size = check_positive_int(batch_size, "batch_size")
+        idx = torch.randint(0, self.capacity, (batch_size,), device=self.device, generator=self.generator)
+        fresh = torch.rand(batch_size, device=self.device, generator=self.generator) < self.fresh_prob
+        noise = self._uniform((batch_size, *self.sample_shape))
+        mask = fresh.view(batch_size, *([1] * len(self.sample_shape)))
+        return torch.where(mask, noise, self.storage.index_select(0, idx))
+
+    @torch.no_grad()
+    def push(self, samples: torch.Tensor) -> None:
+        """Write sampled chains back, overwriting the oldest entries."""
+        check_samples(samples, "samples")
+        if tuple(samples.shape[1:]) != self.sample_shape:
+            raise ValueError(
+                f"samples must have shape (N, {', '.join(map(str, self.sample_shape))}), got {tuple(samples.shape)}"
+            )
+        n = samples.shape[0]
+        if n > self.capacity:
+            raise ValueError(f"cannot push {n} samples into a buffer of capacity {self.capacity}")
+        pos = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
+        self.storage.index_copy_(0, pos, samples.detach().to(device=self.device, dtype=self.dtype))
+        self.ptr.add_(n).remainder_(self.capacity)
+
+    def state_dict(self) -> dict:
+        return {
+            "storage": self.storage.detach().cpu().clone(),
+            "ptr": int(self.ptr),
+            "capacity": self.capacity,
+            "sample_shape": self.sample_shape,
+            "fresh_prob": self.fresh_prob,
+            "clamp": (self.lo, self.hi),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("storage", "ptr", "capacity", "sample_shape"):
+            if key not in state:
+                raise KeyError(f"replay-buffer state is missing {key!r}; keys given: {sorted(state)}")
+        if int(state["capacity"]) != self.capacity or tuple(state["sample_shape"]) != self.sample_shape:
+            raise ValueError(
+                f"replay-buffer state is for capacity {state['capacity']} and sample shape "
+                f"{tuple(state['sample_shape'])}, this buffer has {self.capacity} and {self.sample_shape}"
+            )
+        self.storage.copy_(state["storage"].to(device=self.device, dtype=self.dtype))
+        self.ptr.fill_(int(state["ptr"]))
+        self.fresh_prob = float(state.get("fresh_prob", self.fresh_prob))
+        if "clamp" in state:
+            self.lo, self.hi = check_clamp(state["clamp"])

@@ -1,0 +1,55 @@
+"""The ``ebmfast`` command: ``train``, ``sample``, ``evaluate``, ``bench``.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+Errors the user can fix (bad values, missing data or checkpoints) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("ebmfast.train", "train an energy model by contrastive divergence (the seed's recipe)"),
+    "sample": ("ebmfast.generate", "draw samples from a checkpoint with Langevin dynamics, save a PNG grid"),
+    "evaluate": ("ebmfast.evaluate", "out-of-distribution scores, sample quality and a report for a checkpoint"),
+    "bench": ("ebmfast.bench", "measure sampler throughput per backend"),
+}
+
+
+class UsageError(Exception):
+    """A bad value the user gave; reported in one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ebmfast", description="Fast Langevin sampling for deep energy-based models")
+    parser.add_argument("--version", action="version", version=f"ebmfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataNotFoundError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except (UsageError, DataNotFoundError) as exc:
+        print(f"ebmfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ebmfast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Torch custom ops for the fused Langevin update, so torch.compile, fake tensors and CUDA graphs see them.
+
+- ``torch.ops.ebmfast.langevin_step_(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index,
+  add_noise)``: in place on ``x``; ``x <- clamp(x - s*clamp(g)); x <- clamp(x + sigma*z)`` (either part optional:
+  ``g=None`` skips the gradient step, ``add_noise=False`` the noise). ``z=None`` draws the noise from the stream
+  ``rng = int64[2] (seed, counter)`` at position ``counter + noise_index``.
+- ``torch.ops.ebmfast.langevin_normal(rng, numel, noise_index)``: that same stream, written out (parity mode).
+
+Implementations: Triton (``ebmfast.kernels.langevin``) for CUDA tensors; plain torch for CPU tensors. The CPU
+stream is a different, equally reproducible generator (CPU Generator seeded from (seed, counter)); on CPU the
+Triton kernels can still be exercised under ``TRITON_INTERPRET=1`` with ``EBMFAST_TRITON_ON_CPU=1`` (tests do).
+Without Triton the package still imports and the CPU ops work; a CUDA call raises a clear error.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["HAS_TRITON", "triton_unavailable_reason", "langevin_step_", "langevin_normal", "cpu_normal"]
+
+try:  # Triton is optional: the package must import (and run on CPU) without it.
+    from ebmfast.kernels import langevin as _kernels
+
+    HAS_TRITON = True
+    _TRITON_ERROR = None
+except Exception as exc:  # ImportError, or a broken Triton install
+    _kernels = None
+    HAS_TRITON = False
+    _TRITON_ERROR = exc
+
+
+def triton_unavailable_reason() -> str | None:
+    if HAS_TRITON:
+        return None
+    return f"Triton could not be imported ({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR}); pip install triton"
+
+
+def _triton_on_cpu() -> bool:
+    return HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("EBMFAST_TRITON_ON_CPU") == "1"
+
+
+def _check_step_args(x, g, z, rng):
+    if not x.is_contiguous():
+        raise ValueError("langevin_step_: x must be contiguous (the kernel updates it in place)")
+    for name, t in (("g", g), ("z", z)):
+        if t is not None and (t.shape != x.shape or t.device != x.device or not t.is_contiguous()):
+            raise ValueError(
+                f"langevin_step_: {name} must be a contiguous tensor shaped like x {tuple(x.shape)} on {x.device}, "
+                f"got {tuple(t.shape)} on {t.device}"
+            )
+    if rng.dtype != torch.int64 or rng.numel() != 2 or rng.device != x.device:
+        raise ValueError(
+            f"langevin_step_: rng must be an int64 tensor of 2 elements (seed, counter) on {x.device}, "
+            f"got {rng.dtype} with {rng.numel()} elements on {rng.device}"
+        )
+
+
+def _mix(seed: int, counter: int) -> int:
+    """A 63-bit generator seed from (seed, counter): splitmix64 finaliser, so nearby counters decorrelate."""
+    v = (seed * 0x9E3779B97F4A7C15 + counter + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    v ^= v >> 30
+    v = (v * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    v ^= v >> 27
+    v = (v * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    v ^= v >> 31
+    return v & 0x7FFFFFFFFFFFFFFF
+
+
+def cpu_normal(rng: torch.Tensor, shape, noise_index: int, dtype=torch.float32) -> torch.Tensor:
+    """The CPU stream: N(0, 1) draws for position ``rng[1] + noise_index`` of the stream keyed by ``rng[0]``."""
+    seed, counter = (int(v) for v in rng.tolist())
+    gen = torch.Generator(device="cpu").manual_seed(_mix(seed, counter + int(noise_index)))
+    return torch.randn(shape, generator=gen, dtype=dtype)
+
+
+def _step_cpu(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise) -> None:
+    if _triton_on_cpu():
+        _kernels.launch_langevin_step(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise)
+        return
+    # Same arithmetic, in the same order, as the reference: x + (-s * g) then clamp; x + sigma * z then clamp.
+    with torch.no_grad():
+        if g is not None:
+            x.add_(-step_size * g.clamp(-grad_clip, grad_clip)).clamp_(lo, hi)
+        if add_noise:
+            if z is None:
+                z = cpu_normal(rng, x.shape, noise_index, dtype=x.dtype)
+            x.add_(noise_std * z).clamp_(lo, hi)
+
+
+def _normal_cpu(rng, numel, noise_index):
+    if _triton_on_cpu():
+        out = torch.empty(numel, dtype=torch.float32)
+        _kernels.launch_normal(out, rng, noise_index)
+        return out
+    return cpu_normal(rng, (numel,), noise_index)
+
+
+if HAS_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("ebmfast::langevin_step_", mutates_args={"x"})
+    def langevin_step_(
+        x: torch.Tensor,
+        g: Optional[torch.Tensor],
+        z: Optional[torch.Tensor],
+        rng: torch.Tensor,
+        step_size: float,
+        grad_clip: float,
+        noise_std: float,
+        lo: float,
+        hi: float,
+        noise_index: int,
+        add_noise: bool,
+    ) -> None:
+        _kernels.launch_langevin_step(
+            x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise, wrap=wrap_triton
+        )
+
+    @triton_op("ebmfast::langevin_normal", mutates_args={})
+    def langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32, device=rng.device)
+        _kernels.launch_normal(out, rng, noise_index, wrap=wrap_triton)
+        return out
+
+else:
+    from torch.library import custom_op
+
+    def _no_triton(device):
+        raise RuntimeError(
+            f"the fused Langevin kernel needs Triton for {device} tensors: {triton_unavailable_reason()}. "
+            "Use backend='eager' or 'compiled', or run on CPU."
+        )
+
+    @custom_op("ebmfast::langevin_step_", mutates_args={"x"})
+    def langevin_step_(
+        x: torch.Tensor,
+        g: Optional[torch.Tensor],
+        z: Optional[torch.Tensor],
+        rng: torch.Tensor,
+        step_size: float,
+        grad_clip: float,
+        noise_std: float,
+        lo: float,
+        hi: float,
+        noise_index: int,
+        add_noise: bool,
+    ) -> None:
+        _no_triton(x.device)
+
+    @langevin_step_.register_fake
+    def _(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise):
+        return None
+
+    @custom_op("ebmfast::langevin_normal", mutates_args={})
+    def langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
+        _no_triton(rng.device)
+
+    @langevin_normal.register_fake
+    def _(rng, numel, noise_index):
+        return rng.new_empty(numel, dtype=torch.float32)
+
+
+langevin_step_.register_kernel("cpu")(_step_cpu)
+langevin_normal.register_kernel("cpu")(_normal_cpu)
+
+
+def fused_step_(x, g, rng, *, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise, z=None) -> None:
+    """Checked entry point to ``torch.ops.ebmfast.langevin_step_``."""
+    _check_step_args(x, g, z, rng)
+    torch.ops.ebmfast.langevin_step_(
+        x, g, z, rng, float(step_size), float(grad_clip), float(noise_std), float(lo), float(hi), int(noise_index),
+        bool(add_noise),
+    )

@@ -1,0 +1,112 @@
+"""The seed's Langevin sampler, eager and literal: the single reference every fast path is tested against.
+
+Per step, in this order (seed tutorial, ``DeepEnergyModel.generate_samples``)::
+
+    x <- clamp(x + noise_std * z_k, lo, hi)        z_k ~ N(0, 1)
+    g <- grad_x sum(-f(x))                          (f = model output = -E)
+    g <- clamp(g, -grad_clip, grad_clip)
+    x <- clamp(x - step_size * g, lo, hi)
+
+``noise`` lets a caller supply the standard-normal draws ``z`` (shape ``(steps, *x.shape)``), so that a fast
+path that generates its noise differently can be compared with this one trajectory by trajectory.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .validation import check_clamp, check_nonneg_float, check_positive_float, check_positive_int, check_samples
+
+__all__ = ["langevin_reference", "sampling_mode", "energy_grad_reference"]
+
+
+@contextmanager
+def sampling_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters while sampling; both restored afterwards (also on error).
+
+    Unlike the seed, which sets ``requires_grad=True`` on every parameter afterwards, this restores each
+    parameter's own flag, so frozen layers stay frozen.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def energy_grad_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """g = grad_x sum(-f(x)) (the gradient of the summed energy), eager."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = model(xg)
+        if out.dim() != 1 or out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"the energy model must return one score per sample, shape ({x.shape[0]},), "
+                f"got shape {tuple(out.shape)}"
+            )
+        (g,) = torch.autograd.grad(-out.sum(), xg)
+    return g
+
+
+@torch.no_grad()
+def langevin_reference(
+    model: nn.Module,
+    x: torch.Tensor,
+    steps: int = 60,
+    step_size: float = 10.0,
+    noise_std: float = 0.005,
+    grad_clip: float = 0.03,
+    clamp: tuple[float, float] = (-1.0, 1.0),
+    noise=None,
+    return_trajectory: bool = False,
+    generator: torch.Generator | None = None,
+    energy_grad=None,
+):
+    """Run ``steps`` Langevin steps from ``x`` (not modified) and return the detached samples.
+
+    With ``return_trajectory=True`` returns ``(samples, trajectory)`` where ``trajectory`` has shape
+    ``(steps, *x.shape)`` and holds the state after each step (the seed's ``imgs_per_step``).
+
+    ``noise``: None (draw ``torch.randn`` with ``generator``), a tensor of shape ``(steps, *x.shape)`` of
+    standard-normal draws, or a callable ``k -> z_k``. ``energy_grad``: a callable ``x -> g`` replacing the
+    autograd gradient (used by the ``compiled`` backend; the step arithmetic stays this function's).
+    """
+    check_samples(x)
+    steps = check_positive_int(steps, "steps")
+    step_size = check_positive_float(step_size, "step_size")
+    noise_std = check_nonneg_float(noise_std, "noise_std")
+    grad_clip = check_positive_float(grad_clip, "grad_clip")
+    lo, hi = check_clamp(clamp)
+    if isinstance(noise, torch.Tensor):
+        expected = (steps, *x.shape)
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise must have shape (steps, *x.shape) = {expected}, got {tuple(noise.shape)}")
+
+    x = x.detach().clone()
+    traj = [] if return_trajectory else None
+    with sampling_mode(model):
+        for k in range(steps):
+            if noise is None:
+                z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            elif callable(noise):
+                z = noise(k)
+            else:
+                z = noise[k]
+            x.add_(noise_std * z.to(device=x.device, dtype=x.dtype)).clamp_(lo, hi)
+            g = energy_grad_reference(model, x) if energy_grad is None else energy_grad(x)
+            g.clamp_(-grad_clip, grad_clip)
+            x.add_(-step_size * g).clamp_(lo, hi)
+            if traj is not None:
+                traj.append(x.clone())
+    if traj is not None:
+        return x, torch.stack(traj)
+    return x

@@ -1,0 +1,273 @@
+"""``LangevinSampler``: the seed's Langevin dynamics behind one API, with interchangeable backends.
+
+Backends (``backend=``):
+- ``eager``: the reference loop (``ebmfast.reference``), autograd gradient.
+- ``compiled``: the same loop with the energy gradient from ``torch.compile`` (``ebmfast.energy_grad``).
+- ``fused``: compiled gradient + one fused update op per step (``ebmfast.ops`` -> Triton on CUDA): the op applies
+  step k's clipped gradient step and clamp together with step k+1's noise and clamp, so a K-step chain is one
+  noise launch + K gradients + K fused updates.
+- ``graph`` (CUDA only): the whole ``fused`` chain captured once in a CUDA graph and replayed (``ebmfast.graph``).
+- ``auto``: ``graph`` on CUDA (``fused`` when Triton is missing), ``compiled`` on CPU (the fastest measured there).
+
+Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a pure function of the sampler's seed,
+a device-side counter and the element index (Philox in the kernel on CUDA; a seeded CPU generator on CPU); each call
+advances the counter by its step count. So a seeded sampler reproduces its chains exactly, successive calls (and CUDA
+graph replays) draw new noise, and ``noise_stream`` shows the draws the next call will use, which the reference can
+consume to check any backend trajectory by trajectory. ``sample(noise=...)`` takes explicit draws instead.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from . import ops
+from .energy_grad import compiled_energy_grad
+from .reference import langevin_reference, sampling_mode
+from .validation import (
+    check_choice,
+    check_clamp,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    check_samples,
+)
+
+__all__ = ["LangevinSampler", "BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
+
+BACKENDS = ("auto", "eager", "compiled", "fused", "graph")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextmanager
+def precision_context(precision: str, device_type: str):
+    """fp32: true fp32 (TF32 off for cuDNN and cuBLAS); tf32: TF32 on; bf16: autocast to bfloat16."""
+    check_choice(precision, PRECISIONS, "precision")
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``backend`` means on ``device`` (``auto`` resolved, availability checked)."""
+    check_choice(backend, BACKENDS, "backend")
+    if device.type == "cuda":
+        if backend == "auto":
+            return "graph" if ops.HAS_TRITON else "compiled"
+        if backend in ("fused", "graph") and not ops.HAS_TRITON:
+            raise RuntimeError(f"backend={backend!r} on CUDA needs Triton: {ops.triton_unavailable_reason()}")
+        return backend
+    if backend == "auto":
+        return "compiled"
+    if backend == "graph":
+        raise ValueError(f"backend='graph' needs a CUDA device (CUDA graphs), got tensors on {device}")
+    return backend
+
+
+class LangevinSampler:
+    """Langevin dynamics on an energy model ``f(x) = -E(x)`` (any ``nn.Module`` giving one score per sample).
+
+    Per step: x <- clamp(x + noise_std*z); g <- clamp(grad_x sum(-f(x)), +-grad_clip); x <- clamp(x - step_size*g).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steps: int = 60,
+        step_size: float = 10.0,
+        noise_std: float = 0.005,
+        grad_clip: float = 0.03,
+        clamp: tuple[float, float] = (-1.0, 1.0),
+        backend: str = "auto",
+        precision: str = "fp32",
+        seed: int | None = None,
+        compile_kwargs: dict | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module returning one score per sample, got {type(model).__name__}")
+        self.model = model
+        self.steps = check_positive_int(steps, "steps")
+        self.step_size = check_positive_float(step_size, "step_size")
+        self.noise_std = check_nonneg_float(noise_std, "noise_std")
+        self.grad_clip = check_positive_float(grad_clip, "grad_clip")
+        self.clamp = check_clamp(clamp)
+        self.backend = check_choice(backend, BACKENDS, "backend")
+        self.precision = check_choice(precision, PRECISIONS, "precision")
+        self.compile_kwargs = dict(compile_kwargs or {})
+        self._grad_fns: dict = {}
+        self._graphs = None  # ebmfast.graph.GraphCache, created on first CUDA use
+        self._checked: set = set()
+        self._rng: dict[torch.device, torch.Tensor] = {}
+        self.manual_seed(seed)
+        self.last_backend: str | None = None
+
+    # ----------------------------------------------------------------------------------------------- RNG state
+    def manual_seed(self, seed: int | None = None) -> None:
+        """Restart the noise stream. ``seed=None`` takes one from torch's default generator (so
+        ``torch.manual_seed`` makes an unseeded sampler reproducible too)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = seed
+        for rng in self._rng.values():
+            rng.copy_(torch.tensor([seed, 0], dtype=torch.int64))
+
+    def rng_state(self, device) -> torch.Tensor:
+        """The int64[2] (seed, counter) tensor on ``device`` that the kernels read and the chain advances."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._rng:
+            counter = 0
+            if self._rng:  # keep one logical stream across devices
+                counter = int(next(iter(self._rng.values()))[1])
+            self._rng[device] = torch.tensor([self.seed, counter], dtype=torch.int64, device=device)
+        return self._rng[device]
+
+    def state_dict(self) -> dict:
+        counters = {str(d): int(t[1]) for d, t in self._rng.items()}
+        return {"seed": self.seed, "counters": counters}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "seed" not in state:
+            raise KeyError(f"sampler state needs 'seed' (and 'counters'), got keys {sorted(state)}")
+        self.manual_seed(int(state["seed"]))
+        for dev, counter in state.get("counters", {}).items():
+            try:
+                rng = self.rng_state(dev)
+            except (RuntimeError, AssertionError):  # e.g. a CUDA counter restored on a CPU-only machine
+                rng = self.rng_state("cpu")
+            rng[1] = int(counter)
+
+    def noise_stream(self, x: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """The standard-normal draws ``(steps, *x.shape)`` that the next ``sample(x, steps)`` will use.
+
+        Does not advance the stream. Feed it to ``langevin_reference(..., noise=...)`` for trajectory parity."""
+        steps = self.steps if steps is None else check_positive_int(steps, "steps")
+        rng = self.rng_state(x.device)
+        return torch.stack([self._draw(rng, x, k) for k in range(steps)])
+
+    def _draw(self, rng: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+        if x.device.type == "cuda" and not ops.HAS_TRITON:
+            # No Triton: torch's own CUDA Philox, seeded from (seed, counter + k) on the host.
+            gen = torch.Generator(device=x.device).manual_seed(ops._mix(*(int(v) for v in rng.tolist())) + k)
+            return torch.randn(x.shape, device=x.device, generator=gen)
+        z = torch.ops.ebmfast.langevin_normal(rng, x.numel(), k)
+        return z.view(x.shape)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    def resolve(self, device) -> str:
+        return resolve_backend(self.backend, torch.device(device))
+
+    def _energy_grad(self, device: torch.device):
+        key = (device.type, self.precision)
+        if key not in self._grad_fns:
+            self._grad_fns[key] = compiled_energy_grad(self.model, **self.compile_kwargs)
+        fn = self._grad_fns[key]
+        if self.precision != "bf16":
+            return fn
+
+        def bf16_grad(x):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                g = fn(x)
+            return g.to(x.dtype)
+
+        return bf16_grad
+
+    def _check_model_output(self, x: torch.Tensor) -> None:
+        key = (id(self.model), tuple(x.shape[1:]), x.dtype, x.device)
+        if key in self._checked:
+            return
+        with torch.no_grad(), sampling_mode(self.model):
+            out = self.model(x[:1])
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1,):
+            raise ValueError(
+                "the energy model must map a batch (N, ...) to one score per sample, shape (N,); for a batch of 1 "
+                f"it returned {type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))}"
+            )
+        self._checked.add(key)
+
+    def sample(
+        self,
+        x: torch.Tensor,
+        steps: int | None = None,
+        return_trajectory: bool = False,
+        noise: torch.Tensor | None = None,
+    ):
+        """Run the chain from ``x`` (not modified); returns detached samples, or ``(samples, trajectory)`` with
+        ``trajectory`` of shape ``(steps, *x.shape)`` holding the state after each step.
+
+        ``noise``: optional explicit standard-normal draws ``(steps, *x.shape)`` instead of the sampler's stream
+        (the stream is then not advanced)."""
+        check_samples(x)
+        steps = self.steps if steps is None else check_positive_int(steps, "steps")
+        params = list(self.model.parameters())
+        if params and params[0].device != x.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {params[0].device}")
+        if params and x.dtype != params[0].dtype and self.precision != "bf16":
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {params[0].dtype}")
+        if noise is not None:
+            if tuple(noise.shape) != (steps, *x.shape):
+                raise ValueError(
+                    f"noise must have shape (steps, *x.shape) = {(steps, *x.shape)}, got {tuple(noise.shape)}"
+                )
+            noise = noise.to(device=x.device, dtype=x.dtype)
+        self._check_model_output(x)
+        backend = self.resolve(x.device)
+        if backend == "graph" and (return_trajectory or noise is not None):
+            backend = "fused"  # the captured chain keeps only the final state and draws its own noise
+        self.last_backend = backend
+        rng = self.rng_state(x.device)
+        with sampling_mode(self.model), precision_context(self.precision, x.device.type):
+            if backend == "graph":
+                out, traj = self._graph_chain(x, steps, rng), None
+            elif backend == "fused":
+                out, traj = self._fused_chain(x, steps, rng, noise, return_trajectory)
+            else:
+                stream = noise if noise is not None else (lambda k: self._draw(rng, x, k))
+                res = langevin_reference(
+                    self.model, x, steps, self.step_size, self.noise_std, self.grad_clip, self.clamp,
+                    noise=stream, return_trajectory=return_trajectory,
+                    energy_grad=self._energy_grad(x.device) if backend == "compiled" else None,
+                )
+                out, traj = (res if return_trajectory else (res, None))
+            if noise is None and backend != "graph":  # the graph advances its counter itself
+                rng[1] += steps
+        if return_trajectory:
+            return out, traj
+        return out
+
+    @torch.no_grad()
+    def _fused_chain(self, x, steps, rng, noise, return_trajectory):
+        grad = self._energy_grad(x.device)
+        lo, hi = self.clamp
+        x = x.detach().clone(memory_format=torch.contiguous_format)
+        traj = [] if return_trajectory else None
+        common = dict(step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=lo, hi=hi)
+        ops.fused_step_(x, None, rng, noise_index=0, add_noise=True, z=None if noise is None else noise[0], **common)
+        for k in range(steps):
+            g = grad(x).contiguous()
+            last = k == steps - 1
+            z = None if (noise is None or last) else noise[k + 1]
+            if traj is None:  # fused: this step's update + the next step's noise in one launch
+                ops.fused_step_(x, g, rng, noise_index=k + 1, add_noise=not last, z=z, **common)
+            else:  # the trajectory needs the state between the two halves
+                ops.fused_step_(x, g, rng, noise_index=k + 1, add_noise=False, **common)
+                traj.append(x.clone())
+                if not last:
+                    ops.fused_step_(x, None, rng, noise_index=k + 1, add_noise=True, z=z, **common)
+        return x, (torch.stack(traj) if traj is not None else None)
+
+    def _graph_chain(self, x, steps, rng):
+        from .graph import GraphCache
+
+        if self._graphs is None:
+            self._graphs = GraphCache()
+        return self._graphs.run(self, x, steps, rng)

@@ -1,0 +1,80 @@
+"""Input checks shared by the public API: each error says what was expected and what was given."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+__all__ = [
+    "check_samples",
+    "check_positive_int",
+    "check_positive_float",
+    "check_nonneg_float",
+    "check_clamp",
+    "check_choice",
+]
+
+
+def check_samples(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> None:
+    """A batch of samples: a floating-point tensor with a batch dimension, finite values."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must have a batch dimension and at least one feature dimension "
+            f"(shape (N, ...)), got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample, got an empty batch {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float64/float16/bfloat16), got {x.dtype}")
+    if finite and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def check_positive_float(value, name: str) -> float:
+    v = _real(value, name)
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def check_nonneg_float(value, name: str) -> float:
+    v = _real(value, name)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+def check_clamp(clamp) -> tuple[float, float]:
+    try:
+        lo, hi = clamp
+    except (TypeError, ValueError):
+        raise ValueError(f"clamp must be a pair (low, high), got {clamp!r}") from None
+    lo, hi = _real(lo, "clamp[0]"), _real(hi, "clamp[1]")
+    if not lo < hi:
+        raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
+    return lo, hi
+
+
+def check_choice(value, choices, name: str):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
