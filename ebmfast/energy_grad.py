@@ -12,6 +12,7 @@ Two builders:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -111,8 +112,22 @@ def _func_energy_grad(model: nn.Module) -> Callable:
     return grad(neg_energy_sum, argnums=2)
 
 
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def compiled_energy_grad(model: nn.Module, *, channels_last: bool | None = None, **compile_kwargs) -> EnergyGrad:
-    """A compiled g(x) for ``model``. ``channels_last=None`` picks it on CPU for 4-D inputs."""
+    """A compiled g(x) for ``model``. ``channels_last=None`` picks it on CPU for 4-D inputs.
+
+    Cached per model object (weakly) and settings, so every sampler on one model shares one compiled program
+    (torch.compile costs ~10-25 s per graph on a small CPU)."""
+    per_model = _COMPILED.setdefault(model, {})
+    key = (channels_last, tuple(sorted(compile_kwargs.items())))
+    if key not in per_model:
+        per_model[key] = _build_compiled(model, channels_last, compile_kwargs)
+    return per_model[key]
+
+
+def _build_compiled(model: nn.Module, channels_last, compile_kwargs) -> EnergyGrad:
     layers = chain_layers(model)
     if layers is not None:
         program = torch.compile(lambda x: chain_energy_grad(layers, x), **compile_kwargs)

@@ -1,0 +1,100 @@
+"""The ``graph`` backend: a whole K-step Langevin chain captured once in a CUDA graph and replayed.
+
+What is captured, per cache entry: copy-in is done by the caller into a static input buffer, then
+one noise launch, then K x (compiled energy gradient, fused update), then ``rng[1] += K``. Everything reads its
+inputs from device memory at replay time:
+- the chain state lives in the entry's static buffer ``x``;
+- the Philox seed and counter are read by the kernels from the sampler's ``rng`` tensor, and the captured
+  ``rng[1] += K`` advances it, so every replay draws new noise with no host involvement;
+- parameters are read from their storage, so in-place optimizer updates (``opt.step()``) are seen by the next replay.
+
+Re-capture happens on any change of what a graph bakes in: batch shape, dtype, device, step count, precision, the
+model object, or the identity/shape/storage of any parameter or buffer (e.g. ``load_state_dict`` with
+``assign=True`` or a ``module.weight = nn.Parameter(...)``): they are all part of the cache key. Sampler
+hyper-parameters (step size, clip, noise, clamp) are part of the key too.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from . import ops
+
+__all__ = ["GraphCache"]
+
+
+class _Entry:
+    def __init__(self, graph, x_static, out_static):
+        self.graph = graph
+        self.x = x_static
+        self.out = out_static
+
+
+class GraphCache:
+    """LRU cache of captured chains (a few entries: each holds a static batch and the graph's memory pool)."""
+
+    def __init__(self, max_entries: int = 4, warmup: int = 2):
+        self.max_entries = max_entries
+        self.warmup = warmup
+        self.entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
+        self.captures = 0  # how many graphs were captured (tests read it)
+
+    @staticmethod
+    def key(sampler, x: torch.Tensor, steps: int) -> tuple:
+        model = sampler.model
+        tensors = tuple(
+            (name, t.data_ptr(), tuple(t.shape), t.dtype)
+            for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        )
+        hyper = (sampler.step_size, sampler.noise_std, sampler.grad_clip, sampler.clamp, sampler.precision)
+        return (tuple(x.shape), x.dtype, x.device, steps, id(model), tensors, hyper)
+
+    def run(self, sampler, x: torch.Tensor, steps: int, rng: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"the graph backend needs CUDA tensors, got {x.device}")
+        key = self.key(sampler, x, steps)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self._capture(sampler, x, steps, rng)
+            self.entries[key] = entry
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        entry.x.copy_(x)
+        entry.graph.replay()
+        return entry.out.clone()  # the static output is overwritten by the next replay
+
+    def _chain(self, sampler, grad, x_static, steps, rng):
+        """The captured work: the fused chain on ``x_static`` in place, then advance the noise counter."""
+        lo, hi = sampler.clamp
+        common = dict(
+            step_size=sampler.step_size, grad_clip=sampler.grad_clip, noise_std=sampler.noise_std, lo=lo, hi=hi
+        )
+        ops.fused_step_(x_static, None, rng, noise_index=0, add_noise=True, **common)
+        for k in range(steps):
+            g = grad(x_static).contiguous()
+            ops.fused_step_(x_static, g, rng, noise_index=k + 1, add_noise=k < steps - 1, **common)
+        rng[1:].add_(steps)
+        return x_static
+
+    def _capture(self, sampler, x, steps, rng) -> _Entry:
+        grad = sampler._energy_grad(x.device)
+        x_static = torch.empty_like(x, memory_format=torch.contiguous_format)
+        saved_counter = rng.clone()
+        # Warm up on a side stream (torch.compile compiles here; cuDNN/cuBLAS pick algorithms), as CUDA graphs need.
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                x_static.copy_(x)
+                self._chain(sampler, grad, x_static, steps, rng)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._chain(sampler, grad, x_static, steps, rng)
+        # Warm-up and capture must not consume noise: the first replay uses the counter the caller saw.
+        rng.copy_(saved_counter)
+        self.captures += 1
+        return _Entry(graph, x_static, out)

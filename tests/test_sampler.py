@@ -1,0 +1,243 @@
+"""LangevinSampler: every backend on this machine against the eager reference, noise semantics, flags, errors.
+
+Tolerances (fp32, the parity target). The backends differ from the reference only in how the energy gradient is
+rounded (compiled chain rule vs autograd: ~1e-10 absolute on gradients of ~1e-4..1e-2) and, on CUDA, in FMA
+contraction of the update. Every operation after the gradient (clip, step, clamp, noise, clamp) is 1-Lipschitz,
+so differences grow only through the model's curvature; measured over 60 steps at batch 16: <= 2.6e-7 on CPU for a
+random-init and a briefly trained seed CNN. We allow 1e-5 on CPU (40x headroom, still 100x below a single
+Langevin noise draw, sigma = 5e-3) and 1e-4 on CUDA, where cuDNN may pick different convolution algorithms for the
+compiled graph than for eager autograd.
+"""
+import copy
+
+import pytest
+import torch
+from conftest import assert_close_verbose
+from energies import MLPEnergy, Quadratic
+
+from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference
+from ebmfast import ops
+from ebmfast.sampler import resolve_backend
+
+CPU_BACKENDS = ["eager", "compiled", "fused"]
+ATOL = {"cpu": 1e-5, "cuda": 1e-4}
+
+
+def available_backends(device):
+    out = []
+    for b in ["eager", "compiled", "fused", "graph"]:
+        try:
+            resolve_backend(b, torch.device(device))
+            out.append(b)
+        except (RuntimeError, ValueError):
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    """The seed CNN (hidden 32). One object for the whole module so the compiled gradient is built once."""
+    torch.manual_seed(0)
+    return CNNModel()
+
+
+@pytest.fixture(scope="module")
+def trained_state(cnn):
+    """Weights after 30 brief CD iterations on digits (eager sampler, 10 steps), as a state dict."""
+    from ebmfast.data import load_mnist5k
+
+    torch.manual_seed(1)
+    model = copy.deepcopy(cnn)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    buf = ReplayBuffer((1, 28, 28), capacity=256)
+    sampler = LangevinSampler(model, steps=10, backend="eager", seed=0)
+    images = load_mnist5k().train_images
+    for _ in range(30):
+        real = images[torch.randint(0, len(images), (16,))]
+        fake = sampler.sample(buf.draw(16))
+        buf.push(fake)
+        real_out, fake_out = model(torch.cat([real, fake])).chunk(2)
+        loss = 0.1 * (real_out**2 + fake_out**2).mean() + fake_out.mean() - real_out.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert real_out.mean() > fake_out.mean()  # it learned something: data scores above samples
+    return copy.deepcopy(model.state_dict())
+
+
+def check_parity(model, x, backend, steps=60, atol=None):
+    sampler = LangevinSampler(model, steps=steps, backend=backend, seed=11)
+    z = sampler.noise_stream(x)
+    got, traj = sampler.sample(x, return_trajectory=True) if backend != "graph" else (sampler.sample(x), None)
+    want, want_traj = langevin_reference(model, x, steps, noise=z, return_trajectory=True)
+    atol = ATOL[x.device.type] if atol is None else atol
+    assert_close_verbose(got, want, atol=atol, what=f"{backend} final state")
+    if traj is not None:
+        assert_close_verbose(traj, want_traj, atol=atol, what=f"{backend} trajectory")
+    assert sampler.last_backend == backend
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["random", "trained"])
+def test_cnn_chain_parity_all_backends(cnn, trained_state, weights):
+    init = copy.deepcopy(cnn.state_dict())
+    if weights == "trained":
+        cnn.load_state_dict(trained_state)  # in place: same parameter tensors, same compiled program
+    try:
+        x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        for backend in available_backends("cpu"):
+            check_parity(cnn, x, backend)
+    finally:
+        cnn.load_state_dict(init)
+
+
+@pytest.mark.slow
+def test_fused_chain_through_triton_interpreter(cnn, monkeypatch):
+    """The fused backend with the real Triton kernel (interpreted on CPU) for both the update and the stream."""
+    if not ops.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    got = check_parity(cnn, x, "fused")
+    monkeypatch.delenv("EBMFAST_TRITON_ON_CPU")
+    # the kernel's Philox stream differs from the CPU generator's, so the chains differ
+    other = LangevinSampler(cnn, steps=60, backend="fused", seed=11).sample(x)
+    assert (other - got).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 257])
+def test_second_architecture_flat_vectors_odd_batches(batch):
+    torch.manual_seed(batch)
+    model = MLPEnergy(dim=10)
+    model.train()
+    x = torch.rand(batch, 10) * 2 - 1
+    for backend in available_backends("cpu"):
+        check_parity(model, x, backend, steps=20)
+    assert model.training  # restored (BatchNorm/Dropout made eval mode matter during the chain)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_seeded_reproducible_and_calls_draw_new_noise(backend):
+    model = Quadratic(torch.zeros(6), 0.5)
+    x = torch.rand(4, 6) * 2 - 1
+    a, b = (LangevinSampler(model, steps=5, backend=backend, seed=5) for _ in range(2))
+    first = a.sample(x)
+    assert torch.equal(first, b.sample(x))  # same seed, same chains
+    second = a.sample(x)
+    assert not torch.equal(first, second)  # the stream advanced
+    assert a.state_dict()["counters"] == {"cpu": 10}
+    a.manual_seed(5)
+    assert torch.equal(a.sample(x), first)
+
+
+def test_state_dict_round_trip_resumes_stream():
+    model = Quadratic(torch.zeros(6), 0.5)
+    x = torch.rand(4, 6) * 2 - 1
+    a = LangevinSampler(model, steps=3, backend="eager", seed=9)
+    a.sample(x)
+    state = a.state_dict()
+    expected = a.sample(x)
+    b = LangevinSampler(model, steps=3, backend="eager", seed=1)
+    b.load_state_dict(state)
+    assert torch.equal(b.sample(x), expected)
+
+
+def test_unseeded_sampler_follows_torch_manual_seed():
+    model = Quadratic(torch.zeros(6), 0.5)
+    x = torch.rand(4, 6) * 2 - 1
+    torch.manual_seed(3)
+    a = LangevinSampler(model, steps=3, backend="eager").sample(x)
+    torch.manual_seed(3)
+    b = LangevinSampler(model, steps=3, backend="eager").sample(x)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_explicit_noise_matches_reference_and_keeps_stream(backend):
+    model = Quadratic(torch.full((5,), 0.3), 4.0)
+    x = torch.rand(3, 5) * 2 - 1
+    z = torch.randn(4, 3, 5)
+    s = LangevinSampler(model, steps=4, backend=backend, seed=0)
+    got = s.sample(x, noise=z)
+    assert_close_verbose(got, langevin_reference(model, x, 4, noise=z), atol=1e-6, what=backend)
+    assert s.state_dict()["counters"] == {"cpu": 0}
+
+
+def test_outputs_detached_and_input_untouched_and_flags_restored():
+    model = CNNModel(hidden_features=8).train()
+    model.cnn_layers[2].bias.requires_grad_(False)
+    x = torch.rand(3, 1, 28, 28, requires_grad=True)
+    before = x.detach().clone()
+    out, traj = LangevinSampler(model, steps=3, backend="eager").sample(x, return_trajectory=True)
+    assert not out.requires_grad and out.grad_fn is None and not traj.requires_grad
+    assert torch.equal(x.detach(), before) and x.grad is None
+    assert model.training
+    assert model.cnn_layers[2].bias.requires_grad is False
+    assert sum(p.requires_grad for p in model.parameters()) == len(list(model.parameters())) - 1
+    assert out.min() >= -1 and out.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "make_x, match",
+    [
+        (lambda: torch.zeros(2, 1, 28, 27), r"\(N, 1, 28, 28\)"),
+        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.float64), "dtype"),
+        (lambda: torch.full((2, 1, 28, 28), float("inf")), "non-finite"),
+        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.int32), "floating-point"),
+        (lambda: torch.zeros(0, 1, 28, 28), "empty batch"),
+        (lambda: [[0.0]], "torch.Tensor"),
+    ],
+)
+def test_bad_samples_rejected(make_x, match):
+    sampler = LangevinSampler(CNNModel(hidden_features=8), steps=2, backend="eager")
+    with pytest.raises((ValueError, TypeError), match=match):
+        sampler.sample(make_x())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(steps=2.5), "steps must be a positive integer"),
+        (dict(step_size=-1.0), "step_size must be > 0"),
+        (dict(noise_std=float("inf")), "noise_std must be finite"),
+        (dict(grad_clip=0), "grad_clip must be > 0"),
+        (dict(clamp=(0.0,)), "clamp must be a pair"),
+        (dict(backend="cuda-graph"), "backend must be one of"),
+        (dict(precision="fp8"), "precision must be one of"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
+    ],
+)
+def test_bad_settings_rejected(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        LangevinSampler(CNNModel(hidden_features=8), **kwargs)
+
+
+def test_model_must_return_one_score_per_sample():
+    model = torch.nn.Linear(4, 2)  # (N, 2): not an energy
+    with pytest.raises(ValueError, match="one score per sample"):
+        LangevinSampler(model, steps=1, backend="eager").sample(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="nn.Module"):
+        LangevinSampler(lambda x: x.sum(1))
+
+
+def test_bad_sample_call_arguments():
+    s = LangevinSampler(Quadratic(torch.zeros(4), 1.0), steps=2, backend="eager")
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        s.sample(torch.zeros(2, 4), steps=0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        s.sample(torch.zeros(2, 4), noise=torch.zeros(3, 2, 4))
+
+
+def test_graph_backend_needs_cuda_on_cpu():
+    s = LangevinSampler(Quadratic(torch.zeros(4), 1.0), steps=2, backend="graph")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        s.sample(torch.zeros(2, 4))
+
+
+def test_auto_resolves_per_device():
+    assert resolve_backend("auto", torch.device("cpu")) == "compiled"
+    if ops.HAS_TRITON:
+        assert resolve_backend("auto", torch.device("cuda")) == "graph"
