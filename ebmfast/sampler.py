@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .energy_grad import compiled_energy_grad
+from .energy_grad import compiled_energy_grad, eager_energy_grad
 from .reference import langevin_reference, sampling_mode
 from .validation import (
     check_choice,
@@ -166,11 +166,14 @@ class LangevinSampler:
     def resolve(self, device) -> str:
         return resolve_backend(self.backend, torch.device(device))
 
-    def _energy_grad(self, device: torch.device):
-        key = (device.type, self.precision)
-        if key not in self._grad_fns:
-            self._grad_fns[key] = compiled_energy_grad(self.model, **self.compile_kwargs)
-        fn = self._grad_fns[key]
+    def _energy_grad(self, device: torch.device, backend: str = "compiled"):
+        """The gradient function for ``backend`` (eager autograd or compiled), in the sampler's precision."""
+        if backend == "eager":
+            fn = eager_energy_grad(self.model)
+        else:
+            if device.type not in self._grad_fns:
+                self._grad_fns[device.type] = compiled_energy_grad(self.model, **self.compile_kwargs)
+            fn = self._grad_fns[device.type]
         if self.precision != "bf16":
             return fn
 
@@ -235,7 +238,7 @@ class LangevinSampler:
                 res = langevin_reference(
                     self.model, x, steps, self.step_size, self.noise_std, self.grad_clip, self.clamp,
                     noise=stream, return_trajectory=return_trajectory,
-                    energy_grad=self._energy_grad(x.device) if backend == "compiled" else None,
+                    energy_grad=self._energy_grad(x.device, backend),
                 )
                 out, traj = (res if return_trajectory else (res, None))
             if noise is None and backend != "graph":  # the graph advances its counter itself
