@@ -1,0 +1,45 @@
+"""Contrastive-divergence training throughput per backend (pytest-benchmark): the seed's recipe at batch 128,
+60 Langevin steps per iteration (``--bench-train-batch`` / ``--bench-train-steps`` change them), and the projected wall time of its 60-epoch MNIST run (468 iterations/epoch).
+
+    pytest bench/bench_train.py --benchmark-only [--bench-device cuda] [--bench-train-iters N]
+
+One iteration = replay-buffer draw + K-step chain + write-back + loss + Adam step (``ebmfast.bench.CDIteration``),
+on synthetic real images in [-1, 1]. All backends train the same model object with one shared Adam, so
+torch.compile does not re-compile per model copy. Measurements only: nothing is asserted about speed.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ebmfast.bench import CDIteration, TrainResult, _telemetry, _uniform, time_call, wall_call
+
+def test_cd_iteration(benchmark, bench_ctx, backend):
+    ctx = bench_ctx
+    device, model = ctx.device, ctx.model
+    if ctx.optimizer is None:
+        ctx.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.999))
+    batch, steps = ctx.train_batch, ctx.train_steps  # default: the seed's 128 and 60
+    row = TrainResult(backend, batch, steps, str(device), "cuda-events" if ctx.cuda else "perf_counter")
+    real = _uniform((batch, *model.input_shape), device, 7)
+    step = CDIteration(model, backend, batch, steps, device, seed=0, optimizer=ctx.optimizer)
+    with _telemetry(device, True) as tel:
+        row.first_iter_s = wall_call(lambda: step(real), device)
+        row.last_backend = step.sampler.last_backend
+
+        def one_iteration():
+            row.times_s.append(time_call(lambda: step(real), device))
+
+        benchmark.pedantic(one_iteration, rounds=ctx.train_iters, iterations=1, warmup_rounds=0)
+    row.telemetry = tel.summary() if ctx.cuda else None
+    row.finish()
+    eager = ctx.eager("train", batch, steps)
+    row.ratio_to_eager = row.iters_per_s / eager.iters_per_s if eager is not None else (1.0 if backend == "eager" else None)
+    ctx.train_results.append(row)
+
+    info = dataclasses.asdict(row)
+    info["times_ms"] = [t * 1e3 for t in info.pop("times_s")]
+    info["device_name"] = torch.cuda.get_device_name(device) if ctx.cuda else "cpu"
+    benchmark.extra_info.update(info)
+    benchmark.group = f"cd_iteration b{batch} k{steps}"
