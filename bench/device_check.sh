@@ -167,10 +167,12 @@ stage pytest_bench 150 60 "$PY" -m pytest bench/ --benchmark-only -q -p no:cache
   "${PB_MATRIX[@]}" --benchmark-json "$OUT/pytest_benchmark.json" --benchmark-columns median,iqr,rounds
 
 # ------------------------------------------------------------------------------------------------ report
-for name in $(awk -F'\t' '$2 != "0" && $2 != "skipped" {print $1}' "$OUT/stages.tsv"); do
-  echo "---- last lines of $name.log (failed or timed out) ----"
-  tail -n 25 "$OUT/$name.log"
-done
+while IFS=$'\t' read -r name rc _; do
+  if [ "$rc" != 0 ] && [ "$rc" != skipped ]; then
+    echo "---- last lines of $name.log (failed or timed out) ----"
+    tail -n 25 "$OUT/$name.log"
+  fi
+done < "$OUT/stages.tsv"
 echo "---- wall time: $(( SECONDS - START ))s of the ${TOTAL_S}s budget ----"
 timeout 20s "$PY" -c "import sys; from ebmfast.bench import summarize_device_check; \
 print(summarize_device_check(sys.argv[1]))" "$OUT" > "$OUT/summary.txt" 2> "$OUT/summary.err"

@@ -319,3 +319,63 @@ def test_device_check_script_parses():
     res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert os.access(script, os.X_OK), "bench/device_check.sh must be executable"
+
+
+# ------------------------------------------------------------------------------------------------ device-check report
+def _row(backend, batch, steps, ssps, ratio, mem=None, frac=None):
+    return {"backend": backend, "batch": batch, "steps": steps, "median_s": batch * steps / ssps,
+            "sample_steps_per_s": ssps, "ratio_to_eager": ratio, "ms_per_chain": 1e3 * batch * steps / ssps,
+            "tflops": None if frac is None else frac * 50, "frac_fp32_peak": frac,
+            "frac_tf32_peak": None if frac is None else frac / 8, "peak_mem_mb": mem, "first_call_s": 1.0,
+            "skipped": None, "telemetry": None}
+
+
+def _gpu_doc(graph_ratio=25.0, frac=0.45, minutes=2.5, graph_mem=30.0):
+    return {
+        "environment": {"device": "cuda", "device_name": "Fake H200", "time": "t", "torch": "2.11", "triton": "3.6"},
+        "matmul_peak": {"n": 8192, "fp32_tflops": 50.0, "tf32_tflops": 400.0},
+        "flop_per_sample_step": 3424512,
+        "sampler": [
+            _row("eager", 128, 60, 1e5, 1.0, mem=20.0),
+            _row("graph", 128, 60, 1e5 * graph_ratio, graph_ratio, mem=graph_mem),
+            _row("eager", 16384, 60, 1e6, 1.0, frac=0.1),
+            _row("graph", 16384, 60, 4e6, 4.0, frac=frac),
+        ],
+        "train": [{"backend": "graph", "batch": 128, "steps": 60, "median_s": minutes * 60 / (60 * 468),
+                   "iters_per_s": 1.0, "ratio_to_eager": 3.0, "projected_60_epochs_min": minutes,
+                   "first_iter_s": 2.0}],
+    }
+
+
+def test_target_report_gpu_verdicts():
+    met = bench.target_report(_gpu_doc())
+    assert [line.split("]")[0] for line in met] == ["[met"] * 4
+    assert "25.0x" in met[0] and "45.0% fp32" in met[1] and "2.50 min (graph)" in met[2] and "1.50x" in met[3]
+    missed = bench.target_report(_gpu_doc(graph_ratio=19.9, frac=0.39, minutes=3.1, graph_mem=41.0))
+    assert [line.split("]")[0] for line in missed] == ["[NOT met"] * 4
+    doc = _gpu_doc()
+    doc["sampler"] = doc["sampler"][:1]
+    doc["train"] = []
+    assert [line.split("]")[0] for line in bench.target_report(doc)] == ["[not measured"] * 4
+
+
+def test_target_report_cpu():
+    doc = {"environment": {"device": "cpu"}, "sampler": [_row("eager", 128, 60, 1e4, 1.0),
+                                                          _row("compiled", 128, 60, 1.6e4, 1.6),
+                                                          _row("fused", 128, 60, 1.2e4, 1.2)]}
+    (line,) = bench.target_report(doc)
+    assert line.startswith("[met]") and "1.60x (compiled)" in line
+
+
+def test_summarize_device_check(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(_gpu_doc()))
+    (tmp_path / "stages.tsv").write_text("env\t0\t2\ncuda_tests\t1\t80\nbench_cli\t124\t200\npytest_bench\tskipped\t0\n")
+    (tmp_path / "cuda_tests.xml").write_text(
+        '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2"/></testsuites>')
+    text = bench.summarize_device_check(str(tmp_path))
+    assert "env ok 2s | cuda_tests FAILED rc=1 80s | bench_cli TIMEOUT 200s | pytest_bench skipped 0s" in text
+    assert "7 passed, 1 failed, 0 errors, 2 skipped" in text
+    assert text.rstrip().splitlines()[-4].startswith("  [met]")
+    assert "Fake H200" in text and "2,500,000" in text
+    empty = bench.summarize_device_check(str(tmp_path / "nothing"))
+    assert "bench.json: missing" in empty and "none recorded" in empty
