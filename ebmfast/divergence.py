@@ -1,0 +1,199 @@
+"""Divergence detection and roll-back for contrastive-divergence training.
+
+The seed warns that EBM training "often diverges" and that the fix is to reload an earlier checkpoint and continue
+with another seed by hand. ``DivergenceMonitor`` decides when that is needed; ``SnapshotRing`` keeps the last good
+training states in memory; ``derive_seed`` gives each retry its own seed. The trainer (``ebmfast.train``) wires them
+together: on detection it restores the latest good snapshot, reseeds the sampler, the replay buffer / noise
+generator and the data order, multiplies the learning rate by ``recovery_lr_factor``, logs the event and goes on,
+at most ``max_recoveries`` times per run; then it raises ``DivergenceError``.
+
+What counts as divergence (``f`` = model output = -energy; real = data batch, fake = Langevin samples, noise =
+a fixed batch of U(-1, 1) images):
+
+- ``non_finite``: loss, mean f(real) or mean f(fake) is NaN or inf (checked every iteration), or a validation
+  metric is (checked every epoch).
+- ``energy_explosion``: |mean f(real)| or |mean f(fake)| exceeds ``energy_limit``. The alpha regulariser keeps the
+  seed's energies small (its 60-epoch run ends with rand_out = -16.3 and data near 0).
+- ``gap_collapse``, checked every ``check_every`` iterations once the data-minus-noise gap ``f(real) - f(noise)`` has
+  reached ``min_gap`` (the model has learnt something), either
+  - the model stops telling data from noise: the gap falls below ``ratio`` x the largest gap seen so far, or
+  - samples score like noise: ``f(fake) - f(noise) < ratio x (f(real) - f(noise))``,
+  for ``patience`` consecutive checks.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DivergenceError", "DivergenceEvent", "DivergenceMonitor", "SnapshotRing", "derive_seed", "REASON_CODES"]
+
+# Numeric codes so that events fit the numeric metrics log (metric "divergence/event").
+REASON_CODES = {"non_finite": 1, "energy_explosion": 2, "gap_collapse": 3}
+
+
+class DivergenceError(RuntimeError):
+    """Training kept diverging after the allowed number of roll-backs."""
+
+
+@dataclass
+class DivergenceEvent:
+    reason: str  # a key of REASON_CODES
+    detail: str  # human-readable: which quantity, its value, the threshold
+
+    @property
+    def code(self) -> int:
+        return REASON_CODES[self.reason]
+
+
+def derive_seed(seed: int, attempt: int, stream: int = 0) -> int:
+    """A distinct 62-bit seed per (run seed, retry attempt, stream) (splitmix64-style mixing)."""
+    v = (seed * 0x9E3779B97F4A7C15 + attempt * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
+    v ^= v >> 31
+    v = (v * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    v ^= v >> 32
+    return v & (2**62 - 1)
+
+
+class DivergenceMonitor:
+    def __init__(
+        self,
+        energy_limit: float = 1000.0,
+        check_every: int = 10,
+        patience: int = 3,
+        ratio: float = 0.2,
+        min_gap: float = 1.0,
+    ):
+        if not (isinstance(energy_limit, (int, float)) and energy_limit > 0 and math.isfinite(energy_limit)):
+            raise ValueError(f"energy_limit must be a finite number > 0, got {energy_limit!r}")
+        for name, v in (("check_every", check_every), ("patience", patience)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+            raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+        if not (isinstance(min_gap, (int, float)) and min_gap > 0 and math.isfinite(min_gap)):
+            raise ValueError(f"min_gap must be a finite number > 0, got {min_gap!r}")
+        self.energy_limit = float(energy_limit)
+        self.check_every = check_every
+        self.patience = patience
+        self.ratio = float(ratio)
+        self.min_gap = float(min_gap)
+        self.best_gap = -math.inf  # largest data-minus-noise gap seen (the reference for "collapse")
+        self.strikes = 0  # consecutive failing gap checks
+        self.last_gap_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- checks
+    def check_step(self, iteration: int, metrics: dict[str, float], noise_out=None) -> DivergenceEvent | None:
+        """Check one training step's metrics. ``noise_out``: a callable returning mean f(noise batch), called only
+        on gap-check iterations (it costs a forward pass)."""
+        for key in ("loss", "metrics_avg_real", "metrics_avg_fake"):
+            v = metrics.get(key)
+            if v is not None and not math.isfinite(v):
+                return DivergenceEvent("non_finite", f"{key} = {v} at iteration {iteration}")
+        for key in ("metrics_avg_real", "metrics_avg_fake"):
+            v = metrics.get(key)
+            if v is not None and abs(v) > self.energy_limit:
+                return DivergenceEvent(
+                    "energy_explosion",
+                    f"|{key}| = {abs(v):.4g} > energy_limit {self.energy_limit:g} at iteration {iteration}",
+                )
+        if noise_out is None or iteration % self.check_every:
+            return None
+        return self._check_gap(iteration, metrics["metrics_avg_real"], metrics["metrics_avg_fake"], float(noise_out()))
+
+    def _check_gap(self, iteration: int, real: float, fake: float, noise: float) -> DivergenceEvent | None:
+        if not math.isfinite(noise):
+            return DivergenceEvent("non_finite", f"mean f(noise) = {noise} at iteration {iteration}")
+        gap = real - noise
+        sample_gap = fake - noise
+        self.last_gap_metrics = {
+            "divergence/noise_out": noise,
+            "divergence/data_noise_gap": gap,
+            "divergence/sample_noise_gap": sample_gap,
+        }
+        armed = self.best_gap >= self.min_gap
+        self.best_gap = max(self.best_gap, gap)
+        if not armed:
+            return None
+        failing = None
+        if gap < self.ratio * self.best_gap:
+            failing = (f"data-minus-noise energy gap {gap:.4g} fell below {self.ratio:g} x its best "
+                       f"{self.best_gap:.4g} (the model no longer tells data from noise)")
+        elif gap >= self.min_gap and sample_gap < self.ratio * gap:
+            failing = (f"samples score like noise: f(sample) - f(noise) = {sample_gap:.4g} < {self.ratio:g} x "
+                       f"(f(data) - f(noise) = {gap:.4g})")
+        if failing is None:
+            self.strikes = 0
+            return None
+        self.strikes += 1
+        if self.strikes >= self.patience:
+            self.strikes = 0
+            return DivergenceEvent("gap_collapse", f"{failing}, {self.patience} checks in a row, iteration {iteration}")
+        return None
+
+    def check_epoch(self, epoch: int, metrics: dict[str, float]) -> DivergenceEvent | None:
+        for key, v in metrics.items():
+            if not math.isfinite(v):
+                return DivergenceEvent("non_finite", f"{key} = {v} at the end of epoch {epoch}")
+        return None
+
+    def reset(self) -> None:
+        """After a roll-back: forget the strike count (the reference gap is kept: it was reached honestly)."""
+        self.strikes = 0
+
+    def state_dict(self) -> dict:
+        return {"best_gap": self.best_gap, "strikes": self.strikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_gap = float(state["best_gap"])
+        self.strikes = int(state["strikes"])
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class SnapshotRing:
+    """The last ``keep`` good training states, deep-copied to CPU memory.
+
+    ``rollback_target()`` returns the newest one; if a roll-back to that same snapshot has already failed (no newer
+    snapshot was taken since), the newest is dropped and the one before is used, so a snapshot that itself sits
+    on the way to divergence is not retried forever."""
+
+    def __init__(self, keep: int = 2):
+        self._ring: deque = deque(maxlen=keep)
+        self._used_newest = False
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def take(self, iteration: int, state: dict) -> None:
+        self._ring.append((iteration, _to_cpu_copy(state)))
+        self._used_newest = False
+
+    def newest_iteration(self) -> int | None:
+        return self._ring[-1][0] if self._ring else None
+
+    def rollback_target(self) -> tuple[int, dict]:
+        if not self._ring:
+            raise DivergenceError("no good snapshot to roll back to")
+        if self._used_newest and len(self._ring) > 1:
+            self._ring.pop()
+        self._used_newest = True
+        iteration, state = self._ring[-1]
+        return iteration, copy.deepcopy(state)
+
+
+def _to_cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
