@@ -78,6 +78,8 @@ class MetricsLogger:
                 self._rows_since_flush += 1
             if self._tb is not None and math.isfinite(value):
                 self._tb.add_scalar(name, value, step)
+        if self._csv is not None:
+            self._csv.flush()  # one write per call: others (and a crash) see every finished step
         if self._rows_since_flush >= 500:
             self.flush()
 

@@ -501,10 +501,15 @@ class Trainer:
         self.metrics.log(self.iteration, self.epoch, {"divergence/rollback_to": target_iter, "lr": lr})
 
     def _set_lr_scale(self, new_scale: float) -> None:
-        ratio = new_scale / self.lr_scale
+        """lr = config.lr * new_scale * lr_gamma ** (epochs stepped), recomputed from the schedule rather than taken
+        from the restored optimizer state (a spike that set the lr by hand must not survive the roll-back)."""
+        base = self.config.lr * new_scale
+        lr = base * self.config.lr_gamma ** self.scheduler.last_epoch
         for group in self.optimizer.param_groups:
-            group["lr"] *= ratio
-        self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+            group["lr"] = lr
+            group["initial_lr"] = base
+        self.scheduler.base_lrs = [base for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [lr for _ in self.optimizer.param_groups]
         self.lr_scale = new_scale
 
     # =========================================================================================== state / files

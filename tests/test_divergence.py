@@ -1,0 +1,188 @@
+"""Divergence: detection rules, snapshots, and recovery of a real (tiny) run from injected divergences."""
+import math
+
+import pytest
+import torch
+
+from ebmfast.divergence import DivergenceError, DivergenceMonitor, SnapshotRing, derive_seed
+from ebmfast.logging_utils import read_metrics
+from ebmfast.train import Trainer
+from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HEALTHY = {"loss": 0.1, "metrics_avg_real": 0.5, "metrics_avg_fake": 0.4}
+
+
+# ------------------------------------------------------------------------------------------- detection rules
+@pytest.mark.parametrize("key", ["loss", "metrics_avg_real", "metrics_avg_fake"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_is_detected(key, bad):
+    ev = DivergenceMonitor().check_step(7, {**HEALTHY, key: bad})
+    assert ev is not None and ev.reason == "non_finite" and key in ev.detail and "iteration 7" in ev.detail
+
+
+def test_energy_explosion_is_detected():
+    mon = DivergenceMonitor(energy_limit=100.0)
+    assert mon.check_step(1, {**HEALTHY, "metrics_avg_real": 99.0}) is None
+    ev = mon.check_step(2, {**HEALTHY, "metrics_avg_fake": -150.0})
+    assert ev.reason == "energy_explosion" and "150" in ev.detail and "energy_limit 100" in ev.detail
+
+
+def _feed(mon, triples, start=0):
+    """Feed (real, fake, noise) per check; return the first event and its index."""
+    for i, (real, fake, noise) in enumerate(triples):
+        ev = mon.check_step((start + i + 1) * mon.check_every, {"loss": 0.0, "metrics_avg_real": real,
+                                                               "metrics_avg_fake": fake}, noise_out=lambda: noise)
+        if ev is not None:
+            return ev, i
+    return None, None
+
+
+def test_gap_collapse_data_no_longer_beats_noise():
+    mon = DivergenceMonitor(check_every=10, patience=3, ratio=0.2, min_gap=1.0)
+    learning = [(0.0, -0.1, -g) for g in (0.5, 1.0, 2.0, 4.0, 5.0)]  # gap grows to 5: armed
+    collapsed = [(0.0, -0.1, -0.5)] * 5  # gap 0.5 < 0.2 * 5
+    ev, i = _feed(mon, learning + collapsed)
+    assert ev.reason == "gap_collapse" and "no longer tells data from noise" in ev.detail
+    assert i == len(learning) + 2  # the third failing check in a row
+
+
+def test_gap_collapse_samples_score_like_noise():
+    mon = DivergenceMonitor(check_every=10, patience=2, ratio=0.2, min_gap=1.0)
+    ev, i = _feed(mon, [(0.0, -0.1, -3.0)] * 3 + [(0.0, -2.9, -3.0)] * 3)
+    assert ev.reason == "gap_collapse" and "samples score like noise" in ev.detail and i == 4
+
+
+def test_gap_checks_need_patience_and_arming():
+    mon = DivergenceMonitor(check_every=10, patience=3, ratio=0.2, min_gap=1.0)
+    # not armed: the gap never reached min_gap, so tiny gaps and noise-like samples are fine (early training)
+    assert _feed(mon, [(0.0, -0.3, -0.3)] * 10) == (None, None)
+    mon = DivergenceMonitor(check_every=10, patience=3, ratio=0.2, min_gap=1.0)
+    # armed, but failures are never 3 in a row
+    trace = [(0.0, -0.1, -5.0)] + [(0.0, -0.1, -0.1), (0.0, -0.1, -0.1), (0.0, -0.1, -5.0)] * 4
+    assert _feed(mon, trace) == (None, None)
+    # only every check_every-th iteration computes f(noise)
+    calls = []
+    mon.check_step(11, HEALTHY, noise_out=lambda: calls.append(1) or -1.0)
+    assert calls == []
+
+
+def test_epoch_check_and_argument_errors():
+    mon = DivergenceMonitor()
+    assert mon.check_epoch(3, {"val_real_out": 0.1}) is None
+    assert mon.check_epoch(3, {"val_real_out": math.nan}).reason == "non_finite"
+    with pytest.raises(ValueError, match="energy_limit"):
+        DivergenceMonitor(energy_limit=0)
+    with pytest.raises(ValueError, match="patience"):
+        DivergenceMonitor(patience=0)
+    with pytest.raises(ValueError, match="ratio"):
+        DivergenceMonitor(ratio=1.0)
+
+
+def test_snapshot_ring_falls_back_to_older_snapshot():
+    ring = SnapshotRing(keep=2)
+    with pytest.raises(DivergenceError):
+        ring.rollback_target()
+    t = torch.zeros(3)
+    ring.take(10, {"x": t})
+    t.fill_(1.0)  # snapshots are copies
+    ring.take(20, {"x": t})
+    it, state = ring.rollback_target()
+    assert it == 20 and state["x"].tolist() == [1.0, 1.0, 1.0]
+    it, state = ring.rollback_target()  # the roll-back to 20 failed again: use the older one
+    assert it == 10 and state["x"].tolist() == [0.0, 0.0, 0.0]
+    ring.take(30, {"x": t})
+    assert ring.rollback_target()[0] == 30
+
+
+def test_derive_seed_distinct():
+    seeds = {derive_seed(42, a, s) for a in range(5) for s in range(6)}
+    assert len(seeds) == 30 and all(0 <= s < 2**62 for s in seeds)
+
+
+# ------------------------------------------------------------------------------------------ recovery in runs
+class Inject:
+    """Test hook: at iteration ``at`` (once, or every time when ``always``) break the run."""
+
+    def __init__(self, at, what, always=False):
+        self.at, self.what, self.always, self.fired = at, what, always, 0
+
+    def on_step_end(self, trainer, iteration, metrics):
+        if iteration == self.at and (self.always or not self.fired):
+            self.fired += 1
+            if self.what == "nan":
+                with torch.no_grad():
+                    next(trainer.model.parameters()).fill_(float("nan"))
+            elif self.what == "lr_spike":
+                for g in trainer.optimizer.param_groups:
+                    g["lr"] = 50.0
+        return None
+
+
+def _fit(tmp_path, inject, **kw):
+    cfg = tiny_config(epochs=2, snapshot_every=4, sample_every=0, **kw)
+    tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=tmp_path, callbacks=[inject], progress=False)
+    try:
+        return tr, tr.fit()
+    finally:
+        tr.close()
+
+
+@pytest.mark.parametrize("what, reasons", [("nan", {"non_finite"}), ("lr_spike", {"non_finite", "energy_explosion"})])
+def test_run_recovers_from_injected_divergence(tmp_path, what, reasons):
+    inject = Inject(at=5, what=what)
+    tr, result = _fit(tmp_path, inject)
+    assert inject.fired == 1
+    assert result.status == "completed" and result.epoch == 2 and result.recoveries == 1
+    assert len(tr.events) == 1 and tr.events[0]["reason"] in reasons
+    assert all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
+    # rolled back to the snapshot at iteration 4, reseeded, lr halved (and the spike did not survive)
+    assert tr.lr_scale == 0.5
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5 * 0.97**2)
+    assert tr.sampler.seed == derive_seed(tr.config.seed, 1, 2)
+    metrics = read_metrics(tmp_path / "metrics.csv")
+    assert [v for _, v in metrics["divergence/rollback_to"]] == [4.0]
+    assert len(metrics["divergence/event"]) == 1
+    log = (tmp_path / "train.log").read_text()
+    assert "divergence detected" in log and "rolled back to iteration 4" in log
+    # the run still completed its 20 iterations after the roll-back; the final checkpoint is finite and usable
+    assert result.iteration == 20
+    from ebmfast.checkpoint import load_model
+
+    load_model(tmp_path / "checkpoints" / "last.pt")
+
+
+def test_bounded_retries_then_a_clear_error(tmp_path):
+    inject = Inject(at=6, what="nan", always=True)
+    with pytest.raises(DivergenceError, match=r"diverged 3 times \(max_recoveries=2\)"):
+        _fit(tmp_path, inject, max_recoveries=2)
+    assert inject.fired == 3
+    assert "giving up" in (tmp_path / "train.log").read_text()
+
+
+def test_gap_collapse_triggers_recovery_in_a_run(tmp_path):
+    """The trainer's wiring of the gap check: f(noise) is stubbed to first look learnt (gap ~ 10), then to score like
+    data; after ``patience`` failing checks the run rolls back, then finishes."""
+    cfg = tiny_config(epochs=2, snapshot_every=4, sample_every=0, collapse_check_every=2, collapse_patience=2)
+    tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=None, progress=False)
+    calls = []
+
+    def fake_noise_out():
+        calls.append(tr.iteration)
+        if len(calls) <= 2 or len(calls) > 4:
+            return -10.0  # data far above noise
+        return 10.0  # noise scores above data: collapsed
+
+    tr._noise_out = fake_noise_out
+    result = tr.fit()
+    assert result.status == "completed" and result.recoveries == 1
+    assert tr.events[0]["reason"] == "gap_collapse" and tr.events[0]["iteration"] == 8
+    assert calls[:4] == [2, 4, 6, 8]
+
+
+def test_divergence_check_can_be_turned_off(tmp_path):
+    inject = Inject(at=5, what="nan")
+    tr, result = _fit(tmp_path, inject, divergence_check=False)
+    assert result.recoveries == 0
+    assert not all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
