@@ -1,0 +1,575 @@
+"""``ebmfast evaluate``: what a trained energy model does, as a report with pictures and a JSON of every number.
+
+Sections (``OUT/report.md``, PNGs next to it, ``OUT/report.json``):
+1. Generation from scratch: chains from U(-1, 1) over ``--steps`` (256) Langevin steps; the seed's figure (every
+   32nd step of 8 chains), f(x) along those chains, and a grid of final samples labelled by the classifier.
+2. Out-of-distribution: the seed's table (mean f(x) of random images and a training batch; f(x) of one test image,
+   noisy, flipped, shrunk), then the same transformations on many test images with AUROC of the test digits against
+   each set, against uniform noise, training digits and Fashion-MNIST (when on the machine), and histograms.
+3. Sample quality: class distribution and mean confidence of the generated samples under the project's MNIST
+   classifier (trained on first use, cached beside the checkpoint), and the Fréchet distance of their classifier
+   features to real digits, next to the real-vs-real and noise-vs-real baselines.
+4. Health checks: the seed warns that energy models often diverge; the report flags the usual signs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ood as _ood
+from . import quality as _q
+from .data import DATASETS, DataNotFoundError, find_fashion_mnist, load_dataset, load_fashion_mnist
+from .sampler import BACKENDS, LangevinSampler
+
+__all__ = ["add_arguments", "run", "evaluate_model", "write_report", "shown_steps", "check_n_samples"]
+
+SAMPLER_DEFAULTS = {"step_size": 10.0, "noise_std": 0.005, "grad_clip": 0.03}
+N_TRAJECTORY_CHAINS = 8  # the seed's figure: 8 chains
+N_SHOWN_SAMPLES = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint written by 'ebmfast train'")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="report folder (default: eval_<checkpoint name> next to the checkpoint)")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--n-samples", type=int, default=256,
+                        help="chains generated from noise for the sample-quality numbers (default 256)")
+    parser.add_argument("--steps", type=int, default=256, help="Langevin steps per chain from noise (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of chain starts, sampler noise and data subsets")
+    parser.add_argument("--n-ood", type=int, default=1000,
+                        help="images per out-of-distribution set (capped by the test split; default 1000)")
+    parser.add_argument("--fashion-root", metavar="DIR", default=None,
+                        help="folder with Fashion-MNIST's t10k-images-idx3-ubyte[.gz] (default: search the usual "
+                             "places, e.g. Debian's dataset-fashion-mnist); skipped with a note when absent")
+    parser.add_argument("--data", choices=DATASETS, default=None,
+                        help="evaluation digits (default: the data set the checkpoint was trained on, else mnist5k)")
+    parser.add_argument("--data-root", metavar="DIR", default=None, help="torchvision MNIST root for --data mnist")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="sampler backend (default: 'auto' on CUDA; 'eager' on CPU, where compiling costs more "
+                             "than it saves for one evaluation)")
+    parser.add_argument("--classifier", metavar="PATH", default=None,
+                        help=f"classifier cache (default: {_q.CLASSIFIER_FILENAME} next to the checkpoint)")
+    parser.add_argument("--classifier-epochs", type=int, default=_q.ClassifierConfig.epochs,
+                        help=f"epochs when the classifier has to be trained (default {_q.ClassifierConfig.epochs})")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _usage_error(msg: str) -> Exception:
+    from .cli import UsageError
+
+    return UsageError(msg)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise _usage_error(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _usage_error(f"--device {name} asked for CUDA, but torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def _config_value(config, key, default=None):
+    """``config[key]``, also looked up one level down (e.g. ``config["sampler"]["step_size"]``)."""
+    if not isinstance(config, dict):
+        return default
+    if key in config:
+        return config[key]
+    for v in config.values():
+        if isinstance(v, dict) and key in v:
+            return v[key]
+    return default
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN/inf
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def shown_steps(steps: int, columns: int = 8) -> list[int]:
+    """Steps shown in the generation figure: the start (0) and every ``steps // columns``-th step (the seed: 256
+    steps -> 0, 32, 64, ..., 256)."""
+    stride = max(1, steps // columns)
+    return [0] + list(range(stride, steps + 1, stride))
+
+
+def check_n_samples(n_samples: int, data) -> str | None:
+    """Why ``n_samples`` does not work with ``data`` (None when it does)."""
+    if n_samples < 2:
+        return f"n_samples must be >= 2 (the Fréchet distance needs a covariance), got {n_samples}"
+    if n_samples > len(data.train_images) // 2 and n_samples > len(data.val_images):
+        return (f"n_samples={n_samples} is too large for {data.name}: the real-vs-real baseline needs "
+                f"{n_samples} held-out digits (have {len(data.val_images)}) or 2 x {n_samples} training "
+                f"digits (have {len(data.train_images)})")
+    return None
+
+
+class _Log:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[evaluate {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+def _figure(*args, **kwargs):
+    from matplotlib.figure import Figure
+
+    return Figure(*args, **kwargs)
+
+
+def plot_generation_steps(trajectory_images: torch.Tensor, steps_shown: list[int], path: Path) -> None:
+    """Rows: chains; columns: the state at each shown step (the seed's generation figure)."""
+    imgs = trajectory_images.detach().float().cpu().clamp(-1, 1)  # (columns, chains, 1, 28, 28)
+    cols, rows = imgs.shape[:2]
+    pad = 2
+    canvas = np.ones((rows * (28 + pad) + pad, cols * (28 + pad) + pad), dtype=np.float32)
+    for c in range(cols):
+        for r in range(rows):
+            y, x = pad + r * (28 + pad), pad + c * (28 + pad)
+            canvas[y : y + 28, x : x + 28] = imgs[c, r, 0].numpy()
+    fig = _figure(figsize=(0.75 * cols + 0.6, 0.75 * rows + 0.7), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1)
+    ax.set_xticks([pad + c * (28 + pad) + 14 for c in range(cols)], [str(s) for s in steps_shown], fontsize=8)
+    ax.set_yticks([])
+    ax.set_xlabel("Langevin step (0 = U(-1, 1) start)", fontsize=8)
+    ax.set_title(f"Generation from noise: {rows} chains", fontsize=9)
+    fig.savefig(path, dpi=90)
+
+
+def plot_chain_energy(scores: np.ndarray, ref_lines: dict[str, float], path: Path) -> None:
+    """f(x) of each chain at every step (faint) and their mean, with reference levels of real data and noise."""
+    fig = _figure(figsize=(5.5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    steps = np.arange(scores.shape[0])
+    for c in range(scores.shape[1]):
+        ax.plot(steps, scores[:, c], color="tab:gray", alpha=0.35, lw=0.8)
+    ax.plot(steps, scores.mean(1), color="tab:blue", lw=2, label="mean over chains")
+    colors = iter(["tab:green", "tab:red", "tab:orange"])
+    for name, v in ref_lines.items():
+        if v is not None and math.isfinite(v):
+            ax.axhline(v, ls="--", lw=1, color=next(colors), label=name)
+    ax.set_xlabel("Langevin step", fontsize=8)
+    ax.set_ylabel("f(x) = -E(x)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title("Score along chains from noise", fontsize=9)
+    fig.savefig(path, dpi=80)
+
+
+def plot_samples(samples: torch.Tensor, probs: torch.Tensor | None, path: Path, cols: int = 8) -> None:
+    """A grid of generated samples, each labelled with the classifier's digit and confidence."""
+    n = len(samples)
+    rows = math.ceil(n / cols)
+    fig = _figure(figsize=(0.9 * cols, 1.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        ax.imshow(samples[i, 0].float().cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+        if probs is not None:
+            p, k = probs[i].max(0)
+            ax.set_title(f"{int(k)} ({float(p):.2f})", fontsize=6, pad=1)
+    fig.savefig(path, dpi=80)
+
+
+def plot_class_distribution(fractions: list[float], confidence: float, path: Path) -> None:
+    fig = _figure(figsize=(4.5, 2.6), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(fractions)), fractions, color="tab:blue")
+    ax.axhline(1.0 / len(fractions), ls="--", color="tab:gray", lw=1, label="uniform (real digits)")
+    ax.set_xticks(range(len(fractions)))
+    ax.set_xlabel("predicted digit", fontsize=8)
+    ax.set_ylabel("fraction of samples", fontsize=8)
+    ax.set_title(f"Generated samples by predicted class (mean confidence {confidence:.2f})", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=80)
+
+
+# ----------------------------------------------------------------------------------------------- the evaluation
+def evaluate_model(
+    model: torch.nn.Module,
+    config: dict | None,
+    out_dir,
+    *,
+    data=None,
+    device: torch.device | str = "cpu",
+    n_samples: int = 256,
+    steps: int = 256,
+    seed: int = 0,
+    n_ood: int = 1000,
+    fashion_root=None,
+    use_fashion: bool = True,
+    backend: str | None = None,
+    classifier_path=None,
+    classifier_config: _q.ClassifierConfig = _q.ClassifierConfig(),
+    checkpoint_info: dict | None = None,
+    log=None,
+    progress: bool = False,
+    buffer_images: torch.Tensor | None = None,
+) -> dict:
+    """Run every analysis on ``model`` and write the report into ``out_dir``; returns the JSON dict.
+
+    ``buffer_images``: the replay buffer stored in a training checkpoint (persistent chains, which look much more
+    like digits than short chains from noise early in training); when given, its quality is reported too."""
+    log = log or (lambda msg: None)
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = config or {}
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    warnings_: list[str] = []
+    model = model.to(device).eval()
+
+    if data is None:
+        data = load_dataset(_config_value(config, "data", "mnist5k") or "mnist5k", _config_value(config, "data_root"))
+    problem = check_n_samples(n_samples, data)
+    if problem:
+        raise ValueError(problem)
+
+    # ---- sampler, from the checkpoint's settings
+    if backend is None:
+        backend = "auto" if device.type == "cuda" else "eager"
+    sampler_kwargs = {k: float(_config_value(config, f"sampler_{k}", _config_value(config, k, v)))
+                      for k, v in SAMPLER_DEFAULTS.items()}  # TrainConfig names them sampler_step_size, ...
+    sampler = LangevinSampler(model, steps=steps, backend=backend, seed=seed, **sampler_kwargs)
+
+    # ---- 1. generation from scratch
+    log(f"generating {N_TRAJECTORY_CHAINS} chains x {steps} steps (trajectory) and {n_samples} chains for quality")
+    t0 = time.perf_counter()
+    _, traj = _q.generate_from_noise(sampler, model, N_TRAJECTORY_CHAINS, steps, seed, device=device,
+                                     return_trajectory=True)
+    start = torch.rand((N_TRAJECTORY_CHAINS, 1, 28, 28), generator=torch.Generator().manual_seed(seed)).mul_(2).sub_(1)
+    traj = torch.cat([start.to(traj.device, traj.dtype)[None], traj])  # index t = state after t steps
+    timings["trajectory_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    samples = _q.generate_from_noise(sampler, model, n_samples, steps, seed + 1, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["generation_s"] = time.perf_counter() - t0
+    samples = samples.float().cpu()
+    steps_shown = shown_steps(steps)
+    plot_generation_steps(traj[steps_shown], steps_shown, out_dir / "generation_steps.png")
+    chain_scores = _ood.energy_scores(model, traj.reshape(-1, 1, 28, 28).float(), device=device)
+    chain_scores = chain_scores.reshape(steps + 1, N_TRAJECTORY_CHAINS).double().numpy()
+    sample_scores = _ood.energy_scores(model, samples, device=device)
+
+    # ---- 2. out-of-distribution
+    fashion, fashion_note = None, None
+    if use_fashion:
+        folder = find_fashion_mnist(fashion_root)
+        if folder is None:
+            fashion_note = ("Fashion-MNIST not found on this machine (looked in --fashion-root, $EBMFAST_FASHION_MNIST "
+                            "and Debian's dataset-fashion-mnist locations): its row is skipped. "
+                            "`apt-get install dataset-fashion-mnist` adds it.")
+        else:
+            try:
+                fashion = load_fashion_mnist(folder)
+            except (DataNotFoundError, ValueError, OSError) as exc:
+                fashion_note = f"Fashion-MNIST at {folder} could not be read ({exc}): its row is skipped."
+    else:
+        fashion_note = "Fashion-MNIST disabled for this run: its row is skipped."
+    log(f"out-of-distribution scores ({min(n_ood, len(data.val_images))} images per set)")
+    t0 = time.perf_counter()
+    ood = _ood.ood_analysis(model, data.val_images, data.train_images, fashion=fashion, n=n_ood, seed=seed)
+    if fashion_note:
+        ood.notes.append(fashion_note)
+    _ood.plot_energy_histograms(ood.scores, out_dir / "ood_histograms.png",
+                                title="f(x) = -E(x): test digits vs each set")
+    _ood.plot_transform_examples(model, data.val_images[0], out_dir / "ood_transforms.png",
+                                 noise_seed=seed)
+    timings["ood_s"] = time.perf_counter() - t0
+    plot_chain_energy(chain_scores, {"mean f(test digits)": ood.summary["test"]["mean"],
+                                     "mean f(uniform noise)": ood.summary["noise"]["mean"]},
+                      out_dir / "generation_energy.png")
+
+    # ---- 3. sample quality
+    if classifier_path is None:
+        classifier_path = out_dir / _q.CLASSIFIER_FILENAME
+    log(f"classifier: {classifier_path}")
+    t0 = time.perf_counter()
+    clf, clf_info = _q.load_or_train_classifier(classifier_path, data, classifier_config, device, progress=progress)
+    timings["classifier_s"] = time.perf_counter() - t0
+    if clf_info.get("stale_reason"):
+        log(f"classifier cache was stale ({clf_info['stale_reason']}): retrained")
+    if clf_info.get("val_accuracy", 1.0) < 0.95:
+        warnings_.append(f"the MNIST classifier reaches only {clf_info['val_accuracy']:.1%} on held-out digits "
+                         "(target >= 95%): treat the class statistics with care")
+    log("sample quality")
+    t0 = time.perf_counter()
+    base = _q.fd_baselines(clf, data, n_samples, generator=torch.Generator().manual_seed(seed + 2))
+    gen_q = _q.sample_quality(clf, samples, base["reference_feats"])
+    _, real_probs = _q.classifier_outputs(clf, data.val_images)
+    real_stats = _q.class_statistics(real_probs)
+    _, sample_probs = _q.classifier_outputs(clf, samples[:N_SHOWN_SAMPLES])
+    buffer_q = None
+    images = ["generation_steps.png", "generation_energy.png", "samples.png", "ood_transforms.png",
+              "ood_histograms.png", "class_distribution.png"]
+    if buffer_images is not None and len(buffer_images) >= n_samples:
+        pick = torch.randperm(len(buffer_images), generator=torch.Generator().manual_seed(seed + 3))[:n_samples]
+        buf = buffer_images[pick].float().cpu()
+        buffer_q = _q.sample_quality(clf, buf, base["reference_feats"])
+        buffer_q["score_mean"] = float(_ood.energy_scores(model, buf, device=device).mean())
+        _, buf_probs = _q.classifier_outputs(clf, buf[:N_SHOWN_SAMPLES])
+        plot_samples(buf[:N_SHOWN_SAMPLES], buf_probs, out_dir / "buffer_samples.png")
+        images.append("buffer_samples.png")
+    timings["quality_s"] = time.perf_counter() - t0
+    plot_samples(samples[:N_SHOWN_SAMPLES], sample_probs, out_dir / "samples.png")
+    plot_class_distribution(gen_q["class_fractions"], gen_q["mean_confidence"], out_dir / "class_distribution.png")
+
+    # ---- 4. health checks (the seed: "energy models ... often diverge if the hyperparameters are not well tuned")
+    noise_auroc = ood.summary["noise"]["auroc_vs_test"]
+    if any(row["non_finite"] for row in ood.summary.values()) or not np.isfinite(chain_scores).all():
+        warnings_.append("some scores are NaN or infinite: the model has diverged")
+    if noise_auroc is not None and noise_auroc < 0.9:
+        warnings_.append(f"test digits vs uniform noise AUROC is {noise_auroc:.3f} (< 0.9): the model barely tells "
+                         "digits from noise; it is undertrained or has diverged")
+    if ood.summary["test"]["mean"] is not None and abs(ood.summary["test"]["mean"]) > 1e3:
+        warnings_.append(f"|mean f(test digits)| = {abs(ood.summary['test']['mean']):.3g}: scores this large "
+                         "suggest the regularizer lost control of the energy scale")
+    if gen_q["fd"] > 0.5 * base["fd_noise_vs_real"]:
+        warnings_.append("generated samples are closer to noise than to digits in the classifier's feature space "
+                         f"(FD {gen_q['fd']:.1f} vs noise {base['fd_noise_vs_real']:.1f})")
+
+    sample_steps = n_samples * steps
+    result = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": checkpoint_info or {},
+        "model_config": config,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()},
+        "settings": {"n_samples": n_samples, "steps": steps, "seed": seed, "n_ood": n_ood, "data": data.name,
+                     "sampler": dict(sampler_kwargs, backend=backend, resolved_backend=sampler.last_backend)},
+        "generation": {
+            "steps_shown": steps_shown,
+            "chain_mean_score_at_shown_steps": [float(chain_scores[s].mean()) for s in steps_shown],
+            "sample_score_mean": float(sample_scores.mean()),
+            "sample_score_std": float(sample_scores.std()),
+            "sample_steps_per_s": sample_steps / timings["generation_s"] if timings["generation_s"] > 0 else None,
+        },
+        "ood": ood.to_json(),
+        "quality": {
+            "classifier": {k: clf_info.get(k) for k in ("path", "cache", "stale_reason", "val_accuracy",
+                                                         "train_seconds", "n_train", "n_val", "cache_error")
+                           if clf_info.get(k) is not None},
+            "generated": gen_q,
+            "real_heldout": real_stats,
+            "fd_generated_vs_real": gen_q["fd"],
+            "fd_real_vs_real": base["fd_real_vs_real"],
+            "fd_noise_vs_real": base["fd_noise_vs_real"],
+            "fd_n": base["n"],
+            "fd_baseline_source": base["baseline_source"],
+            "replay_buffer": buffer_q,
+        },
+        "warnings": warnings_,
+        "timings_s": dict(timings, total=time.perf_counter() - t_start),
+        "files": {"markdown": "report.md", "json": "report.json", "images": images},
+    }
+    result = _jsonable(result)
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_report(result, out_dir / "report.md")
+    log(f"report written: {out_dir / 'report.md'}")
+    return result
+
+
+def _f(v, fmt=".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def write_report(r: dict, path: Path) -> None:
+    """The Markdown report (images referenced by relative path, all next to it)."""
+    ck, st, gen, ood, q = r["checkpoint"], r["settings"], r["generation"], r["ood"], r["quality"]
+    lines = [f"# ebmfast evaluation: {Path(ck.get('path', 'model')).name}", ""]
+    lines += [f"- checkpoint: `{ck.get('path', 'n/a')}` (sha256 {str(ck.get('sha256', 'n/a'))[:16]}…)"]
+    cfg = r["model_config"]
+    if "epoch" in ck:
+        lines.append(f"- trained for {ck['epoch']} epoch(s), {ck.get('iteration', '?')} iterations"
+                     + (f" of {cfg['epochs']} planned" if "epochs" in cfg else "")
+                     + (f" (ebmfast {ck['ebmfast_version']})" if ck.get("ebmfast_version") else ""))
+    if ck.get("epoch_metrics"):
+        shown = {k: v for k, v in ck["epoch_metrics"].items() if k in ("rand_out", "val_real_out", "val_fake_out",
+                                                                      "val_contrastive_divergence")}
+        if shown:
+            lines.append("- last epoch's training metrics: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items()
+                                                                         if isinstance(v, (int, float))))
+    model_bits = [f"{k} {cfg[k]}" for k in ("data", "hidden_features", "batch_size", "lr", "sampler_steps") if k in cfg]
+    if model_bits:
+        lines.append("- training config: " + ", ".join(model_bits))
+    env = r["environment"]
+    lines += [
+        f"- evaluated {r['created']} on {env['device']} ({env['device_name']}), torch {env['torch']}",
+        f"- data: {st['data']}; seed {st['seed']}; sampler {st['sampler']['resolved_backend']} "
+        f"(step size {st['sampler']['step_size']}, noise std {st['sampler']['noise_std']}, "
+        f"gradient clip {st['sampler']['grad_clip']})",
+        f"- total time {r['timings_s']['total']:.1f} s", "",
+    ]
+    if r["warnings"]:
+        lines += ["## Warnings", ""] + [f"- **{w}**" for w in r["warnings"]] + [""]
+    else:
+        lines += ["No health warnings (scores finite, digits separated from noise, energy scale bounded).", ""]
+
+    lines += ["## 1. Generation from scratch", "",
+              f"{st['n_samples']} chains from U(-1, 1), {st['steps']} Langevin steps each "
+              f"({_f(gen['sample_steps_per_s'], ',.0f')} sample-steps/s on this device). {N_TRAJECTORY_CHAINS} chains "
+              f"at steps {', '.join(str(s) for s in gen['steps_shown'])}:", "",
+              "![generation steps](generation_steps.png)", "",
+              "f(x) along those chains (dashed: mean f of test digits and of uniform noise):", "",
+              "![score along chains](generation_energy.png)", "",
+              "| step | " + " | ".join(str(s) for s in gen["steps_shown"]) + " |",
+              "|---|" + "---|" * len(gen["steps_shown"]),
+              "| mean f(x) | " + " | ".join(_f(v, ".2f") for v in gen["chain_mean_score_at_shown_steps"]) + " |", "",
+              f"Final samples: mean f(x) {_f(gen['sample_score_mean'], '.2f')} ± {_f(gen['sample_score_std'], '.2f')}. "
+              f"The first {N_SHOWN_SAMPLES}, titled with the classifier's digit and confidence:", "",
+              "![samples](samples.png)", ""]
+
+    t = ood["seed_table"]
+    lines += ["## 2. Out-of-distribution detection", "",
+              "The seed's comparison (one test image; 128-image means for random images and a training batch):", "",
+              "| input | f(x) = -E(x) |", "|---|---|",
+              f"| random images U(-1, 1), mean of 128 | {_f(t['random_images_mean'], '.2f')} |",
+              f"| training batch, mean of 128 | {_f(t['training_batch_mean'], '.2f')} |",
+              f"| test image | {_f(t['test_image'], '.2f')} |",
+              f"| test image + N(0, 0.3²) noise | {_f(t['test_image_noisy'], '.2f')} |",
+              f"| test image flipped | {_f(t['test_image_flipped'], '.2f')} |",
+              f"| test image shrunk ×2 into a corner | {_f(t['test_image_shrunk'], '.2f')} |", "",
+              "![transformed test image](ood_transforms.png)", "",
+              "The same transformations on many test images. AUROC = P(f(test digit) > f(image of the set)): 0.5 means "
+              "the model cannot tell them apart, 1.0 perfectly separated, below 0.5 it prefers the other set.", "",
+              "| set | n | mean f(x) | std | AUROC test digits vs set |", "|---|---|---|---|---|"]
+    for row in ood["sets"].values():
+        a = "reference" if row["auroc_vs_test"] is None and row["label"] == _ood.SET_LABELS["test"] else _f(row["auroc_vs_test"])
+        lines.append(f"| {row['label']} | {row['n']} | {_f(row['mean'], '.2f')} | {_f(row['std'], '.2f')} | {a} |")
+    lines += [""] + [f"- {n}" for n in ood["notes"]] + ([""] if ood["notes"] else [])
+    lines += ["A 'training digits' AUROC well below 0.5 would mean the model scores its training images above unseen "
+              "ones (overfitting).", "", "![energy histograms](ood_histograms.png)", ""]
+
+    c, g, rh, b = q["classifier"], q["generated"], q["real_heldout"], q.get("replay_buffer")
+    cache = {"hit": "loaded from cache", "trained": "trained now (no cache)",
+             "retrained": f"retrained (stale cache: {c.get('stale_reason', '')})"}.get(c.get("cache"), c.get("cache"))
+    lines += ["## 3. Sample quality", "",
+              f"Classifier: the project's small MNIST CNN, {cache}; `{c.get('path')}`; trained on {c.get('n_train')} "
+              f"digits in {_f(c.get('train_seconds'), '.1f')} s; accuracy {_f(100 * c['val_accuracy'] if c.get('val_accuracy') is not None else None, '.1f')}% "
+              f"on {c.get('n_val')} held-out digits.", "",
+              "| | generated from noise | " + ("replay buffer | " if b else "") + "real (held-out) |",
+              "|---|---|---|" + ("---|" if b else ""),
+              f"| mean max-softmax confidence | {_f(g['mean_confidence'])} | "
+              + (f"{_f(b['mean_confidence'])} | " if b else "") + f"{_f(rh['mean_confidence'])} |",
+              f"| entropy of the class histogram (max ln 10 = {g['max_class_entropy']:.3f}) | {_f(g['class_entropy'])} | "
+              + (f"{_f(b['class_entropy'])} | " if b else "") + f"{_f(rh['class_entropy'])} |", "",
+              "| digit | " + " | ".join(str(i) for i in range(10)) + " |", "|---|" + "---|" * 10,
+              "| generated | " + " | ".join(f"{v:.2f}" for v in g["class_fractions"]) + " |"]
+    if b:
+        lines.append("| replay buffer | " + " | ".join(f"{v:.2f}" for v in b["class_fractions"]) + " |")
+    lines += ["| real | " + " | ".join(f"{v:.2f}" for v in rh["class_fractions"]) + " |", "",
+              "![class distribution](class_distribution.png)", "",
+              f"Fréchet distance in the classifier's 64-d feature space, {q['fd_n']} images per set (reference: "
+              f"{q['fd_n']} training digits). Lower is closer to real digits; the value depends on the set size, so "
+              "compare with the baselines below, not with Inception FIDs.", "",
+              "| compared with the reference | Fréchet distance |", "|---|---|",
+              f"| generated from noise ({st['steps']} steps) | {_f(q['fd_generated_vs_real'], '.2f')} |"]
+    if b:
+        lines.append(f"| replay-buffer samples (the training chains) | {_f(b['fd'], '.2f')} |")
+    lines += [f"| real digits ({q['fd_baseline_source']}) | {_f(q['fd_real_vs_real'], '.2f')} |",
+              f"| uniform noise | {_f(q['fd_noise_vs_real'], '.2f')} |", ""]
+    if b:
+        lines += ["Replay-buffer samples (the persistent training chains stored in the checkpoint), labelled by the "
+                  "classifier:", "", "![replay buffer](buffer_samples.png)", ""]
+    lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r["timings_s"].items()]
+    lines += ["", "All numbers are in `report.json`.", ""]
+    path.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def run(args: argparse.Namespace) -> int:
+    log = _Log(args.quiet)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise _usage_error(f"--checkpoint: no file at {str(ckpt)!r}")
+    for name in ("n_samples", "steps", "n_ood", "classifier_epochs"):
+        v = getattr(args, name)
+        if v <= 0:
+            raise _usage_error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.n_samples < 2:
+        raise _usage_error(f"--n-samples must be >= 2 (the Fréchet distance needs a covariance), got {args.n_samples}")
+    if args.seed < 0:
+        raise _usage_error(f"--seed must be a non-negative integer, got {args.seed}")
+    device = _resolve_device(args.device)
+
+    from .checkpoint import load_checkpoint, load_model
+
+    log(f"loading {ckpt}")
+    model, config = load_model(str(ckpt), map_location=device)  # CheckpointError is a UsageError: exit 2
+    info = {"path": str(ckpt.resolve()), "sha256": _sha256(ckpt)}
+    buffer_images = None
+    raw = load_checkpoint(str(ckpt))  # provenance and the replay buffer, when it is a training checkpoint
+    trainer_state = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
+    for key in ("epoch", "iteration", "epoch_metrics"):
+        if key in trainer_state:
+            info[key] = trainer_state[key]
+    for key in ("kind", "ebmfast_version", "device"):
+        if key in raw:
+            info[key] = raw[key]
+    storage = trainer_state.get("buffer", {}).get("storage") if isinstance(trainer_state.get("buffer"), dict) else None
+    if isinstance(storage, torch.Tensor) and storage.dim() == 4 and tuple(storage.shape[1:]) == (1, 28, 28):
+        buffer_images = storage
+    del raw, trainer_state
+    config = dict(config or {})
+    data_name = args.data or _config_value(config, "data", "mnist5k") or "mnist5k"
+    if data_name not in DATASETS:
+        raise _usage_error(f"the checkpoint's data set {data_name!r} is not one of {list(DATASETS)}; pass --data")
+    data = load_dataset(data_name, args.data_root or _config_value(config, "data_root"))
+    out = Path(args.out) if args.out else ckpt.parent / f"eval_{ckpt.stem}"
+    clf_path = Path(args.classifier) if args.classifier else ckpt.parent / _q.CLASSIFIER_FILENAME
+    problem = check_n_samples(args.n_samples, data)
+    if problem:
+        raise _usage_error(f"--n-samples: {problem}")
+    evaluate_model(
+        model, config, out, data=data, device=device, n_samples=args.n_samples, steps=args.steps,
+        seed=args.seed, n_ood=args.n_ood, fashion_root=args.fashion_root, backend=args.backend,
+        classifier_path=clf_path, classifier_config=_q.ClassifierConfig(epochs=args.classifier_epochs),
+        checkpoint_info=info, log=log, progress=not args.quiet, buffer_images=buffer_images,
+    )
+    print(out / "report.md")
+    return 0
