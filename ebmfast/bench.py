@@ -325,6 +325,15 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, file=sys.stderr, mininterval=1.0, leave=False)
 
 
+def _record_failure(row, exc: Exception) -> None:
+    """Mark a measurement as failed (``skipped = "failed: ..."``), print the traceback, keep going."""
+    import traceback
+
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    row.times_s = []
+
+
 def _uniform(shape, device, seed) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(shape, device=device, generator=gen).mul_(2).sub_(1)
@@ -399,12 +408,17 @@ def bench_sampler(
                     rows[b].skipped = f"estimated {est * steps:.1f} s per call > max_call_s={max_call_s:g}"
                     bar.update(rounds + 1)
                     continue
-                base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-                sampler = LangevinSampler(model, steps=steps, backend=b, precision=precision, seed=seed)
-                with _Memory(device, base) as mem_first:
-                    rows[b].first_call_s = wall_call(lambda: sampler.sample(x, steps), device)
-                with _Memory(device, base) as mem:
-                    t = time_call(lambda: sampler.sample(x, steps), device)
+                try:
+                    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+                    sampler = LangevinSampler(model, steps=steps, backend=b, precision=precision, seed=seed)
+                    with _Memory(device, base) as mem_first:
+                        rows[b].first_call_s = wall_call(lambda: sampler.sample(x, steps), device)
+                    with _Memory(device, base) as mem:
+                        t = time_call(lambda: sampler.sample(x, steps), device)
+                except Exception as exc:  # one broken backend must not lose the other measurements
+                    _record_failure(rows[b], exc)
+                    bar.update(rounds + 1)
+                    continue
                 rows[b].first_call_mem_mb, rows[b].peak_mem_mb = mem_first.mb, mem.mb
                 rows[b].mem_kind = (
                     "cuda max_memory_allocated above pre-sampler baseline" if device.type == "cuda"
@@ -419,10 +433,17 @@ def bench_sampler(
             for r in range(rounds):
                 k = r % len(active) if active else 0
                 for b in active[k:] + active[:k]:
+                    if b not in samplers:
+                        continue
                     s = samplers[b]
-                    rows[b].times_s.append(time_call(lambda: s.sample(x, steps), device))
+                    try:
+                        rows[b].times_s.append(time_call(lambda: s.sample(x, steps), device))
+                    except Exception as exc:
+                        _record_failure(rows[b], exc)
+                        del samplers[b]
                     bar.update(1)
                 bar.set_postfix_str(f"batch {batch} steps {steps}")
+            active = [b for b in active if b in samplers]
         summary = tel.summary() if device.type == "cuda" else None
         for b in active:
             rows[b].finish(fpss, peak)
@@ -550,25 +571,38 @@ def bench_train(
     bar = _progress(len(backends) * (iters + 1), "train", progress)
     with _telemetry(device, telemetry) as tel:
         for b in backends:
-            fn = CDIteration(model, b, batch, steps, device, precision, seed, optimizer=optimizer)
-            rows[b].first_iter_s = wall_call(lambda: fn(real), device)
+            try:
+                fn = CDIteration(model, b, batch, steps, device, precision, seed, optimizer=optimizer)
+                rows[b].first_iter_s = wall_call(lambda: fn(real), device)
+            except Exception as exc:
+                _record_failure(rows[b], exc)
+                bar.update(iters + 1)
+                continue
             rows[b].last_backend = fn.sampler.last_backend
             steps_fns[b] = fn
             bar.update(1)
+        active = [b for b in backends if b in steps_fns]
         for r in range(iters):
-            k = r % len(backends)
-            for b in backends[k:] + backends[:k]:
+            k = r % len(active) if active else 0
+            for b in active[k:] + active[:k]:
+                if b not in steps_fns:
+                    continue
                 fn = steps_fns[b]
-                rows[b].times_s.append(time_call(lambda: fn(real), device))
+                try:
+                    rows[b].times_s.append(time_call(lambda: fn(real), device))
+                except Exception as exc:
+                    _record_failure(rows[b], exc)
+                    del steps_fns[b]
                 bar.update(1)
     bar.close()
     summary = tel.summary() if device.type == "cuda" else None
     for row in rows.values():
         row.finish()
         row.telemetry = summary
-    if "eager" in rows:
+    if "eager" in rows and rows["eager"].iters_per_s:
         for row in rows.values():
-            row.ratio_to_eager = row.iters_per_s / rows["eager"].iters_per_s
+            if row.iters_per_s:
+                row.ratio_to_eager = row.iters_per_s / rows["eager"].iters_per_s
     return list(rows.values())
 
 
@@ -868,6 +902,10 @@ def run(args) -> int:
     if args.csv:
         write_csv_history(args.csv, csv_rows(env, sampler_results, train_results, args.precision))
         print(f"appended to {args.csv}")
+    failed = [r for r in sampler_results + train_results if (r.skipped or "").startswith("failed")]
+    if failed:
+        print(f"ebmfast bench: {len(failed)} measurement(s) failed (tracebacks above)", file=sys.stderr)
+        return 1
     return 0
 
 

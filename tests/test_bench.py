@@ -379,3 +379,26 @@ def test_summarize_device_check(tmp_path):
     assert "Fake H200" in text and "2,500,000" in text
     empty = bench.summarize_device_check(str(tmp_path / "nothing"))
     assert "bench.json: missing" in empty and "none recorded" in empty
+
+
+def test_a_failing_backend_is_recorded_not_fatal(monkeypatch, capsys):
+    import ebmfast.sampler as sampler_mod
+
+    class Broken(sampler_mod.LangevinSampler):
+        def sample(self, x, steps=None, **kw):
+            if self.backend == "compiled":
+                raise RuntimeError("boom in capture")
+            return super().sample(x, steps, **kw)
+
+    monkeypatch.setattr(sampler_mod, "LangevinSampler", Broken)
+    rows = bench.bench_sampler(CNNModel(), "cpu", ["eager", "compiled"], [2], [2], rounds=2, progress=False)
+    eager, broken = rows
+    assert eager.skipped is None and len(eager.times_s) == 2 and eager.ratio_to_eager == 1.0
+    assert broken.skipped == "failed: RuntimeError: boom in capture" and broken.median_s is None
+    assert "boom in capture" in capsys.readouterr().err  # the traceback is shown
+    train = bench.bench_train(CNNModel(), "cpu", ["eager", "compiled"], batch=2, steps=1, iters=1, progress=False)
+    assert train[0].iters_per_s and train[1].skipped.startswith("failed: RuntimeError")
+    args = [a for a in SMALL if a != "eager"]
+    i = args.index("--backends")
+    args[i + 1:i + 1] = ["eager", "compiled"]
+    assert bench.main(args) == 1  # the command reports the failure in its exit code
