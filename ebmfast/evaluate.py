@@ -43,11 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="report folder (default: eval_<checkpoint name> next to the checkpoint)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'")
-    parser.add_argument("--n-samples", type=int, default=256,
+    parser.add_argument("--n-samples", type=int, default=256, metavar="N",
                         help="chains generated from noise for the sample-quality numbers (default 256)")
-    parser.add_argument("--steps", type=int, default=256, help="Langevin steps per chain from noise (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of chain starts, sampler noise and data subsets")
-    parser.add_argument("--n-ood", type=int, default=1000,
+    parser.add_argument("--steps", type=int, default=256, metavar="K", help="Langevin steps per chain from noise (default 256)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of chain starts, sampler noise and data subsets")
+    parser.add_argument("--n-ood", type=int, default=1000, metavar="N",
                         help="images per out-of-distribution set (capped by the test split; default 1000)")
     parser.add_argument("--fashion-root", metavar="DIR", default=None,
                         help="folder with Fashion-MNIST's t10k-images-idx3-ubyte[.gz] (default: search the usual "
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "than it saves for one evaluation)")
     parser.add_argument("--classifier", metavar="PATH", default=None,
                         help=f"classifier cache (default: {_q.CLASSIFIER_FILENAME} next to the checkpoint)")
-    parser.add_argument("--classifier-epochs", type=int, default=_q.ClassifierConfig.epochs,
+    parser.add_argument("--classifier-epochs", type=int, default=_q.ClassifierConfig.epochs, metavar="E",
                         help=f"epochs when the classifier has to be trained (default {_q.ClassifierConfig.epochs})")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
@@ -157,17 +157,12 @@ def _figure(*args, **kwargs):
 
 def plot_generation_steps(trajectory_images: torch.Tensor, steps_shown: list[int], path: Path) -> None:
     """Rows: chains; columns: the state at each shown step (the seed's generation figure)."""
-    imgs = trajectory_images.detach().float().cpu().clamp(-1, 1)  # (columns, chains, 1, 28, 28)
-    cols, rows = imgs.shape[:2]
+    cols, rows = trajectory_images.shape[:2]  # (columns, chains, 1, 28, 28)
     pad = 2
-    canvas = np.ones((rows * (28 + pad) + pad, cols * (28 + pad) + pad), dtype=np.float32)
-    for c in range(cols):
-        for r in range(rows):
-            y, x = pad + r * (28 + pad), pad + c * (28 + pad)
-            canvas[y : y + 28, x : x + 28] = imgs[c, r, 0].numpy()
-    fig = _figure(figsize=(0.75 * cols + 0.6, 0.75 * rows + 0.7), layout="constrained")
-    ax = fig.subplots()
-    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1)
+    canvas = _canvas(trajectory_images.transpose(0, 1).reshape(-1, 1, 28, 28), cols, pad=pad)
+    fig = _figure(figsize=(0.75 * cols + 0.6, 0.75 * rows + 0.7))
+    ax = fig.add_axes((0.02, 0.12, 0.96, 0.8))
+    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_xticks([pad + c * (28 + pad) + 14 for c in range(cols)], [str(s) for s in steps_shown], fontsize=8)
     ax.set_yticks([])
     ax.set_xlabel("Langevin step (0 = U(-1, 1) start)", fontsize=8)
@@ -195,20 +190,36 @@ def plot_chain_energy(scores: np.ndarray, ref_lines: dict[str, float], path: Pat
     fig.savefig(path, dpi=80)
 
 
-def plot_samples(samples: torch.Tensor, probs: torch.Tensor | None, path: Path, cols: int = 8) -> None:
-    """A grid of generated samples, each labelled with the classifier's digit and confidence."""
-    n = len(samples)
+def _canvas(images: torch.Tensor, cols: int, pad: int = 2, label_h: int = 0) -> np.ndarray:
+    """Tile (N, 1, 28, 28) images in [-1, 1] into one array (white gaps, ``label_h`` pixels above each for text)."""
+    n = len(images)
     rows = math.ceil(n / cols)
-    fig = _figure(figsize=(0.9 * cols, 1.0 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        if i >= n:
-            continue
-        ax.imshow(samples[i, 0].float().cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
-        if probs is not None:
+    cell_h, cell_w = 28 + pad + label_h, 28 + pad
+    canvas = np.ones((rows * cell_h + pad, cols * cell_w + pad), dtype=np.float32)
+    imgs = images.detach().float().cpu().clamp(-1, 1).numpy()
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * cell_h + label_h, pad + c * cell_w
+        canvas[y : y + 28, x : x + 28] = imgs[i, 0]
+    return canvas
+
+
+def plot_samples(samples: torch.Tensor, probs: torch.Tensor | None, path: Path, cols: int = 8) -> None:
+    """A grid of generated samples, each labelled with the classifier's digit and confidence (one image, so it
+    draws quickly however many samples it shows)."""
+    label_h = 9 if probs is not None else 0
+    canvas = _canvas(samples, cols, label_h=label_h)
+    rows = math.ceil(len(samples) / cols)
+    fig = _figure(figsize=(0.95 * cols, 0.95 * rows * (39 + label_h) / 39))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if probs is not None:
+        for i in range(len(samples)):
+            r, c = divmod(i, cols)
             p, k = probs[i].max(0)
-            ax.set_title(f"{int(k)} ({float(p):.2f})", fontsize=6, pad=1)
+            ax.text(2 + c * 30 + 14, 2 + r * (30 + label_h) + label_h / 2, f"{int(k)} ({float(p):.2f})",
+                    ha="center", va="center", fontsize=6.5, color="black")
     fig.savefig(path, dpi=80)
 
 
