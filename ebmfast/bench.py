@@ -361,6 +361,7 @@ def bench_sampler(
     time_budget_s: float | None = None,
     telemetry: bool = True,
     progress: bool = True,
+    compile_kwargs: dict | None = None,
 ) -> list[SamplerResult]:
     """Measure every backend at every (batch, steps) cell; see the module docstring for the method.
 
@@ -410,7 +411,8 @@ def bench_sampler(
                     continue
                 try:
                     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-                    sampler = LangevinSampler(model, steps=steps, backend=b, precision=precision, seed=seed)
+                    sampler = LangevinSampler(model, steps=steps, backend=b, precision=precision, seed=seed,
+                                              compile_kwargs=compile_kwargs)
                     with _Memory(device, base) as mem_first:
                         rows[b].first_call_s = wall_call(lambda: sampler.sample(x, steps), device)
                     with _Memory(device, base) as mem:
@@ -484,6 +486,7 @@ class CDIteration:
         alpha: float = 0.1,
         lr: float = 1e-4,
         sample_shape=None,
+        compile_kwargs: dict | None = None,
     ):
         from .buffer import ReplayBuffer
         from .sampler import LangevinSampler
@@ -494,7 +497,8 @@ class CDIteration:
         self.steps = int(steps)
         self.alpha = float(alpha)
         shape = tuple(sample_shape or getattr(model, "input_shape"))
-        self.sampler = LangevinSampler(model, steps=steps, backend=backend, precision=precision, seed=seed)
+        self.sampler = LangevinSampler(model, steps=steps, backend=backend, precision=precision, seed=seed,
+                                       compile_kwargs=compile_kwargs)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         self.buffer = ReplayBuffer(shape, capacity=8192, fresh_prob=0.05, device=self.device, generator=gen)
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999))
@@ -555,6 +559,7 @@ def bench_train(
     seed: int = 0,
     telemetry: bool = True,
     progress: bool = True,
+    compile_kwargs: dict | None = None,
 ) -> list[TrainResult]:
     """CD iterations/s per backend, interleaved like ``bench_sampler``.
 
@@ -572,7 +577,8 @@ def bench_train(
     with _telemetry(device, telemetry) as tel:
         for b in backends:
             try:
-                fn = CDIteration(model, b, batch, steps, device, precision, seed, optimizer=optimizer)
+                fn = CDIteration(model, b, batch, steps, device, precision, seed, optimizer=optimizer,
+                                 compile_kwargs=compile_kwargs)
                 rows[b].first_iter_s = wall_call(lambda: fn(real), device)
             except Exception as exc:
                 _record_failure(rows[b], exc)
@@ -640,6 +646,13 @@ def environment(device: torch.device) -> dict:
         import triton
 
         env["triton"] = triton.__version__
+    except Exception:
+        pass
+    try:  # shapes compiled after the first are dynamic by default (and remembered across processes by PGO)
+        import torch._dynamo.config as dcfg
+
+        env["dynamo_automatic_dynamic_shapes"] = getattr(dcfg, "automatic_dynamic_shapes", None)
+        env["dynamo_automatic_dynamic_local_pgo"] = getattr(dcfg, "automatic_dynamic_local_pgo", None)
     except Exception:
         pass
     if device.type == "cuda":
@@ -786,6 +799,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-steps", type=int, default=60, help="Langevin steps per CD iteration (seed: 60)")
     parser.add_argument("--train-iters", type=int, default=None,
                         help="timed CD iterations per backend (default: 20 cuda, 5 cpu)")
+    parser.add_argument("--compile-static", action="store_true",
+                        help="compile the energy gradient with dynamic=False (a static graph per batch size) instead of "
+                             "torch.compile's default automatic-dynamic shapes")
     parser.add_argument("--no-peak", dest="peak", action="store_false",
                         help="skip the matmul peak measurement (no %%-of-peak columns)")
     parser.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 cuda, 1024 cpu)")
@@ -858,16 +874,18 @@ def run(args) -> int:
     fpss = flops_per_sample_step(model, model.input_shape)
     print(f"work per sample-step (forward + input gradient): {fpss / 1e6:.3f} MFLOP", flush=True)
 
+    compile_kwargs = {"dynamic": False} if args.compile_static else None
     sampler_results = bench_sampler(
         model, device, backends, batches, steps_list, rounds=rounds, precision=args.precision, peak=peak,
         seed=args.seed, max_call_s=args.max_call_s, time_budget_s=args.time_budget_s, telemetry=args.telemetry,
-        progress=args.progress,
+        progress=args.progress, compile_kwargs=compile_kwargs,
     )
     train_results = []
     if args.train:
         train_results = bench_train(
             model, device, backends, batch=args.train_batch, steps=args.train_steps, iters=iters,
             precision=args.precision, seed=args.seed, telemetry=args.telemetry, progress=args.progress,
+            compile_kwargs=compile_kwargs,
         )
 
     env["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

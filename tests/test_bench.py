@@ -305,13 +305,29 @@ def test_imports_do_not_pull_optional_packages():
     """The GPU machine may lack matplotlib / tensorboard / mlxtend: the package, the bench command and the
     benchmark helpers must import without them."""
     code = (
-        "import sys, ebmfast, ebmfast.bench, ebmfast.flops, ebmfast.telemetry, ebmfast.sampler; "
+        "import sys, ebmfast, ebmfast.bench, ebmfast.flops, ebmfast.telemetry, ebmfast.sampler, ebmfast.cli; "
+        "ebmfast.cli.build_parser(); "
         "print(','.join(m for m in ('matplotlib', 'tensorboard', 'mlxtend', 'torch.utils.tensorboard') "
         "if m in sys.modules))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "", f"optional packages imported at package import: {res.stdout.strip()}"
+
+
+def test_bench_command_runs_without_optional_packages(tmp_path):
+    """`ebmfast bench` on a machine where matplotlib, tensorboard and mlxtend are absent (simulated: a None entry
+    in sys.modules makes both `import` and importlib.util.find_spec report the module missing)."""
+    code = (
+        "import sys\n"
+        "for m in ('matplotlib', 'tensorboard', 'mlxtend'):\n"
+        "    sys.modules[m] = None\n"
+        "from ebmfast.cli import main\n"
+        f"sys.exit(main(['bench'] + {SMALL!r} + ['--no-train', '--no-peak', '--json', {str(tmp_path / 'o.json')!r}]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "o.json").read_text())["sampler"][0]["median_s"] > 0
 
 
 def test_device_check_script_parses():
