@@ -988,7 +988,12 @@ def _junit_counts(path: str) -> str | None:
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     passed = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
-    return f"{passed} passed, {tot['failures']} failed, {tot['errors']} errors, {tot['skipped']} skipped"
+    text = f"{passed} passed, {tot['failures']} failed, {tot['errors']} errors, {tot['skipped']} skipped"
+    bad = [f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}" for c in root.iter("testcase")
+           if c.find("failure") is not None or c.find("error") is not None]
+    if bad:
+        text += "; failing: " + ", ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
+    return text
 
 
 def summarize_device_check(outdir: str) -> str:

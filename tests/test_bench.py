@@ -387,10 +387,12 @@ def test_summarize_device_check(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(_gpu_doc()))
     (tmp_path / "stages.tsv").write_text("env\t0\t2\ncuda_tests\t1\t80\nbench_cli\t124\t200\npytest_bench\tskipped\t0\n")
     (tmp_path / "cuda_tests.xml").write_text(
-        '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2"/></testsuites>')
+        '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2">'
+        '<testcase classname="tests.test_graph_cuda" name="test_replay"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_graph_cuda" name="test_ok"/></testsuite></testsuites>')
     text = bench.summarize_device_check(str(tmp_path))
     assert "env ok 2s | cuda_tests FAILED rc=1 80s | bench_cli TIMEOUT 200s | pytest_bench skipped 0s" in text
-    assert "7 passed, 1 failed, 0 errors, 2 skipped" in text
+    assert "7 passed, 1 failed, 0 errors, 2 skipped; failing: test_graph_cuda::test_replay" in text
     assert text.rstrip().splitlines()[-4].startswith("  [met]")
     assert "Fake H200" in text and "2,500,000" in text
     empty = bench.summarize_device_check(str(tmp_path / "nothing"))
