@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["HAS_TRITON", "triton_unavailable_reason", "langevin_step_", "langevin_normal", "cpu_normal"]
+__all__ = ["HAS_TRITON", "USES_TRITON_OP", "triton_unavailable_reason", "langevin_step_", "langevin_normal", "cpu_normal"]
 
 try:  # Triton is optional: the package must import (and run on CPU) without it.
     from ebmfast.kernels import langevin as _kernels
@@ -97,65 +97,60 @@ def _normal_cpu(rng, numel, noise_index):
     return cpu_normal(rng, (numel,), noise_index)
 
 
-if HAS_TRITON:
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op("ebmfast::langevin_step_", mutates_args={"x"})
-    def langevin_step_(
-        x: torch.Tensor,
-        g: Optional[torch.Tensor],
-        z: Optional[torch.Tensor],
-        rng: torch.Tensor,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-        noise_index: int,
-        add_noise: bool,
-    ) -> None:
-        _kernels.launch_langevin_step(
-            x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise, wrap=wrap_triton
-        )
-
-    @triton_op("ebmfast::langevin_normal", mutates_args={})
-    def langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
-        out = torch.empty(numel, dtype=torch.float32, device=rng.device)
-        _kernels.launch_normal(out, rng, noise_index, wrap=wrap_triton)
-        return out
-
+# triton_op lets torch.compile see (and inline) the Triton kernels. Under TRITON_INTERPRET=1 the kernels are numpy
+# interpreters that fake tensors cannot trace, so there the ops are plain custom ops (opaque to torch.compile) with
+# explicit fake implementations.
+USES_TRITON_OP = HAS_TRITON and os.environ.get("TRITON_INTERPRET") != "1"
+if USES_TRITON_OP:
+    from torch.library import triton_op as _define_op
+    from torch.library import wrap_triton as _wrap
 else:
-    from torch.library import custom_op
+    from torch.library import custom_op as _define_op
 
-    def _no_triton(device):
+    _wrap = None
+
+
+def _require_triton(device) -> None:
+    if not HAS_TRITON:
         raise RuntimeError(
             f"the fused Langevin kernel needs Triton for {device} tensors: {triton_unavailable_reason()}. "
             "Use backend='eager' or 'compiled', or run on CPU."
         )
 
-    @custom_op("ebmfast::langevin_step_", mutates_args={"x"})
-    def langevin_step_(
-        x: torch.Tensor,
-        g: Optional[torch.Tensor],
-        z: Optional[torch.Tensor],
-        rng: torch.Tensor,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-        noise_index: int,
-        add_noise: bool,
-    ) -> None:
-        _no_triton(x.device)
+
+@_define_op("ebmfast::langevin_step_", mutates_args={"x"})
+def langevin_step_(
+    x: torch.Tensor,
+    g: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    rng: torch.Tensor,
+    step_size: float,
+    grad_clip: float,
+    noise_std: float,
+    lo: float,
+    hi: float,
+    noise_index: int,
+    add_noise: bool,
+) -> None:
+    _require_triton(x.device)
+    _kernels.launch_langevin_step(
+        x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise, wrap=_wrap
+    )
+
+
+@_define_op("ebmfast::langevin_normal", mutates_args={})
+def langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=rng.device)
+    _require_triton(rng.device)
+    _kernels.launch_normal(out, rng, noise_index, wrap=_wrap)
+    return out
+
+
+if not USES_TRITON_OP:  # triton_op derives fake implementations itself; custom_op needs them spelled out
 
     @langevin_step_.register_fake
     def _(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise):
         return None
-
-    @custom_op("ebmfast::langevin_normal", mutates_args={})
-    def langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
-        _no_triton(rng.device)
 
     @langevin_normal.register_fake
     def _(rng, numel, noise_index):
