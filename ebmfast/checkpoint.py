@@ -74,6 +74,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "ebmfast_version": __version__, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
@@ -87,6 +88,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

@@ -144,14 +144,14 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed tutorial's run, field for field (TrainConfig's defaults).
     "tutorial": {},
-    # Shortened for a 2-core CPU, <= 10 minutes (docs/quick_preset.md has the measurement): 15 epochs of the
-    # embedded subset's 4,500 training images = 525 iterations, at twice the seed's lr (the seed's lr needed ~760
-    # iterations for digits in the replay buffer, FINDINGS.md). One epoch here is 35 iterations, 1/13 of a full-MNIST
+    # Shortened for a 2-core CPU, <= 10 minutes (docs/quick_preset.md has the measurements): 12 epochs of the
+    # embedded subset's 4,500 training images = 420 iterations, at twice the seed's lr (at the seed's lr, ~760
+    # iterations were needed for digits in the replay buffer, FINDINGS.md). One epoch here is 35 iterations, 1/13 of a full-MNIST
     # epoch (468), so the per-epoch StepLR factor is 0.97^(35/468) = 0.9977: the lr decays per iteration as in the
     # seed's run. Everything else is the seed's.
     "quick": {
         "data": "mnist5k",
-        "epochs": 15,
+        "epochs": 12,
         "lr": 2e-4,
         "lr_gamma": 0.9977,
         "sample_every": 5,
