@@ -435,8 +435,8 @@ def write_report(r: dict, path: Path) -> None:
     lines += [f"- checkpoint: `{ck.get('path', 'n/a')}` (sha256 {str(ck.get('sha256', 'n/a'))[:16]}…)"]
     cfg = r["model_config"]
     if "epoch" in ck:
-        lines.append(f"- trained for {ck['epoch']} epoch(s), {ck.get('iteration', '?')} iterations"
-                     + (f" of {cfg['epochs']} planned" if "epochs" in cfg else "")
+        lines.append(f"- trained for {ck['epoch']}" + (f" of {cfg['epochs']}" if "epochs" in cfg else "")
+                     + f" epoch(s), {ck.get('iteration', '?')} iterations"
                      + (f" (ebmfast {ck['ebmfast_version']})" if ck.get("ebmfast_version") else ""))
     if ck.get("epoch_metrics"):
         shown = {k: v for k, v in ck["epoch_metrics"].items() if k in ("rand_out", "val_real_out", "val_fake_out",
@@ -572,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
         raise _usage_error(f"the checkpoint's data set {data_name!r} is not one of {list(DATASETS)}; pass --data")
     data = load_dataset(data_name, args.data_root or _config_value(config, "data_root"))
     out = Path(args.out) if args.out else ckpt.parent / f"eval_{ckpt.stem}"
-    clf_path = Path(args.classifier) if args.classifier else ckpt.parent / _q.CLASSIFIER_FILENAME
+    clf_path = (Path(args.classifier) if args.classifier else ckpt.parent / _q.CLASSIFIER_FILENAME).resolve()
     problem = check_n_samples(args.n_samples, data)
     if problem:
         raise _usage_error(f"--n-samples: {problem}")

@@ -177,7 +177,7 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training the MNIST classifier", disable=not progress,
-               leave=False)
+               leave=False, mininterval=1.0)
     # Dropout draws from the global RNG: fork it so training is reproducible and leaves the caller's state alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
