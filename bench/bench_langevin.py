@@ -11,6 +11,7 @@ Measurements only: nothing is asserted about speed.
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def test_langevin_throughput(benchmark, bench_ctx, backend, batch, steps):
     info["matmul_peak"] = peak
     benchmark.extra_info.update(info)
     benchmark.group = f"langevin b{batch} k{steps}"
-    del sampler, x
+    sampler = x = one_call = None
+    gc.collect()  # free the CUDA-graph pool before the next test measures its baseline
     if ctx.cuda:
         torch.cuda.empty_cache()

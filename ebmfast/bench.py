@@ -27,9 +27,9 @@ Nothing here asserts a speed: these are measurements, reported as found.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -254,7 +254,7 @@ def measure_matmul_peak(device: torch.device, n: int | None = None, reps: int | 
             result[f"{mode}_tflops"] = flop / t / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    del mats, out
+    mats = out = None  # free before the benchmarks allocate
     if cuda:
         torch.cuda.empty_cache()
     return result
@@ -400,7 +400,7 @@ def bench_sampler(
             bar.update(len(backends) * (rounds + 1))
             continue
         x = _uniform((batch, *sample_shape), device, seed + batch)
-        samplers = {}
+        samplers, sampler, s = {}, None, None
         with _telemetry(device, telemetry) as tel:
             # Phase 1, per backend: first call (compile / capture), then one steady call for memory.
             for b in backends:
@@ -457,7 +457,9 @@ def bench_sampler(
                 if row.sample_steps_per_s:
                     row.ratio_to_eager = row.sample_steps_per_s / eager.sample_steps_per_s
         results.extend(rows.values())
-        del samplers, x
+        # Free this cell's samplers (CUDA-graph pools included) before the next cell measures its baseline.
+        samplers = sampler = s = x = None
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
