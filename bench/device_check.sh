@@ -123,7 +123,7 @@ EOF
 export -f env_info
 export PY
 stage env 30 5 bash -c env_info
-grep -E '^(torch|triton|gpu|cuda available)' "$OUT/env.log" | sed 's/^/  /'
+grep -E '^(torch|triton|gpu|cuda available|name, driver|NVIDIA)' "$OUT/env.log" | sed 's/^/  /'
 
 # ------------------------------------------------------------------------------------------------ install
 if [ "$SMOKE" = 1 ]; then

@@ -877,11 +877,35 @@ def run(args) -> int:
     print(f"work per sample-step (forward + input gradient): {fpss / 1e6:.3f} MFLOP", flush=True)
 
     compile_kwargs = {"dynamic": False} if args.compile_static else None
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
+        "device": str(device), "backends": backends, "batch": batches, "steps": steps_list, "rounds": rounds,
+        "train_iters": iters}
+
+    def document(sampler_results, train_results, complete):
+        return {
+            "complete": complete,  # False: written after the sampler part, training still to come
+            "environment": env,
+            "config": config,
+            "matmul_peak": peak,
+            "flop_per_sample_step": fpss,
+            "sampler": [asdict(r) for r in sampler_results],
+            "train": [asdict(r) for r in train_results],
+        }
+
+    def write_json(doc):
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh, indent=2, default=str)
+            os.replace(tmp, args.json)
+
     sampler_results = bench_sampler(
         model, device, backends, batches, steps_list, rounds=rounds, precision=args.precision, peak=peak,
         seed=args.seed, max_call_s=args.max_call_s, time_budget_s=args.time_budget_s, telemetry=args.telemetry,
         progress=args.progress, compile_kwargs=compile_kwargs,
     )
+    # Written now as well, so a run killed during training (e.g. by a stage timeout) keeps its sampler figures.
+    write_json(document(sampler_results, [], complete=not args.train))
     train_results = []
     if args.train:
         train_results = bench_train(
@@ -901,23 +925,13 @@ def run(args) -> int:
         print(f"Contrastive-divergence training (batch {args.train_batch}, {args.train_steps} steps, {iters} "
               f"iterations, median); 60 ep = projected {SEED_EPOCHS} x {SEED_ITERS_PER_EPOCH} iterations")
         print(format_train_table(train_results))
-    doc = {
-        "environment": env,
-        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
-            "device": str(device), "backends": backends, "batch": batches, "steps": steps_list,
-            "rounds": rounds, "train_iters": iters},
-        "matmul_peak": peak,
-        "flop_per_sample_step": fpss,
-        "sampler": [asdict(r) for r in sampler_results],
-        "train": [asdict(r) for r in train_results],
-    }
+    doc = document(sampler_results, train_results, complete=True)
     print()
     print("Targets of issue 4 (measured, not asserted):")
     for line in target_report(doc):
         print("  " + line)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=2, default=str)
+        write_json(doc)
         print(f"\nwrote {args.json}")
     if args.csv:
         write_csv_history(args.csv, csv_rows(env, sampler_results, train_results, args.precision))
@@ -1018,6 +1032,8 @@ def summarize_device_check(outdir: str) -> str:
         pass
     env = (doc or {}).get("environment", {})
     out.append("== ebmfast device check ==")
+    if doc is not None and doc.get("complete") is False:
+        out.append("NOTE: bench.json is partial (the run stopped during the training measurement)")
     if env:
         out.append(f"{env.get('time')}  {env.get('device_name')}  driver {env.get('driver')}  torch {env.get('torch')}"
                    f"  triton {env.get('triton')}  cuda {env.get('cuda')}  ebmfast {env.get('ebmfast')}")

@@ -260,7 +260,7 @@ def test_bench_command_writes_json_and_csv(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "sample-steps/s" in text and "CD it/s" in text and "3.425 MFLOP" in text
     doc = json.loads(out.read_text())
-    assert doc["flop_per_sample_step"] == 3_424_512
+    assert doc["complete"] is True and doc["flop_per_sample_step"] == 3_424_512
     assert doc["matmul_peak"]["n"] == 64 and doc["environment"]["torch"] == torch.__version__
     assert [r["backend"] for r in doc["sampler"]] == ["eager"] and len(doc["train"]) == 1
     assert hist.read_text().count("langevin_sample") >= 2
