@@ -74,6 +74,11 @@ class LangevinSampler:
     """Langevin dynamics on an energy model ``f(x) = -E(x)`` (any ``nn.Module`` giving one score per sample).
 
     Per step: x <- clamp(x + noise_std*z); g <- clamp(grad_x sum(-f(x)), +-grad_clip); x <- clamp(x - step_size*g).
+
+    ``check_finite`` (default True) rejects inputs holding NaN/inf with a clear error; on CUDA that check waits for
+    the device once per call (not per step). Turn it off where inputs are known finite (e.g. replay-buffer draws)
+    and every host synchronisation counts. ``compile_kwargs`` go to ``torch.compile`` (CUDA default:
+    ``dynamic=False``).
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class LangevinSampler:
         precision: str = "fp32",
         seed: int | None = None,
         compile_kwargs: dict | None = None,
+        check_finite: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module returning one score per sample, got {type(model).__name__}")
@@ -100,6 +106,7 @@ class LangevinSampler:
         self.backend = check_choice(backend, BACKENDS, "backend")
         self.precision = check_choice(precision, PRECISIONS, "precision")
         self.compile_kwargs = dict(compile_kwargs or {})
+        self.check_finite = bool(check_finite)
         self._grad_fns: dict = {}
         self._graphs = None  # ebmfast.graph.GraphCache, created on first CUDA use
         self._checked: set = set()
@@ -172,7 +179,12 @@ class LangevinSampler:
             fn = eager_energy_grad(self.model)
         else:
             if device.type not in self._grad_fns:
-                self._grad_fns[device.type] = compiled_energy_grad(self.model, **self.compile_kwargs)
+                kwargs = dict(self.compile_kwargs)
+                if device.type == "cuda":
+                    # Shape-specialised kernels: every CUDA graph is captured for one shape anyway, and torch's
+                    # automatic dynamic shapes would otherwise switch to generic kernels after a second batch size.
+                    kwargs.setdefault("dynamic", False)
+                self._grad_fns[device.type] = compiled_energy_grad(self.model, **kwargs)
             fn = self._grad_fns[device.type]
         if self.precision != "bf16":
             return fn
@@ -209,7 +221,7 @@ class LangevinSampler:
 
         ``noise``: optional explicit standard-normal draws ``(steps, *x.shape)`` instead of the sampler's stream
         (the stream is then not advanced)."""
-        check_samples(x)
+        check_samples(x, finite=self.check_finite)
         steps = self.steps if steps is None else check_positive_int(steps, "steps")
         params = list(self.model.parameters())
         if params and params[0].device != x.device:
