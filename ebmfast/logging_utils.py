@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["MetricsLogger", "read_metrics", "run_logger"]
+__all__ = ["MetricsLogger", "read_metrics", "RunLog"]
 
 CSV_FIELDS = ("step", "epoch", "metric", "value", "wall_time")
 
@@ -121,15 +121,34 @@ def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def run_logger(out_dir: str | os.PathLike | None, name: str = "ebmfast.train") -> tuple[logging.Logger, logging.Handler | None]:
-    """A logger writing to ``out_dir/train.log`` (the caller removes the returned handler when done)."""
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    if out_dir is None:
-        return logger, None
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(out_dir) / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    return logger, handler
+class RunLog:
+    """The run's text log: timestamped lines appended to ``out_dir/train.log`` (none when ``out_dir`` is None), and
+    the same messages through the ``ebmfast.train`` logger so that an application's logging setup sees them."""
+
+    def __init__(self, out_dir: str | os.PathLike | None, name: str = "ebmfast.train"):
+        self.logger = logging.getLogger(name)
+        if not any(isinstance(h, logging.NullHandler) for h in self.logger.handlers):
+            self.logger.addHandler(logging.NullHandler())  # a library does not print unless the app asks
+        self._fh = None
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self._fh = open(Path(out_dir) / "train.log", "a", encoding="utf-8")
+
+    def _write(self, level: str, msg: str) -> None:
+        if self._fh is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._fh.write(f"{stamp} {level} {msg}\n")
+            self._fh.flush()
+
+    def info(self, msg: str) -> None:
+        self._write("INFO", msg)
+        self.logger.info(msg)
+
+    def warning(self, msg: str) -> None:
+        self._write("WARNING", msg)
+        self.logger.warning(msg)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

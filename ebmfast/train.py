@@ -47,7 +47,7 @@ from .cli import UsageError
 from .config import PRESETS, TrainConfig
 from .data import DataSplits, TensorBatches, load_dataset
 from .divergence import DivergenceError, DivergenceEvent, DivergenceMonitor, SnapshotRing, derive_seed, params_finite
-from .logging_utils import MetricsLogger, run_logger
+from .logging_utils import MetricsLogger, RunLog
 from .models import CNNModel
 from .sampler import LangevinSampler, resolve_backend
 
@@ -200,7 +200,7 @@ class Trainer:
         # ---- files (only now: every check above has passed)
         self.metrics = MetricsLogger(self.out_dir, tensorboard=cfg.tensorboard,
                                      purge_step=self.iteration if ckpt is not None else None)
-        self.log, self._log_handler = run_logger(self.out_dir)
+        self.log = RunLog(self.out_dir)
         if self.out_dir is not None:
             self.ckpt_dir = self.out_dir / "checkpoints"
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -600,10 +600,7 @@ class Trainer:
     def close(self) -> None:
         """Flush and close the run's files (the trainer can still be used in memory)."""
         self.metrics.close()
-        if self._log_handler is not None:
-            self.log.removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
+        self.log.close()
 
     # ============================================================================================== signals
     def request_stop(self, signum: int = signal.SIGINT) -> None:
