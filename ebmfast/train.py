@@ -107,6 +107,9 @@ class Trainer:
         resume: path of a checkpoint written by a Trainer: continue that run exactly where it stopped.
         overwrite: allow ``out_dir`` to hold an earlier run (its files get replaced/appended).
         progress: show tqdm bars.
+
+    Like the seed's ``seed_everything``, construction seeds torch's, Python's and NumPy's global generators with
+    ``config.seed`` (the model's initial weights come from torch's); a resume restores them from the checkpoint.
     """
 
     def __init__(
