@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_clamp, check_positive_int, check_samples
+from .validation import check_clamp, check_positive_int, check_probability, check_samples, check_shape
 
 __all__ = ["ReplayBuffer"]
 
@@ -33,13 +33,9 @@ class ReplayBuffer:
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
     ):
-        self.sample_shape = tuple(int(s) for s in sample_shape)
-        if not self.sample_shape or any(s <= 0 for s in self.sample_shape):
-            raise ValueError(f"sample_shape must be a non-empty tuple of positive sizes, got {sample_shape!r}")
+        self.sample_shape = check_shape(sample_shape, "sample_shape")
         self.capacity = check_positive_int(capacity, "capacity")
-        if not (isinstance(fresh_prob, (int, float)) and 0.0 <= float(fresh_prob) <= 1.0):
-            raise ValueError(f"fresh_prob must be a probability in [0, 1], got {fresh_prob!r}")
-        self.fresh_prob = float(fresh_prob)
+        self.fresh_prob = check_probability(fresh_prob, "fresh_prob")
         self.lo, self.hi = check_clamp(clamp)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
@@ -100,6 +96,6 @@ class ReplayBuffer:
             )
         self.storage.copy_(state["storage"].to(device=self.device, dtype=self.dtype))
         self.ptr.fill_(int(state["ptr"]))
-        self.fresh_prob = float(state.get("fresh_prob", self.fresh_prob))
+        self.fresh_prob = check_probability(state.get("fresh_prob", self.fresh_prob), "fresh_prob")
         if "clamp" in state:
             self.lo, self.hi = check_clamp(state["clamp"])

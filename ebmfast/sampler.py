@@ -120,8 +120,8 @@ class LangevinSampler:
         ``torch.manual_seed`` makes an unseeded sampler reproducible too)."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be a non-negative integer below 2**63 (it is stored as int64), got {seed!r}")
         self.seed = seed
         for rng in self._rng.values():
             rng.copy_(torch.tensor([seed, 0], dtype=torch.int64))

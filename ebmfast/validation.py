@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -13,6 +13,9 @@ __all__ = [
     "check_nonneg_float",
     "check_clamp",
     "check_choice",
+    "check_probability",
+    "check_shape",
+    "FLOAT32_MAX",
 ]
 
 
@@ -40,12 +43,18 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _real(value, name: str) -> float:
+    """A finite real number within float32's range (the kernels and default tensors are float32)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if abs(v) > FLOAT32_MAX:
+        raise ValueError(f"{name} must lie within float32's range (|value| <= 3.4e38), got {value!r}")
     return v
 
 
@@ -72,6 +81,23 @@ def check_clamp(clamp) -> tuple[float, float]:
     if not lo < hi:
         raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
     return lo, hi
+
+
+def check_probability(value, name: str) -> float:
+    v = _real(value, name)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return v
+
+
+def check_shape(shape, name: str) -> tuple[int, ...]:
+    """A non-empty tuple of positive integers (floats, bools and strings are rejected, not truncated)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {shape!r}")
+    dims = tuple(shape)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, Integral) or d <= 0 for d in dims):
+        raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {shape!r}")
+    return tuple(int(d) for d in dims)
 
 
 def check_choice(value, choices, name: str):

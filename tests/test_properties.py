@@ -3,8 +3,7 @@
 Every bad input must give a ValueError/TypeError whose message names the parameter; every good input must work and
 give a result of the right shape, dtype and range. Never a crash, a hang or a silently wrong result.
 
-Known bugs in files this test file does not own are pinned by strict xfail tests at the bottom (they start failing,
-i.e. XPASS, once fixed, so the marker can then be removed); the strategies above them avoid those inputs.
+Regression tests for bugs this file found (now fixed) are at the bottom; the strategies above them avoid those inputs.
 """
 import math
 
@@ -160,7 +159,7 @@ def test_sampler_rejects_a_model_without_one_score_per_sample():
 @SETTINGS
 @given(name=st.sampled_from(["steps", "step_size", "noise_std", "grad_clip", "clamp"]), value=ANY)
 def test_reference_arguments(name, value):
-    assume(not (_is_real(value) and abs(value) > 3e38))  # beyond float32: see the xfail tests at the bottom
+    assume(not (_is_real(value) and abs(value) > 3e38))  # beyond float32: see the regression tests at the bottom
     x = torch.rand(2, 3) * 2 - 1
     kw = {"steps": 2, name: value}
     if name == "steps" and _is_int(value):
@@ -351,38 +350,27 @@ def test_cli_sample_bad_values(flag, value, tmp_path_factory, capsys):
     assert not out.exists()
 
 
-# ------------------------------------------------------------------- known bugs in files this file does not own
-@pytest.mark.xfail(strict=True, reason="ebmfast/sampler.py: seeds >= 2**63 pass the constructor and fail later in "
-                                       "sample() with 'Overflow when unpacking long long' (not naming seed)")
+# ------------------------------------------------------------------- regressions: bugs found by this file, fixed
 def test_sampler_huge_seed_is_rejected_up_front():
     _expect_named_error(lambda: LangevinSampler(Quad(), seed=2**63), "seed")
 
 
-@pytest.mark.xfail(strict=True, reason="ebmfast/buffer.py: int(s) silently truncates a float sample_shape (3.5,)")
 def test_buffer_float_shape_is_rejected():
     _expect_named_error(lambda: ReplayBuffer((3.5,), capacity=4), "sample_shape")
 
 
-@pytest.mark.xfail(strict=True, reason="ebmfast/buffer.py: a non-numeric sample_shape gives int()'s message, "
-                                       "which does not name sample_shape")
 def test_buffer_text_shape_error_names_the_parameter():
     _expect_named_error(lambda: ReplayBuffer("ab", capacity=4), "sample_shape")
 
 
-@pytest.mark.xfail(strict=True, reason="ebmfast/buffer.py: fresh_prob=True is accepted as probability 1.0")
 def test_buffer_bool_fresh_prob_is_rejected():
     _expect_named_error(lambda: ReplayBuffer((2,), capacity=4, fresh_prob=True), "fresh_prob")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="ebmfast/reference.py: grad_clip above float32's range passes validation, then "
-                          "g.clamp_ raises RuntimeError 'value cannot be converted to type float without overflow'")
 def test_reference_grad_clip_beyond_float32_is_rejected():
     _expect_named_error(lambda: langevin_reference(Quad(), torch.rand(2, 3), steps=1, grad_clip=1e39), "grad_clip")
 
 
-@pytest.mark.xfail(strict=True, reason="ebmfast/reference.py: step_size above float32's range is accepted and turns "
-                                       "zero-gradient elements into NaN (inf * 0) in the returned samples")
 def test_reference_step_size_beyond_float32_is_rejected():
     x = torch.rand(2, 3)
     x[0, 0] = 0.0  # Quad's gradient is exactly 0 there
