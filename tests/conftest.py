@@ -6,7 +6,11 @@ reason; on a CUDA machine they run.
 """
 import os
 
-import torch
+# Idle OpenMP threads sleep instead of spinning: with torch's 2 threads on a 2-core machine, spinning threads of one
+# process (a test's subprocess, a neighbour job) stall the other's parallel regions 10-50x on the small ops here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
