@@ -217,9 +217,18 @@ def load_cached_classifier(path, expected_meta: dict, device="cpu") -> tuple[Dig
         raise StaleCacheError(f"{path} is not an ebmfast classifier cache (expected a dict with 'meta' and 'state_dict')")
     meta = blob["meta"]
     for key in ("format", "version", "data", "train_fingerprint", "config"):
-        if meta.get(key) != expected_meta.get(key):
-            what = "the training data differ" if key == "train_fingerprint" else f"{key} is {meta.get(key)!r}, expected {expected_meta.get(key)!r}"
-            raise StaleCacheError(f"{path} is stale: {what}")
+        have, want = meta.get(key), expected_meta.get(key)
+        if have == want:
+            continue
+        if key == "train_fingerprint":
+            what = "the training data differ"
+        elif key == "config" and isinstance(have, dict) and isinstance(want, dict):
+            diffs = [f"{k} {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
+                     if have.get(k) != want.get(k)]
+            what = "classifier config changed (" + ", ".join(diffs) + ")"
+        else:
+            what = f"{key} is {have!r}, expected {want!r}"
+        raise StaleCacheError(f"{path} is stale: {what}")
     clf = DigitClassifier()
     try:
         clf.load_state_dict(blob["state_dict"])
