@@ -80,9 +80,8 @@ def test_auroc_matches_brute_force_and_sklearn_with_ties(n_pos, n_neg, levels):
     assert auroc(pos, neg) == pytest.approx(expected, abs=1e-12)
     assert auroc(torch.tensor(pos), torch.tensor(neg)) == pytest.approx(expected, abs=1e-12)
     sklearn = pytest.importorskip("sklearn.metrics")
-    if levels > 1 or n_pos + n_neg > 2:
-        labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
-        assert auroc(pos, neg) == pytest.approx(sklearn.roc_auc_score(labels, np.r_[pos, neg]), abs=1e-12)
+    labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+    assert auroc(pos, neg) == pytest.approx(sklearn.roc_auc_score(labels, np.r_[pos, neg]), abs=1e-12)
 
 
 def test_auroc_known_values():
