@@ -325,6 +325,14 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, file=sys.stderr, mininterval=1.0, leave=False)
 
 
+def _rotations(names: list[str], rounds: int):
+    """Yield ``rounds`` orders of ``names``, each rotated by one: every backend goes first equally often, so slow
+    drift of a noisy machine (load, clocks) falls on all of them alike."""
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        yield names[k:] + names[:k]
+
+
 def _record_failure(row, exc: Exception) -> None:
     """Mark a measurement as failed (``skipped = "failed: ..."``), print the traceback, keep going."""
     import traceback
@@ -431,10 +439,8 @@ def bench_sampler(
                 samplers[b] = sampler
                 bar.update(1)
             # Phase 2: steady state, backends interleaved, order rotated each round.
-            active = [b for b in backends if b in samplers]
-            for r in range(rounds):
-                k = r % len(active) if active else 0
-                for b in active[k:] + active[:k]:
+            for order in _rotations([b for b in backends if b in samplers], rounds):
+                for b in order:
                     if b not in samplers:
                         continue
                     s = samplers[b]
@@ -445,7 +451,7 @@ def bench_sampler(
                         del samplers[b]
                     bar.update(1)
                 bar.set_postfix_str(f"batch {batch} steps {steps}")
-            active = [b for b in active if b in samplers]
+            active = [b for b in backends if b in samplers]
         summary = tel.summary() if device.type == "cuda" else None
         for b in active:
             rows[b].finish(fpss, peak)
@@ -589,10 +595,8 @@ def bench_train(
             rows[b].last_backend = fn.sampler.last_backend
             steps_fns[b] = fn
             bar.update(1)
-        active = [b for b in backends if b in steps_fns]
-        for r in range(iters):
-            k = r % len(active) if active else 0
-            for b in active[k:] + active[:k]:
+        for order in _rotations([b for b in backends if b in steps_fns], iters):
+            for b in order:
                 if b not in steps_fns:
                     continue
                 fn = steps_fns[b]
