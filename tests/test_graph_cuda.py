@@ -96,6 +96,9 @@ def test_replaced_parameters_shape_dtype_steps_trigger_recapture():
     model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)  # new tensors with the same values
     s.sample(x)
     assert s._graphs.captures == 5
+    model.double()  # new dtype (parameters and input)
+    out = s.sample(x.double())
+    assert s._graphs.captures == 6 and out.dtype == torch.float64
 
 
 def test_flags_restored_outputs_detached_and_not_aliased(cnn):
