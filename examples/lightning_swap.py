@@ -1,9 +1,12 @@
 """The seed tutorial's Lightning module with ebmfast's sampler swapped in (an example, not a dependency).
 
-Needs `pip install lightning` (or pytorch_lightning). The only changes from the tutorial are the three lines marked
-`# ebmfast`: the import, and nothing else in the module body, because PCDSampler keeps the seed's Sampler API.
-Run: python examples/lightning_swap.py  (trains one epoch on the embedded 5,000-image MNIST subset).
+Needs `pip install lightning` (or pytorch_lightning). The only changes from the tutorial are the three import lines
+marked `# ebmfast`; the module body is the tutorial's, because PCDSampler keeps the seed's Sampler API.
+Run: python examples/lightning_swap.py  (one epoch on the embedded 5,000-image MNIST subset;
+EBMFAST_EXAMPLE_BATCHES=N limits it to N batches).
 """
+import os
+
 import torch
 import torch.nn.functional as F  # noqa: F401  (the tutorial imports it)
 
@@ -13,7 +16,7 @@ except ImportError:  # older installs
     import pytorch_lightning as pl
 
 from ebmfast import CNNModel  # ebmfast: the seed's CNN (or keep your own class)
-from ebmfast.data import TensorBatches, load_dataset  # ebmfast: offline data (or keep torchvision's MNIST)
+from ebmfast.data import load_dataset  # ebmfast: offline data (or keep torchvision's MNIST)
 from ebmfast.pcd import PCDSampler as Sampler  # ebmfast: was `class Sampler: ...` in the tutorial
 
 
@@ -34,7 +37,7 @@ class DeepEnergyModel(pl.LightningModule):
         return [optimizer], [scheduler]
 
     def training_step(self, batch, batch_idx):
-        real_imgs = batch
+        real_imgs, _ = batch
         small_noise = torch.randn_like(real_imgs) * 0.005
         real_imgs = (real_imgs + small_noise).clamp(min=-1.0, max=1.0)
         fake_imgs = self.sampler.sample_new_exmps(steps=60, step_size=10)
@@ -51,6 +54,8 @@ class DeepEnergyModel(pl.LightningModule):
 
 if __name__ == "__main__":
     data = load_dataset("mnist5k")
-    loader = list(TensorBatches(data.train_images, 128, seed=42))
+    train_set = torch.utils.data.TensorDataset(data.train_images, data.train_labels)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True)
     model = DeepEnergyModel(img_shape=(1, 28, 28), batch_size=128)
-    pl.Trainer(max_epochs=1, gradient_clip_val=0.1, logger=False, enable_checkpointing=False).fit(model, loader)
+    pl.Trainer(max_epochs=1, limit_train_batches=int(os.environ.get("EBMFAST_EXAMPLE_BATCHES", "35")), gradient_clip_val=0.1,
+               logger=False, enable_checkpointing=False).fit(model, loader)
