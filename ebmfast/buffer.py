@@ -12,6 +12,11 @@ Semantics versus the seed:
   puts them first), which nothing downstream depends on. Fixed shapes make it capturable.
 - The seed prepends the newest chains and keeps the first ``capacity``: the oldest are evicted. A ring buffer
   does exactly that.
+
+``fused=True`` (CUDA with Triton) draws and writes back with one Triton kernel each (``kernels/replay.py``) instead of
+about eight and four torch launches; the draw's randomness then comes from the buffer's own Philox stream
+(``rng`` = device (seed, counter), advanced on the device per draw), so it stays capturable. It is opt-in until it is
+measured on a GPU (``ebmfast bench`` reports both); the default torch path works on every device.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class ReplayBuffer:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        fused: bool = False,
     ):
         self.sample_shape = check_shape(sample_shape, "sample_shape")
         self.capacity = check_positive_int(capacity, "capacity")
@@ -43,6 +49,14 @@ class ReplayBuffer:
         self.storage = self._uniform((self.capacity, *self.sample_shape))
         # Next slot to overwrite (the oldest entry); a device tensor so that writes need no host sync.
         self.ptr = torch.zeros((), dtype=torch.long, device=self.device)
+        self.fused = bool(fused)
+        if self.fused:
+            from . import ops
+
+            if not ops.fused_replay_available(self.device):
+                ops._require_replay(self.device)  # raises with the reason
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device).item())
+            self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=self.device)
 
     def _uniform(self, shape) -> torch.Tensor:
         u = torch.rand(shape, device=self.device, dtype=self.dtype, generator=self.generator)
@@ -54,6 +68,12 @@ class ReplayBuffer:
     def draw(self, batch_size: int) -> torch.Tensor:
         """A batch of chain starts: fresh U(lo, hi) with probability ``fresh_prob``, else a stored sample."""
         batch_size = check_positive_int(batch_size, "batch_size")
+        if self.fused:
+            out, _slots = torch.ops.ebmfast.replay_draw(
+                self.storage, self.rng, batch_size, self.fresh_prob, self.lo, self.hi
+            )
+            self.rng[1:].add_(1)
+            return out
         idx = torch.randint(0, self.capacity, (batch_size,), device=self.device, generator=self.generator)
         fresh = torch.rand(batch_size, device=self.device, generator=self.generator) < self.fresh_prob
         noise = self._uniform((batch_size, *self.sample_shape))
@@ -71,8 +91,12 @@ class ReplayBuffer:
         n = samples.shape[0]
         if n > self.capacity:
             raise ValueError(f"cannot push {n} samples into a buffer of capacity {self.capacity}")
-        pos = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
-        self.storage.index_copy_(0, pos, samples.detach().to(device=self.device, dtype=self.dtype))
+        samples = samples.detach().to(device=self.device, dtype=self.dtype)
+        if self.fused:
+            torch.ops.ebmfast.replay_push_(self.storage, samples.contiguous(), self.ptr)
+        else:
+            pos = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
+            self.storage.index_copy_(0, pos, samples)
         self.ptr.add_(n).remainder_(self.capacity)
 
     def state_dict(self) -> dict:
@@ -83,6 +107,7 @@ class ReplayBuffer:
             "sample_shape": self.sample_shape,
             "fresh_prob": self.fresh_prob,
             "clamp": (self.lo, self.hi),
+            "rng": self.rng.detach().cpu().clone() if self.fused else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -99,3 +124,5 @@ class ReplayBuffer:
         self.fresh_prob = check_probability(state.get("fresh_prob", self.fresh_prob), "fresh_prob")
         if "clamp" in state:
             self.lo, self.hi = check_clamp(state["clamp"])
+        if self.fused and state.get("rng") is not None:
+            self.rng.copy_(state["rng"].to(self.device))

@@ -168,3 +168,74 @@ def fused_step_(x, g, rng, *, step_size, grad_clip, noise_std, lo, hi, noise_ind
         x, g, z, rng, float(step_size), float(grad_clip), float(noise_std), float(lo), float(hi), int(noise_index),
         bool(add_noise),
     )
+
+
+# ------------------------------------------------------------------------------------------------ replay buffer
+# ``ebmfast::replay_draw(storage, rng, batch, fresh_prob, lo, hi) -> (out, slots)`` and
+# ``ebmfast::replay_push_(storage, samples, ptr)``: the fused replay-buffer kernels (kernels/replay.py). They exist
+# for CUDA (and for CPU tensors under the Triton interpreter with EBMFAST_TRITON_ON_CPU=1, for tests); the
+# ReplayBuffer's default torch path covers every device.
+try:
+    from ebmfast.kernels import replay as _replay_kernels
+except Exception:  # same cause as above: no usable Triton
+    _replay_kernels = None
+
+
+def fused_replay_available(device) -> bool:
+    device = torch.device(device)
+    if _replay_kernels is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu())
+
+
+def _require_replay(device) -> None:
+    if not fused_replay_available(device):
+        raise RuntimeError(
+            f"the fused replay-buffer kernels run on CUDA with Triton (or on CPU under TRITON_INTERPRET=1 with "
+            f"EBMFAST_TRITON_ON_CPU=1); got tensors on {device}"
+            + (f" and {triton_unavailable_reason()}" if not HAS_TRITON else "")
+        )
+
+
+@_define_op("ebmfast::replay_draw", mutates_args={})
+def replay_draw(
+    storage: torch.Tensor, rng: torch.Tensor, batch: int, fresh_prob: float, lo: float, hi: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty((batch, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
+    slots = torch.empty(batch, dtype=torch.int64, device=storage.device)
+    _require_replay(storage.device)
+    _replay_kernels.launch_replay_draw(out, slots, storage, rng, fresh_prob, lo, hi, wrap=_wrap)
+    return out, slots
+
+
+@_define_op("ebmfast::replay_push_", mutates_args={"storage"})
+def replay_push_(storage: torch.Tensor, samples: torch.Tensor, ptr: torch.Tensor) -> None:
+    _require_replay(storage.device)
+    _replay_kernels.launch_replay_push(storage, samples, ptr, wrap=_wrap)
+
+
+def _replay_draw_cpu(storage, rng, batch, fresh_prob, lo, hi):
+    _require_replay(storage.device)
+    out = torch.empty((batch, *storage.shape[1:]), dtype=storage.dtype)
+    slots = torch.empty(batch, dtype=torch.int64)
+    _replay_kernels.launch_replay_draw(out, slots, storage, rng, fresh_prob, lo, hi)
+    return out, slots
+
+
+def _replay_push_cpu(storage, samples, ptr):
+    _require_replay(storage.device)
+    _replay_kernels.launch_replay_push(storage, samples, ptr)
+
+
+replay_draw.register_kernel("cpu")(_replay_draw_cpu)
+replay_push_.register_kernel("cpu")(_replay_push_cpu)
+
+if not USES_TRITON_OP:
+
+    @replay_draw.register_fake
+    def _(storage, rng, batch, fresh_prob, lo, hi):
+        return storage.new_empty((batch, *storage.shape[1:])), storage.new_empty(batch, dtype=torch.int64)
+
+    @replay_push_.register_fake
+    def _(storage, samples, ptr):
+        return None

@@ -105,3 +105,70 @@ def test_seeded_generator_reproduces_draws():
     a = ReplayBuffer((2,), capacity=32, generator=torch.Generator().manual_seed(3))
     b = ReplayBuffer((2,), capacity=32, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.draw(16), b.draw(16))
+
+
+# ------------------------------------------------------------------------------ fused (Triton) draw and push
+from ebmfast import ops  # noqa: E402
+
+
+@pytest.fixture
+def fused_device(monkeypatch):
+    """CUDA when present; else CPU tensors through the Triton interpreter (conftest sets TRITON_INTERPRET=1)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    if not ops.fused_replay_available("cpu"):
+        pytest.skip("Triton is not installed")
+    return "cpu"
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (5, 7), (1,)])
+def test_fused_draw_rows_are_stored_rows_or_fresh(fused_device, shape):
+    torch.manual_seed(7)
+    cap, batch = 50, 67
+    buf = ReplayBuffer(shape, capacity=cap, fresh_prob=0.2, device=fused_device, fused=True)
+    buf.storage.copy_((torch.arange(cap, dtype=torch.float32) + 10).view(cap, *[1] * len(shape)).expand(cap, *shape))
+    out, slots = torch.ops.ebmfast.replay_draw(buf.storage, buf.rng, batch, buf.fresh_prob, buf.lo, buf.hi)
+    out, slots = out.cpu(), slots.cpu()
+    assert out.shape == (batch, *shape) and torch.isfinite(out).all()
+    kept = slots >= 0
+    assert torch.equal(out[kept], buf.storage.cpu()[slots[kept]])  # copies, exactly
+    fresh = out[~kept]
+    assert fresh.numel() == 0 or (fresh.abs() <= 1).all()
+    assert 0 < (~kept).sum() < batch  # p = 0.2 of 67 rows: P(none) and P(all) are negligible
+    assert slots[kept].max() < cap
+
+
+def test_fused_draw_statistics_stream_and_state(fused_device):
+    torch.manual_seed(8)
+    buf = ReplayBuffer((3,), capacity=16, fresh_prob=0.05, device=fused_device, fused=True)
+    buf.storage.fill_(5.0)
+    draws = [buf.draw(128).cpu() for _ in range(10)]  # few: the interpreter runs one program per row
+    counts = torch.tensor([(d[:, 0] < 2).sum().item() for d in draws], dtype=torch.float64)
+    # Binomial(128, 0.05): mean 6.4, sd of the mean of 10 draws 0.78 -> 5 sd bound 3.9
+    assert abs(counts.mean().item() - 6.4) < 3.9
+    assert not torch.equal(draws[0], draws[1])  # the buffer's counter advanced
+    fresh = torch.cat([d[d[:, 0] < 2] for d in draws]).flatten()
+    # U(-1, 1) over ~190 values: 5 sd bounds for the mean (0.21) and the variance (0.11)
+    assert abs(fresh.mean().item()) < 0.21 and abs(fresh.var().item() - 1 / 3) < 0.11
+    state = buf.state_dict()
+    again = ReplayBuffer((3,), capacity=16, device=fused_device, fused=True)
+    again.load_state_dict(state)
+    assert torch.equal(again.draw(32).cpu(), buf.draw(32).cpu())  # the stream position is part of the state
+
+
+def test_fused_push_matches_torch_push_with_wraparound(fused_device):
+    a = ReplayBuffer((2, 3), capacity=10, device=fused_device, fused=True)
+    b = ReplayBuffer((2, 3), capacity=10, device=fused_device)
+    b.storage.copy_(a.storage)
+    for i in range(4):  # 3 x 4 = 12 rows into 10 slots: wraps
+        x = torch.full((3, 2, 3), float(i), device=fused_device) + torch.arange(3.0, device=fused_device).view(3, 1, 1)
+        a.push(x)
+        b.push(x)
+    assert torch.equal(a.storage, b.storage) and int(a.ptr) == int(b.ptr) == 2
+
+
+def test_fused_needs_a_device_that_has_it(monkeypatch):
+    monkeypatch.delenv("EBMFAST_TRITON_ON_CPU", raising=False)
+    with pytest.raises(RuntimeError, match="fused replay-buffer kernels run on CUDA"):
+        ReplayBuffer((3,), capacity=4, device="cpu", fused=True)

@@ -134,8 +134,9 @@ def test_reduced_precision_deviation_is_bounded(cnn, precision, bound):
     assert dev.mean().item() < bound
 
 
-def test_replay_buffer_draw_and_push_capture():
-    buf = ReplayBuffer((1, 28, 28), capacity=512, device="cuda")
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_replay_buffer_draw_and_push_capture(fused):
+    buf = ReplayBuffer((1, 28, 28), capacity=512, device="cuda", fused=fused)
     static_in = buf.draw(64)  # warm-up outside capture (allocations, kernels)
     buf.push(static_in)
     side = torch.cuda.Stream()
