@@ -1047,7 +1047,7 @@ def summarize_device_check(outdir: str) -> str:
         stage_txt.append(f"{name} {status} {secs}s")
     out.append("stages: " + (" | ".join(stage_txt) if stage_txt else "none recorded"))
     counts = _junit_counts(os.path.join(outdir, "cuda_tests.xml"))
-    out.append(f"cuda-marked tests: {counts or 'no result'}")
+    out.append(f"GPU tests (-m 'cuda or device'): {counts or 'no result'}")
     pb_path = os.path.join(outdir, "pytest_benchmark.json")
     if os.path.exists(pb_path):
         try:

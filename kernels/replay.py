@@ -39,7 +39,7 @@ def replay_draw_kernel(
     c3 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
     # the row's own draw: slot and fresh flag (same in every block of the row)
     r0, r1, _, _ = tl.philox(seed, row.to(tl.uint32), tl.full((), 0xFFFFFFFF, tl.uint32), c2, c3)
-    slot = (r0 % capacity.to(tl.uint32)).to(tl.int64)
+    slot = r0.to(tl.int64) % capacity  # uint32 -> int64 zero-extends; capacity may be a specialised constant
     keep = tl.uint_to_uniform_float(r1) >= fresh_prob  # False: a fresh row
     cols = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)
     mask = cols < row_numel  # ragged tail of the row

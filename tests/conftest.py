@@ -20,6 +20,10 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped on CPU-only machines)")
+    config.addinivalue_line(
+        "markers", "device: runs on CUDA when present, else on CPU (kernel and buffer tests); the GPU check selects "
+        "'cuda or device'"
+    )
     config.addinivalue_line("markers", "slow: compiles with torch.compile or trains; a few of these run in CI")
 
 

@@ -9,6 +9,7 @@ from ebmfast import ReplayBuffer
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("device", DEVICES)
 def test_initial_contents_uniform_in_range(device):
     buf = ReplayBuffer((1, 4, 4), capacity=4096, device=device)
@@ -122,6 +123,7 @@ def fused_device(monkeypatch):
     return "cpu"
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("shape", [(1, 28, 28), (5, 7), (1,)])
 def test_fused_draw_rows_are_stored_rows_or_fresh(fused_device, shape):
     torch.manual_seed(7)
@@ -139,6 +141,7 @@ def test_fused_draw_rows_are_stored_rows_or_fresh(fused_device, shape):
     assert slots[kept].max() < cap
 
 
+@pytest.mark.device
 def test_fused_draw_statistics_stream_and_state(fused_device):
     torch.manual_seed(8)
     buf = ReplayBuffer((3,), capacity=16, fresh_prob=0.05, device=fused_device, fused=True)
@@ -157,6 +160,7 @@ def test_fused_draw_statistics_stream_and_state(fused_device):
     assert torch.equal(again.draw(32).cpu(), buf.draw(32).cpu())  # the stream position is part of the state
 
 
+@pytest.mark.device
 def test_fused_push_matches_torch_push_with_wraparound(fused_device):
     a = ReplayBuffer((2, 3), capacity=10, device=fused_device, fused=True)
     b = ReplayBuffer((2, 3), capacity=10, device=fused_device)

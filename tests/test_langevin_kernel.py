@@ -16,7 +16,7 @@ import torch
 
 from ebmfast import ops
 
-pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="Triton is not installed")
+pytestmark = [pytest.mark.device, pytest.mark.skipif(not ops.HAS_TRITON, reason="Triton is not installed")]
 
 if ops.HAS_TRITON:
     from ebmfast.kernels.langevin import block_settings, launch_langevin_step, launch_normal
