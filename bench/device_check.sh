@@ -14,7 +14,7 @@
 # works to a budget of TOTAL_S=450 s (7.5 min; 30 s of slack for start-up and the summary) and gives each stage a
 # hard `timeout` of at most what is left:
 #   env     <= 30 s   versions, nvidia-smi query (no settings are changed: read-only queries only)
-#   install <= 60 s   pip install --no-deps --no-build-isolation --no-index -e . (seconds; falls back to PYTHONPATH)
+#   install <= 60 s   pip install --no-deps --no-build-isolation --no-index --use-pep517 -e . (seconds; falls back to PYTHONPATH)
 #   cuda    <= 150 s  pytest -m "cuda or device" tests/ : CUDA-graph capture/replay and parity, the Triton kernels
 #                     and the fused buffer on the GPU; a few torch.compile graphs
 #                     (inductor + Triton compile ~10-40 s each on 16 cores)
@@ -29,6 +29,8 @@
 #   pytest-benchmark: whatever is left (needs >= 60 s, else skipped): batch 128 and 16384, 60 steps, all backends,
 #                     10 rounds; training 10 iterations. A new process: the inductor cache on disk makes the
 #                     re-compiles cheaper.
+#   profile <= 90 s   bench/profile_step.py: graph-backend variants (cuDNN benchmark off/on, fp32/tf32) and a
+#                     kernel profile of one chain (needs >= 30 s, else skipped)
 #   summary <= 20 s   reads the JSON files; the targets of issue 4 are reported as met / NOT met / not measured.
 # Compile caches are left at their defaults (/tmp), shared by the stages.
 set -u -o pipefail
@@ -131,7 +133,10 @@ if [ "$SMOKE" = 1 ]; then
   echo "[install] skipped in --cpu-smoke mode (the package is already importable here)"
   printf 'install\tskipped\t0\n' >> "$OUT/stages.tsv"
 else
-  stage install 60 10 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
+  # --use-pep517: an editable wheel built by the installed setuptools (PEP 660). Without it, an old-style project
+  # falls back to `setup.py develop`, which new setuptools turns into a pip call that fetches build dependencies
+  # (seen failing offline on the H200 image, 2026-11-30).
+  stage install 60 10 "$PY" -m pip install --no-deps --no-build-isolation --no-index --use-pep517 -e .
 fi
 # The package must import with its Triton kernels (ebmfast.kernels maps to kernels/ through setup.py). If the
 # editable install failed, link kernels/ into the package directory of this (throw-away) checkout so that
@@ -170,6 +175,15 @@ stage bench_cli 200 40 "${BENCH_CMD[@]}" --device "$DEVICE" "${CLI_MATRIX[@]}" -
 # ------------------------------------------------------------------------------------------------ pytest-benchmark
 stage pytest_bench 150 60 "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider --bench-device "$DEVICE" \
   "${PB_MATRIX[@]}" --benchmark-json "$OUT/pytest_benchmark.json" --benchmark-columns median,iqr,rounds
+
+# ------------------------------------------------------------------------------------------------ profile
+# Where a step's time goes (bench/profile_step.py): graph backend with cuDNN algorithm search off/on and fp32/tf32,
+# kernels per step and GPU busy time per step from torch.profiler. CUDA only; a diagnostic, after the benchmarks.
+if [ "$SMOKE" = 1 ]; then
+  printf 'profile\tskipped\t0\n' >> "$OUT/stages.tsv"
+else
+  stage profile 90 30 "$PY" bench/profile_step.py --json "$OUT/profile.json"
+fi
 
 # ------------------------------------------------------------------------------------------------ report
 while IFS=$'\t' read -r name rc _; do

@@ -1102,10 +1102,30 @@ def summarize_device_check(outdir: str) -> str:
                    f"{_fmt(pw.get('max'), '.0f')} W, temperature max {_fmt(tc.get('max'), '.0f')} C")
     elif tel:
         out.append(f"telemetry: unavailable ({tel.get('reason')})")
+    out.extend(_profile_lines(os.path.join(outdir, "profile.json")))
     out.append("")
     out.append("targets (issue 4; measured, not asserted):")
     out.extend("  " + line for line in target_report(doc))
     return "\n".join(out)
+
+
+def _profile_lines(path: str) -> list[str]:
+    """A few lines from bench/profile_step.py's JSON: graph variants and kernels per step (empty when absent)."""
+    try:
+        with open(path) as fh:
+            prof = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    out = ["", "profile (bench/profile_step.py; graph backend, median per chain):"]
+    for r in prof.get("graph_variants", []):
+        out.append(f"  batch {r['batch']:>6} steps {r['steps']} cudnn.benchmark {str(r['cudnn_benchmark']):<5} "
+                   f"{r['precision']}: {r['us_per_step']:8.1f} us/step, {r['sample_steps_per_s']:>13,.0f} sample-steps/s")
+    for p in prof.get("profiles", []):
+        top = p.get("top") or [{}]
+        out.append(f"  {p['backend']} batch {p['batch']}: {p['kernels_per_step']:.1f} kernels/step, GPU busy "
+                   f"{p['busy_us_per_step']:.1f} of {p['chain_us_per_step']:.1f} us/step; top kernel "
+                   f"{top[0].get('name', '?')[:50]} {top[0].get('us_per_step', 0):.1f} us/step")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

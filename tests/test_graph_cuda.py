@@ -51,13 +51,31 @@ def test_graph_replays_draw_new_noise_and_seeded_runs_repeat(cnn):
     assert not torch.equal(first, second)  # the captured counter advanced between replays
     assert a._graphs.captures == 1
     assert int(a.rng_state("cuda")[1]) == 40
+    # A second seeded sampler replays the same noise stream; cuDNN's default algorithms may accumulate in a
+    # different order between captures (measured on an H200: equal to 4 digits, not bitwise), so compare within the
+    # parity tolerance here, and bitwise under deterministic algorithms below.
     b = LangevinSampler(cnn, steps=20, backend="graph", seed=7)
-    assert torch.equal(b.sample(x), first) and torch.equal(b.sample(x), second)
+    assert_close_verbose(b.sample(x), first, atol=ATOL, what="seeded rerun, first replay")
+    assert_close_verbose(b.sample(x), second, atol=ATOL, what="seeded rerun, second replay")
     # the second replay matches the reference fed with the stream position it used
     c = LangevinSampler(cnn, steps=20, backend="eager", seed=7)
     c.sample(x)
     z = c.noise_stream(x)
     assert_close_verbose(second, reference(cnn, x, 20, z), atol=ATOL, what="second replay")
+
+
+def test_seeded_graph_runs_repeat_bitwise_with_deterministic_cudnn(cnn):
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        x = x16(7)
+        runs = [LangevinSampler(cnn, steps=20, backend="graph", seed=9) for _ in range(2)]
+        a = [runs[0].sample(x), runs[0].sample(x)]
+        b = [runs[1].sample(x), runs[1].sample(x)]
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+    max_diff = max((a[i] - b[i]).abs().max().item() for i in range(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), f"max abs difference {max_diff:.3e}"
 
 
 def test_in_place_optimizer_update_is_seen_by_next_replay():
