@@ -1118,11 +1118,13 @@ def _profile_lines(path: str) -> list[str]:
         return []
     out = ["", "profile (bench/profile_step.py; graph backend, median per chain):"]
     for r in prof.get("graph_variants", []):
-        out.append(f"  batch {r['batch']:>6} steps {r['steps']} cudnn.benchmark {str(r['cudnn_benchmark']):<5} "
+        variant = " ".join(f"{k} {str(r[k]):<5}" for k in ("channels_last", "cudnn_benchmark") if k in r)
+        out.append(f"  batch {r['batch']:>6} steps {r['steps']} {variant} "
                    f"{r['precision']}: {r['us_per_step']:8.1f} us/step, {r['sample_steps_per_s']:>13,.0f} sample-steps/s")
     for p in prof.get("profiles", []):
         top = p.get("top") or [{}]
-        out.append(f"  {p['backend']} batch {p['batch']}: {p['kernels_per_step']:.1f} kernels/step, GPU busy "
+        layout = " channels_last" if p.get("channels_last") else ""
+        out.append(f"  {p['backend']}{layout} batch {p['batch']}: {p['kernels_per_step']:.1f} kernels/step, GPU busy "
                    f"{p['busy_us_per_step']:.1f} of {p['chain_us_per_step']:.1f} us/step; top kernel "
                    f"{top[0].get('name', '?')[:50]} {top[0].get('us_per_step', 0):.1f} us/step")
     return out

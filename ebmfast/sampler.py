@@ -13,7 +13,9 @@ Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a p
 a device-side counter and the element index (Philox in the kernel on CUDA; a seeded CPU generator on CPU); each call
 advances the counter by its step count. So a seeded sampler reproduces its chains exactly, successive calls (and CUDA
 graph replays) draw new noise, and ``noise_stream`` shows the draws the next call will use, which the reference can
-consume to check any backend trajectory by trajectory. ``sample(noise=...)`` takes explicit draws instead.
+consume to check any backend trajectory by trajectory. On CUDA "exactly" means bitwise only with
+``torch.backends.cudnn.deterministic = True``: otherwise cuDNN may sum in another order from one capture to the next
+(seen on an H200: two seeded runs agreed to 4 digits, within the 1e-4 parity tolerance, not bitwise). ``sample(noise=...)`` takes explicit draws instead.
 """
 from __future__ import annotations
 
@@ -78,7 +80,10 @@ class LangevinSampler:
     ``check_finite`` (default True) rejects inputs holding NaN/inf with a clear error; on CUDA that check waits for
     the device once per call (not per step). Turn it off where inputs are known finite (e.g. replay-buffer draws)
     and every host synchronisation counts. ``compile_kwargs`` go to ``torch.compile`` (CUDA default:
-    ``dynamic=False``).
+    ``dynamic=False``). ``channels_last`` (compiled / fused / graph backends, 4-D inputs): run the compiled gradient
+    in channels-last layout; ``None`` = on CPU only (measured faster there). On an H200, cuDNN spent 40 of 220 us
+    per step of the NCHW graph chain at batch 128 converting layouts (20 transposes), so ``True`` is the candidate
+    to measure there (``bench/profile_step.py``).
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class LangevinSampler:
         seed: int | None = None,
         compile_kwargs: dict | None = None,
         check_finite: bool = True,
+        channels_last: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module returning one score per sample, got {type(model).__name__}")
@@ -107,6 +113,9 @@ class LangevinSampler:
         self.precision = check_choice(precision, PRECISIONS, "precision")
         self.compile_kwargs = dict(compile_kwargs or {})
         self.check_finite = bool(check_finite)
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be None (automatic), True or False, got {channels_last!r}")
+        self.channels_last = channels_last
         self._grad_fns: dict = {}
         self._graphs = None  # ebmfast.graph.GraphCache, created on first CUDA use
         self._checked: set = set()
@@ -184,7 +193,9 @@ class LangevinSampler:
                     # Shape-specialised kernels: every CUDA graph is captured for one shape anyway, and torch's
                     # automatic dynamic shapes would otherwise switch to generic kernels after a second batch size.
                     kwargs.setdefault("dynamic", False)
-                self._grad_fns[device.type] = compiled_energy_grad(self.model, **kwargs)
+                self._grad_fns[device.type] = compiled_energy_grad(
+                    self.model, channels_last=self.channels_last, **kwargs
+                )
             fn = self._grad_fns[device.type]
         if self.precision != "bf16":
             return fn

@@ -424,12 +424,13 @@ def test_a_failing_backend_is_recorded_not_fatal(monkeypatch, capsys):
 
 def test_device_check_summary_includes_the_profile(tmp_path):
     (tmp_path / "profile.json").write_text(json.dumps({
-        "graph_variants": [dict(batch=128, steps=60, cudnn_benchmark=True, precision="tf32", us_per_step=123.4,
+        "graph_variants": [dict(batch=128, steps=60, channels_last=True, precision="tf32", us_per_step=123.4,
                                 sample_steps_per_s=1.0e6)],
-        "profiles": [dict(backend="fused", batch=128, kernels_per_step=25.5, busy_us_per_step=90.0,
+        "profiles": [dict(backend="graph", batch=128, channels_last=True, kernels_per_step=25.5, busy_us_per_step=90.0,
                           chain_us_per_step=400.0, top=[dict(name="cudnn_kernel", us_per_step=12.5)])],
     }))
     lines = bench._profile_lines(str(tmp_path / "profile.json"))
-    assert any("cudnn.benchmark True  tf32:    123.4 us/step" in ln for ln in lines), lines
-    assert any("fused batch 128: 25.5 kernels/step, GPU busy 90.0 of 400.0 us/step" in ln for ln in lines), lines
+    assert any("channels_last True  tf32:    123.4 us/step" in ln for ln in lines), lines
+    assert any("graph channels_last batch 128: 25.5 kernels/step, GPU busy 90.0 of 400.0 us/step" in ln
+               for ln in lines), lines
     assert bench._profile_lines(str(tmp_path / "missing.json")) == []

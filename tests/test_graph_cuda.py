@@ -130,6 +130,15 @@ def test_flags_restored_outputs_detached_and_not_aliased(cnn):
     cnn.eval()
 
 
+def test_channels_last_graph_matches_reference(cnn):
+    s = LangevinSampler(cnn, steps=60, backend="graph", seed=11, channels_last=True)
+    x = x16(11)
+    z = s.noise_stream(x)
+    got = s.sample(x)
+    assert got.is_contiguous()  # the chain state stays NCHW; only the gradient program runs channels-last
+    assert_close_verbose(got, reference(cnn, x, 60, z), atol=ATOL, what="graph, channels_last=True")
+
+
 @pytest.mark.parametrize("batch", [1, 257])
 def test_second_architecture_flat_vectors_graph(batch):
     torch.manual_seed(batch)

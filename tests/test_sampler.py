@@ -112,6 +112,20 @@ def test_fused_chain_through_triton_interpreter(cnn, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_gradient_layout_choice_keeps_parity(channels_last):
+    """channels_last picks the layout the compiled gradient runs in (None = CPU only); the chain is the same."""
+    torch.manual_seed(5)
+    model = CNNModel(hidden_features=8)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    s = LangevinSampler(model, steps=10, backend="compiled", seed=2, channels_last=channels_last)
+    z = s.noise_stream(x)
+    got = s.sample(x)
+    assert got.is_contiguous()
+    assert_close_verbose(got, langevin_reference(model, x, 10, noise=z), atol=ATOL["cpu"], what=f"cl={channels_last}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 257])
 def test_second_architecture_flat_vectors_odd_batches(batch):
     torch.manual_seed(batch)
@@ -213,6 +227,7 @@ def test_bad_samples_rejected(make_x, match):
         (dict(backend="cuda-graph"), "backend must be one of"),
         (dict(precision="fp8"), "precision must be one of"),
         (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(channels_last="yes"), "channels_last must be None"),
     ],
 )
 def test_bad_settings_rejected(kwargs, match):
