@@ -156,6 +156,7 @@ if "$PY" -c "import pytest_timeout" 2> /dev/null; then
   PYTEST_EXTRA=(--timeout 60)
 fi
 stage cuda_tests 150 20 "$PY" -m pytest -m "cuda or device" tests/ -q -rs -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" \
+  -o junit_logging=system-out \
   "${PYTEST_EXTRA[@]}"
 
 # ------------------------------------------------------------------------------------------------ ebmfast bench

@@ -1016,6 +1016,18 @@ def _junit_counts(path: str) -> str | None:
     return text
 
 
+def _junit_reports(path: str, tag: str = "PRECISION") -> list[str]:
+    """Lines starting with ``tag`` that tests printed (kept in the JUnit XML by ``-o junit_logging=system-out``)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return []
+    return [ln.strip() for out in root.iter("system-out") for ln in (out.text or "").splitlines()
+            if ln.strip().startswith(tag)]
+
+
 def summarize_device_check(outdir: str) -> str:
     """The short table ``bench/device_check.sh`` prints last: stages, environment, sampler and training figures,
     the issue-4 targets. Reads OUTDIR/{stages.tsv, bench.json, pytest_benchmark.json, cuda_tests.xml}."""
@@ -1048,6 +1060,7 @@ def summarize_device_check(outdir: str) -> str:
     out.append("stages: " + (" | ".join(stage_txt) if stage_txt else "none recorded"))
     counts = _junit_counts(os.path.join(outdir, "cuda_tests.xml"))
     out.append(f"GPU tests (-m 'cuda or device'): {counts or 'no result'}")
+    out.extend("  " + ln for ln in _junit_reports(os.path.join(outdir, "cuda_tests.xml")))
     pb_path = os.path.join(outdir, "pytest_benchmark.json")
     if os.path.exists(pb_path):
         try:

@@ -434,3 +434,13 @@ def test_device_check_summary_includes_the_profile(tmp_path):
     assert any("graph channels_last batch 128: 25.5 kernels/step, GPU busy 90.0 of 400.0 us/step" in ln
                for ln in lines), lines
     assert bench._profile_lines(str(tmp_path / "missing.json")) == []
+
+
+def test_device_check_summary_quotes_printed_precision_lines(tmp_path):
+    (tmp_path / "cuda_tests.xml").write_text(
+        '<testsuites><testsuite tests="1" failures="0" errors="0" skipped="0"><testcase classname="t" name="p">'
+        "<system-out>\nPRECISION tf32: mean abs deviation from fp32 1.000e-04, max 2.000e-03\nother</system-out>"
+        "</testcase></testsuite></testsuites>")
+    text = bench.summarize_device_check(str(tmp_path))
+    assert "  PRECISION tf32: mean abs deviation from fp32 1.000e-04, max 2.000e-03" in text
+    assert "other" not in text
