@@ -15,7 +15,8 @@ advances the counter by its step count. So a seeded sampler reproduces its chain
 graph replays) draw new noise, and ``noise_stream`` shows the draws the next call will use, which the reference can
 consume to check any backend trajectory by trajectory. On CUDA "exactly" means bitwise only with
 ``torch.backends.cudnn.deterministic = True``: otherwise cuDNN may sum in another order from one capture to the next
-(seen on an H200: two seeded runs agreed to 4 digits, within the 1e-4 parity tolerance, not bitwise). ``sample(noise=...)`` takes explicit draws instead.
+(seen on an H200: two seeded runs agreed to 4 digits, within the 1e-4 parity tolerance, not bitwise).
+``sample(noise=...)`` takes explicit draws instead.
 """
 from __future__ import annotations
 
