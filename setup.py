@@ -3,6 +3,7 @@
 ``kernels/`` (Triton sources) is installed as ``ebmfast.kernels``: the top-level name ``kernels`` is taken on PyPI.
 No GPU probing happens here: the package installs the same way on CPU-only and CUDA machines.
 """
+
 from setuptools import setup
 
 setup(

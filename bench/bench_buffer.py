@@ -6,12 +6,12 @@
 Timings are CUDA events around one draw + push (``extra_info["times_ms"]``); measurements only, nothing asserted.
 The fused path stays opt-in until these numbers show it pays (docs: ebmfast/buffer.py).
 """
+
 from __future__ import annotations
 
 import statistics
 
 import pytest
-import torch
 
 from ebmfast import ReplayBuffer, ops
 from ebmfast.bench import time_call
@@ -32,9 +32,15 @@ def test_buffer_draw_push(benchmark, bench_ctx, batch, fused):
         times.append(time_call(lambda: buf.push(buf.draw(batch)), device))
 
     benchmark.pedantic(one_iteration, rounds=max(bench_ctx.rounds, 20), iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update({
-        "fused": fused, "batch": batch, "capacity": 8192, "device": str(device),
-        "timer": "cuda-events" if device.type == "cuda" else "perf_counter",
-        "times_ms": [t * 1e3 for t in times], "median_ms": statistics.median(times) * 1e3,
-    })
+    benchmark.extra_info.update(
+        {
+            "fused": fused,
+            "batch": batch,
+            "capacity": 8192,
+            "device": str(device),
+            "timer": "cuda-events" if device.type == "cuda" else "perf_counter",
+            "times_ms": [t * 1e3 for t in times],
+            "median_ms": statistics.median(times) * 1e3,
+        }
+    )
     benchmark.group = f"replay buffer draw+push b{batch}"

@@ -8,6 +8,7 @@ Per test: the first call (compile / CUDA-graph capture) is timed apart; one warm
 (``extra_info["times_ms"]``, ``extra_info["timer"] == "cuda-events"``); derived figures come from those event times.
 Measurements only: nothing is asserted about speed.
 """
+
 from __future__ import annotations
 
 import dataclasses

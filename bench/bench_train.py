@@ -7,6 +7,7 @@ One iteration = replay-buffer draw + K-step chain + write-back + loss + Adam ste
 on synthetic real images in [-1, 1]. All backends train the same model object with one shared Adam, so
 torch.compile does not re-compile per model copy. Measurements only: nothing is asserted about speed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ import dataclasses
 import torch
 
 from ebmfast.bench import CDIteration, TrainResult, _telemetry, _uniform, time_call, wall_call
+
 
 def test_cd_iteration(benchmark, bench_ctx, backend):
     ctx = bench_ctx
@@ -35,7 +37,9 @@ def test_cd_iteration(benchmark, bench_ctx, backend):
     row.telemetry = tel.summary() if ctx.cuda else None
     row.finish()
     eager = ctx.eager("train", batch, steps)
-    row.ratio_to_eager = row.iters_per_s / eager.iters_per_s if eager is not None else (1.0 if backend == "eager" else None)
+    row.ratio_to_eager = (
+        row.iters_per_s / eager.iters_per_s if eager is not None else (1.0 if backend == "eager" else None)
+    )
     ctx.train_results.append(row)
 
     info = dataclasses.asdict(row)

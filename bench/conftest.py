@@ -14,6 +14,7 @@ ending with a device synchronisation. A summary table is printed at the end of t
 
 Unlike ``tests/conftest.py`` this does not set ``TRITON_INTERPRET``: benchmarks measure the real paths.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,12 @@ def pytest_addoption(parser):
     group.addoption("--bench-train-iters", type=int, default=None, help="timed CD iterations (default 20 / 5)")
     group.addoption("--bench-train-batch", type=int, default=128, help="CD batch size (the seed's: 128)")
     group.addoption("--bench-train-steps", type=int, default=60, help="Langevin steps per CD iteration (seed: 60)")
-    group.addoption("--bench-max-call-s", type=float, default=None,
-                    help="skip a backend at a cell whose estimated call time exceeds this (seconds)")
+    group.addoption(
+        "--bench-max-call-s",
+        type=float,
+        default=None,
+        help="skip a backend at a cell whose estimated call time exceeds this (seconds)",
+    )
     group.addoption("--bench-no-peak", action="store_true", help="skip the matmul peak measurement")
 
 
@@ -75,9 +80,7 @@ def pytest_generate_tests(metafunc):
         steps = config.getoption("--bench-steps") or DEFAULT_STEPS
         # Order: cell by cell, eager first inside each cell, so each ratio uses an eager median of this run.
         cells = [(b, s, be) for b in batches for s in steps for be in backends]
-        metafunc.parametrize(
-            ("batch", "steps", "backend"), cells, ids=[f"{be}-b{b}-k{s}" for b, s, be in cells]
-        )
+        metafunc.parametrize(("batch", "steps", "backend"), cells, ids=[f"{be}-b{b}-k{s}" for b, s, be in cells])
     else:
         metafunc.parametrize("backend", backends)
 
@@ -118,8 +121,11 @@ class BenchContext:
         return None
 
     def per_step_estimate(self, backend: str, batch: int):
-        times = [r.median_s / r.steps for r in self.sampler_results
-                 if r.backend == backend and r.batch == batch and r.median_s]
+        times = [
+            r.median_s / r.steps
+            for r in self.sampler_results
+            if r.backend == backend and r.batch == batch and r.median_s
+        ]
         return max(times) if times else None
 
 

@@ -11,6 +11,7 @@
    kernels that take the most time.
 Measurements only; nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,30 @@ def graph_variants(model, batches, steps, reps):
         x = _uniform((batch, *model.input_shape), torch.device("cuda"), batch)
         for channels_last in (False, True):
             for precision in ("fp32", "tf32"):
-                s = LangevinSampler(model, steps=steps, backend="graph", precision=precision, seed=0,
-                                    check_finite=False, channels_last=channels_last)
+                s = LangevinSampler(
+                    model,
+                    steps=steps,
+                    backend="graph",
+                    precision=precision,
+                    seed=0,
+                    check_finite=False,
+                    channels_last=channels_last,
+                )
                 s.sample(x)  # warm-up + capture
                 n = reps if batch < 4096 else max(3, reps // 2)
                 times = [time_call(lambda: s.sample(x), torch.device("cuda")) for _ in range(n)]
                 ms = statistics.median(times) * 1e3
-                rows.append(dict(batch=batch, steps=steps, channels_last=channels_last, precision=precision,
-                                 ms_per_chain=ms, us_per_step=ms * 1e3 / steps,
-                                 sample_steps_per_s=batch * steps / (ms / 1e3)))
+                rows.append(
+                    dict(
+                        batch=batch,
+                        steps=steps,
+                        channels_last=channels_last,
+                        precision=precision,
+                        ms_per_chain=ms,
+                        us_per_step=ms * 1e3 / steps,
+                        sample_steps_per_s=batch * steps / (ms / 1e3),
+                    )
+                )
                 del s
                 torch.cuda.empty_cache()
     return rows
@@ -58,8 +74,8 @@ def _device_time_us(evt) -> float:
 
 def kernel_profile(model, batch, steps, backend, channels_last=None):
     """Kernels of one warm chain: count, summed device time, and the top kernels by time."""
-    from torch.profiler import ProfilerActivity, profile
     from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
     x = _uniform((batch, *model.input_shape), torch.device("cuda"), 7)
     s = LangevinSampler(model, steps=steps, backend=backend, seed=0, check_finite=False, channels_last=channels_last)
@@ -79,8 +95,15 @@ def kernel_profile(model, batch, steps, backend, channels_last=None):
     busy_us = sum(t for _, t in per_name.values())
     top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:15]
     return dict(
-        backend=backend, batch=batch, steps=steps, channels_last=channels_last, chain_ms=chain_ms, kernels=kernels,
-        kernels_per_step=kernels / steps, busy_us_per_step=busy_us / steps, chain_us_per_step=chain_ms * 1e3 / steps,
+        backend=backend,
+        batch=batch,
+        steps=steps,
+        channels_last=channels_last,
+        chain_ms=chain_ms,
+        kernels=kernels,
+        kernels_per_step=kernels / steps,
+        busy_us_per_step=busy_us / steps,
+        chain_us_per_step=chain_ms * 1e3 / steps,
         top=[dict(name=n[:90], count=c, us_total=t, us_per_step=t / steps) for n, (c, t) in top],
     )
 
@@ -107,10 +130,14 @@ def main(argv=None) -> int:
     doc["graph_variants"] = graph_variants(model, args.batches, args.steps, args.reps)
     save()
     print("graph backend variants (median CUDA-event time per chain)")
-    print(f"{'batch':>6} {'steps':>5} {'chan.last':>9} {'prec':>5} {'ms/chain':>9} {'us/step':>8} {'sample-steps/s':>15}")
+    print(
+        f"{'batch':>6} {'steps':>5} {'chan.last':>9} {'prec':>5} {'ms/chain':>9} {'us/step':>8} {'sample-steps/s':>15}"
+    )
     for r in doc["graph_variants"]:
-        print(f"{r['batch']:>6} {r['steps']:>5} {str(r['channels_last']):>9} {r['precision']:>5} "
-              f"{r['ms_per_chain']:>9.2f} {r['us_per_step']:>8.1f} {r['sample_steps_per_s']:>15,.0f}")
+        print(
+            f"{r['batch']:>6} {r['steps']:>5} {str(r['channels_last']):>9} {r['precision']:>5} "
+            f"{r['ms_per_chain']:>9.2f} {r['us_per_step']:>8.1f} {r['sample_steps_per_s']:>15,.0f}"
+        )
     doc["profiles"] = []
     for backend, channels_last in (("fused", None), ("graph", None), ("graph", True)):
         try:
@@ -120,8 +147,10 @@ def main(argv=None) -> int:
             continue
         doc["profiles"].append(p)
         save()
-        print(f"\nprofile: {backend}, channels_last={channels_last}, batch {p['batch']}, {p['steps']} steps: {p['kernels_per_step']:.1f} kernels/step, "
-              f"GPU busy {p['busy_us_per_step']:.1f} us/step of {p['chain_us_per_step']:.1f} us/step (events, unprofiled)")
+        print(
+            f"\nprofile: {backend}, channels_last={channels_last}, batch {p['batch']}, {p['steps']} steps: {p['kernels_per_step']:.1f} kernels/step, "
+            f"GPU busy {p['busy_us_per_step']:.1f} us/step of {p['chain_us_per_step']:.1f} us/step (events, unprofiled)"
+        )
         for k in p["top"]:
             print(f"  {k['us_per_step']:8.2f} us/step  x{k['count'] / p['steps']:5.2f}/step  {k['name']}")
     return 0

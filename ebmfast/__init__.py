@@ -4,6 +4,7 @@ Data path: ``data`` -> ``train`` (trainer) -> ``buffer`` (replay buffer) -> ``sa
 -> ``energy_grad`` (eager / compiled gradient) + ``ops`` (fused update op) -> ``kernels.langevin`` (Triton).
 The eager reference sampler is ``ebmfast.reference.langevin_reference``.
 """
+
 from .buffer import ReplayBuffer
 from .models import CNNModel, Swish
 from .reference import langevin_reference

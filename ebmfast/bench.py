@@ -25,6 +25,7 @@ Used by ``ebmfast bench`` (this module's ``add_arguments`` / ``run``), by ``benc
 
 Nothing here asserts a speed: these are measurements, reported as found.
 """
+
 from __future__ import annotations
 
 import csv
@@ -311,6 +312,7 @@ def _progress(total: int, desc: str, enabled: bool):
     except Exception:  # tqdm missing: no bar
         tqdm = None
     if tqdm is None or not enabled:
+
         class _Null:
             def update(self, n=1):
                 pass
@@ -419,8 +421,9 @@ def bench_sampler(
                     continue
                 try:
                     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-                    sampler = LangevinSampler(model, steps=steps, backend=b, precision=precision, seed=seed,
-                                              compile_kwargs=compile_kwargs)
+                    sampler = LangevinSampler(
+                        model, steps=steps, backend=b, precision=precision, seed=seed, compile_kwargs=compile_kwargs
+                    )
                     with _Memory(device, base) as mem_first:
                         rows[b].first_call_s = wall_call(lambda: sampler.sample(x, steps), device)
                     with _Memory(device, base) as mem:
@@ -431,7 +434,8 @@ def bench_sampler(
                     continue
                 rows[b].first_call_mem_mb, rows[b].peak_mem_mb = mem_first.mb, mem.mb
                 rows[b].mem_kind = (
-                    "cuda max_memory_allocated above pre-sampler baseline" if device.type == "cuda"
+                    "cuda max_memory_allocated above pre-sampler baseline"
+                    if device.type == "cuda"
                     else "process RSS growth during the call (rough)"
                 )
                 rows[b].last_backend = sampler.last_backend
@@ -504,9 +508,10 @@ class CDIteration:
         self.batch = int(batch)
         self.steps = int(steps)
         self.alpha = float(alpha)
-        shape = tuple(sample_shape or getattr(model, "input_shape"))
-        self.sampler = LangevinSampler(model, steps=steps, backend=backend, precision=precision, seed=seed,
-                                       compile_kwargs=compile_kwargs)
+        shape = tuple(sample_shape or model.input_shape)
+        self.sampler = LangevinSampler(
+            model, steps=steps, backend=backend, precision=precision, seed=seed, compile_kwargs=compile_kwargs
+        )
         gen = torch.Generator(device=self.device).manual_seed(seed)
         self.buffer = ReplayBuffer(shape, capacity=8192, fresh_prob=0.05, device=self.device, generator=gen)
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999))
@@ -575,7 +580,7 @@ def bench_train(
     change the work per iteration); sharing avoids a torch.compile re-compilation per model copy."""
     device = resolve_device(device)
     model = model.to(device)
-    shape = tuple(getattr(model, "input_shape"))
+    shape = tuple(model.input_shape)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.999))
     real = _uniform((batch, *shape), device, seed + 7)
     timer = "cuda-events" if device.type == "cuda" else "perf_counter"
@@ -585,8 +590,9 @@ def bench_train(
     with _telemetry(device, telemetry) as tel:
         for b in backends:
             try:
-                fn = CDIteration(model, b, batch, steps, device, precision, seed, optimizer=optimizer,
-                                 compile_kwargs=compile_kwargs)
+                fn = CDIteration(
+                    model, b, batch, steps, device, precision, seed, optimizer=optimizer, compile_kwargs=compile_kwargs
+                )
                 rows[b].first_iter_s = wall_call(lambda: fn(real), device)
             except Exception as exc:
                 _record_failure(rows[b], exc)
@@ -719,8 +725,21 @@ def format_train_table(results: list[TrainResult]) -> str:
 
 
 CSV_FIELDS = (
-    "kernel", "provider", "metric", "unit", "x_name", "x_value", "y_50", "y_20", "y_80",
-    "extra_benchmark_config_str", "device_name", "timestamp", "ebmfast_version", "torch_version", "triton_version",
+    "kernel",
+    "provider",
+    "metric",
+    "unit",
+    "x_name",
+    "x_value",
+    "y_50",
+    "y_20",
+    "y_80",
+    "extra_benchmark_config_str",
+    "device_name",
+    "timestamp",
+    "ebmfast_version",
+    "torch_version",
+    "triton_version",
 )
 
 
@@ -738,27 +757,51 @@ def csv_rows(env: dict, sampler: list[SamplerResult], train: list[TrainResult], 
         if r.skipped or r.median_s is None:
             continue
         cfg = json.dumps({"steps": r.steps, "precision": precision, "timer": r.timer, "rounds": len(r.times_s)})
-        base = dict(common, kernel="langevin_sample", provider=r.backend, x_name="batch", x_value=r.batch,
-                    extra_benchmark_config_str=cfg)
+        base = dict(
+            common,
+            kernel="langevin_sample",
+            provider=r.backend,
+            x_name="batch",
+            x_value=r.batch,
+            extra_benchmark_config_str=cfg,
+        )
         n = r.batch * r.steps
-        rows.append(dict(base, metric="throughput", unit="sample-steps/s", y_50=n / r.median_s, y_20=n / r.q80_s,
-                         y_80=n / r.q20_s))
-        rows.append(dict(base, metric="time", unit="ms", y_50=r.median_s * 1e3, y_20=r.q20_s * 1e3,
-                         y_80=r.q80_s * 1e3))
-        rows.append(dict(base, metric="first_call", unit="s", y_50=r.first_call_s, y_20=r.first_call_s,
-                         y_80=r.first_call_s))
+        rows.append(
+            dict(
+                base,
+                metric="throughput",
+                unit="sample-steps/s",
+                y_50=n / r.median_s,
+                y_20=n / r.q80_s,
+                y_80=n / r.q20_s,
+            )
+        )
+        rows.append(dict(base, metric="time", unit="ms", y_50=r.median_s * 1e3, y_20=r.q20_s * 1e3, y_80=r.q80_s * 1e3))
+        rows.append(
+            dict(base, metric="first_call", unit="s", y_50=r.first_call_s, y_20=r.first_call_s, y_80=r.first_call_s)
+        )
         if r.peak_mem_mb is not None:
             unit = "MB" if r.device.startswith("cuda") else "MB (RSS growth)"
-            rows.append(dict(base, metric="memory", unit=unit, y_50=r.peak_mem_mb, y_20=r.peak_mem_mb,
-                             y_80=r.peak_mem_mb))
+            rows.append(
+                dict(base, metric="memory", unit=unit, y_50=r.peak_mem_mb, y_20=r.peak_mem_mb, y_80=r.peak_mem_mb)
+            )
     for r in train:
         if r.skipped or r.median_s is None:
             continue
         cfg = json.dumps({"steps": r.steps, "precision": precision, "timer": r.timer, "iters": len(r.times_s)})
-        base = dict(common, kernel="cd_iteration", provider=r.backend, x_name="batch", x_value=r.batch,
-                    extra_benchmark_config_str=cfg)
-        rows.append(dict(base, metric="throughput", unit="iterations/s", y_50=1 / r.median_s, y_20=1 / r.q80_s,
-                         y_80=1 / r.q20_s))
+        base = dict(
+            common,
+            kernel="cd_iteration",
+            provider=r.backend,
+            x_name="batch",
+            x_value=r.batch,
+            extra_benchmark_config_str=cfg,
+        )
+        rows.append(
+            dict(
+                base, metric="throughput", unit="iterations/s", y_50=1 / r.median_s, y_20=1 / r.q80_s, y_80=1 / r.q20_s
+            )
+        )
     return rows
 
 
@@ -784,46 +827,97 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where to measure (auto: cuda when available)")
-    parser.add_argument("--backends", nargs="+", default=None, metavar="NAME",
-                        help="backends to measure (default: every backend available on the device; "
-                             "eager is always added as the reference)")
-    parser.add_argument("--batch", nargs="+", type=int, default=None, metavar="N",
-                        help=f"batch sizes (default: {' '.join(map(str, GPU_BATCHES))} on cuda, "
-                             f"{' '.join(map(str, CPU_BATCHES))} on cpu)")
-    parser.add_argument("--steps", nargs="+", type=int, default=None, metavar="K",
-                        help=f"chain lengths (default: {' '.join(map(str, DEFAULT_STEPS))})")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="timed steady-state calls per backend and cell, interleaved (default: 10 cuda, 5 cpu)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
-                        help="sampler precision (fp32 is the parity target)")
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to measure (auto: cuda when available)"
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="backends to measure (default: every backend available on the device; "
+        "eager is always added as the reference)",
+    )
+    parser.add_argument(
+        "--batch",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"batch sizes (default: {' '.join(map(str, GPU_BATCHES))} on cuda, "
+        f"{' '.join(map(str, CPU_BATCHES))} on cpu)",
+    )
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"chain lengths (default: {' '.join(map(str, DEFAULT_STEPS))})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed steady-state calls per backend and cell, interleaved (default: 10 cuda, 5 cpu)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "tf32", "bf16"),
+        help="sampler precision (fp32 is the parity target)",
+    )
     parser.add_argument("--hidden-features", type=int, default=32, help="width of the seed CNN (default 32)")
-    parser.add_argument("--no-train", dest="train", action="store_false",
-                        help="skip the contrastive-divergence training measurement")
+    parser.add_argument(
+        "--no-train", dest="train", action="store_false", help="skip the contrastive-divergence training measurement"
+    )
     parser.add_argument("--train-batch", type=int, default=128, help="CD batch size (the seed's: 128)")
     parser.add_argument("--train-steps", type=int, default=60, help="Langevin steps per CD iteration (seed: 60)")
-    parser.add_argument("--train-iters", type=int, default=None,
-                        help="timed CD iterations per backend (default: 20 cuda, 5 cpu)")
-    parser.add_argument("--compile-static", action="store_true",
-                        help="compile the energy gradient with dynamic=False (a static graph per batch size) instead of "
-                             "torch.compile's default automatic-dynamic shapes")
-    parser.add_argument("--no-peak", dest="peak", action="store_false",
-                        help="skip the matmul peak measurement (no %%-of-peak columns)")
-    parser.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 cuda, 1024 cpu)")
-    parser.add_argument("--max-call-s", type=float, default=None,
-                        help="skip a backend at a cell whose estimated call time exceeds this many seconds")
-    parser.add_argument("--time-budget-s", type=float, default=None,
-                        help="sampler cells not started within this many seconds are reported as skipped")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (torch.set_num_threads); default: torch's own choice")
+    parser.add_argument(
+        "--train-iters", type=int, default=None, help="timed CD iterations per backend (default: 20 cuda, 5 cpu)"
+    )
+    parser.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="compile the energy gradient with dynamic=False (a static graph per batch size) instead of "
+        "torch.compile's default automatic-dynamic shapes",
+    )
+    parser.add_argument(
+        "--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement (no %%-of-peak columns)"
+    )
+    parser.add_argument(
+        "--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 cuda, 1024 cpu)"
+    )
+    parser.add_argument(
+        "--max-call-s",
+        type=float,
+        default=None,
+        help="skip a backend at a cell whose estimated call time exceeds this many seconds",
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="sampler cells not started within this many seconds are reported as skipped",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (torch.set_num_threads); default: torch's own choice",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the model, inputs and chains")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write all results as JSON to FILE")
-    parser.add_argument("--csv", default=None, metavar="FILE",
-                        help="append long-format rows (kernel, provider, metric, unit, x, y50/y20/y80, ...) to FILE")
+    parser.add_argument(
+        "--csv",
+        default=None,
+        metavar="FILE",
+        help="append long-format rows (kernel, provider, metric, unit, x, y50/y20/y80, ...) to FILE",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
-    parser.add_argument("--no-telemetry", dest="telemetry", action="store_false",
-                        help="do not sample GPU telemetry through NVML")
+    parser.add_argument(
+        "--no-telemetry", dest="telemetry", action="store_false", help="do not sample GPU telemetry through NVML"
+    )
 
 
 def _usage(msg: str):
@@ -866,12 +960,17 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     model = CNNModel(hidden_features=args.hidden_features).to(device)
     env = environment(device)
-    print(f"ebmfast bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}; "
-          f"backends {', '.join(backends)}" + (f"; unavailable: {', '.join(unusable)}" if unusable else ""),
-          flush=True)
+    print(
+        f"ebmfast bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}; "
+        f"backends {', '.join(backends)}" + (f"; unavailable: {', '.join(unusable)}" if unusable else ""),
+        flush=True,
+    )
     if not cuda:
-        print(f"cpu: {env['cpu_count']} cores, {env['torch_threads']} torch threads, load average (1 min) "
-              f"{_fmt(env['loadavg_1m'], '.2f')} at start", flush=True)
+        print(
+            f"cpu: {env['cpu_count']} cores, {env['torch_threads']} torch threads, load average (1 min) "
+            f"{_fmt(env['loadavg_1m'], '.2f')} at start",
+            flush=True,
+        )
     peak = None
     if args.peak:
         peak = measure_matmul_peak(device, n=args.peak_n)
@@ -882,8 +981,13 @@ def run(args) -> int:
 
     compile_kwargs = {"dynamic": False} if args.compile_static else None
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
-        "device": str(device), "backends": backends, "batch": batches, "steps": steps_list, "rounds": rounds,
-        "train_iters": iters}
+        "device": str(device),
+        "backends": backends,
+        "batch": batches,
+        "steps": steps_list,
+        "rounds": rounds,
+        "train_iters": iters,
+    }
 
     def document(sampler_results, train_results, complete):
         return {
@@ -904,17 +1008,36 @@ def run(args) -> int:
             os.replace(tmp, args.json)
 
     sampler_results = bench_sampler(
-        model, device, backends, batches, steps_list, rounds=rounds, precision=args.precision, peak=peak,
-        seed=args.seed, max_call_s=args.max_call_s, time_budget_s=args.time_budget_s, telemetry=args.telemetry,
-        progress=args.progress, compile_kwargs=compile_kwargs,
+        model,
+        device,
+        backends,
+        batches,
+        steps_list,
+        rounds=rounds,
+        precision=args.precision,
+        peak=peak,
+        seed=args.seed,
+        max_call_s=args.max_call_s,
+        time_budget_s=args.time_budget_s,
+        telemetry=args.telemetry,
+        progress=args.progress,
+        compile_kwargs=compile_kwargs,
     )
     # Written now as well, so a run killed during training (e.g. by a stage timeout) keeps its sampler figures.
     write_json(document(sampler_results, [], complete=not args.train))
     train_results = []
     if args.train:
         train_results = bench_train(
-            model, device, backends, batch=args.train_batch, steps=args.train_steps, iters=iters,
-            precision=args.precision, seed=args.seed, telemetry=args.telemetry, progress=args.progress,
+            model,
+            device,
+            backends,
+            batch=args.train_batch,
+            steps=args.train_steps,
+            iters=iters,
+            precision=args.precision,
+            seed=args.seed,
+            telemetry=args.telemetry,
+            progress=args.progress,
             compile_kwargs=compile_kwargs,
         )
 
@@ -926,8 +1049,10 @@ def run(args) -> int:
     print(format_table(sampler_results))
     if train_results:
         print()
-        print(f"Contrastive-divergence training (batch {args.train_batch}, {args.train_steps} steps, {iters} "
-              f"iterations, median); 60 ep = projected {SEED_EPOCHS} x {SEED_ITERS_PER_EPOCH} iterations")
+        print(
+            f"Contrastive-divergence training (batch {args.train_batch}, {args.train_steps} steps, {iters} "
+            f"iterations, median); 60 ep = projected {SEED_EPOCHS} x {SEED_ITERS_PER_EPOCH} iterations"
+        )
         print(format_train_table(train_results))
     doc = document(sampler_results, train_results, complete=True)
     print()
@@ -972,29 +1097,43 @@ def target_report(doc: dict) -> list[str]:
         others = [r for (b, n, k), r in cell.items() if n == 128 and k == 60 and b != "eager"]
         best = max(others, key=lambda r: r["ratio_to_eager"] or 0.0, default=None)
         ok = None if (e is None or best is None) else best["ratio_to_eager"] >= 1.5
-        return [f"[{_verdict(ok)}] {CPU_TARGET}: "
-                + ("n/a" if ok is None else f"{best['ratio_to_eager']:.2f}x ({best['backend']})")]
+        return [
+            f"[{_verdict(ok)}] {CPU_TARGET}: "
+            + ("n/a" if ok is None else f"{best['ratio_to_eager']:.2f}x ({best['backend']})")
+        ]
     lines = []
     g, e = cell.get(("graph", 128, 60)), cell.get(("eager", 128, 60))
     ratio = g["ratio_to_eager"] if g and e else None
-    lines.append(f"[{_verdict(None if ratio is None else ratio >= 20)}] {GPU_TARGETS[0]}: "
-                 + ("n/a" if ratio is None else f"{ratio:.1f}x"))
+    lines.append(
+        f"[{_verdict(None if ratio is None else ratio >= 20)}] {GPU_TARGETS[0]}: "
+        + ("n/a" if ratio is None else f"{ratio:.1f}x")
+    )
     big = [r for r in rows if r["batch"] == 16384 and r.get("frac_fp32_peak") is not None]
     best = max(big, key=lambda r: r["frac_fp32_peak"], default=None)
-    lines.append(f"[{_verdict(None if best is None else best['frac_fp32_peak'] >= 0.4)}] {GPU_TARGETS[1]}: "
-                 + ("n/a" if best is None else
-                    f"{100 * best['frac_fp32_peak']:.1f}% fp32 / "
-                    f"{_fmt(None if best.get('frac_tf32_peak') is None else 100 * best['frac_tf32_peak'], '.1f')}% "
-                    f"tf32 ({best['backend']}, {best['steps']} steps, {best['tflops']:.2f} TFLOP/s)"))
-    train = [r for r in doc.get("train", [])
-             if r.get("projected_60_epochs_min") and r["batch"] == 128 and r["steps"] == 60]
+    lines.append(
+        f"[{_verdict(None if best is None else best['frac_fp32_peak'] >= 0.4)}] {GPU_TARGETS[1]}: "
+        + (
+            "n/a"
+            if best is None
+            else f"{100 * best['frac_fp32_peak']:.1f}% fp32 / "
+            f"{_fmt(None if best.get('frac_tf32_peak') is None else 100 * best['frac_tf32_peak'], '.1f')}% "
+            f"tf32 ({best['backend']}, {best['steps']} steps, {best['tflops']:.2f} TFLOP/s)"
+        )
+    )
+    train = [
+        r for r in doc.get("train", []) if r.get("projected_60_epochs_min") and r["batch"] == 128 and r["steps"] == 60
+    ]
     bt = min(train, key=lambda r: r["projected_60_epochs_min"], default=None)
-    lines.append(f"[{_verdict(None if bt is None else bt['projected_60_epochs_min'] <= 3.0)}] {GPU_TARGETS[2]}: "
-                 + ("n/a" if bt is None else f"{bt['projected_60_epochs_min']:.2f} min ({bt['backend']})"))
+    lines.append(
+        f"[{_verdict(None if bt is None else bt['projected_60_epochs_min'] <= 3.0)}] {GPU_TARGETS[2]}: "
+        + ("n/a" if bt is None else f"{bt['projected_60_epochs_min']:.2f} min ({bt['backend']})")
+    )
     gm, em = (g or {}).get("peak_mem_mb"), (e or {}).get("peak_mem_mb")
     mem_ok = None if (gm is None or not em) else gm <= 2 * em
-    lines.append(f"[{_verdict(mem_ok)}] {GPU_TARGETS[3]}: "
-                 + ("n/a" if mem_ok is None else f"graph {gm:.1f} MB vs eager {em:.1f} MB ({gm / em:.2f}x)"))
+    lines.append(
+        f"[{_verdict(mem_ok)}] {GPU_TARGETS[3]}: "
+        + ("n/a" if mem_ok is None else f"graph {gm:.1f} MB vs eager {em:.1f} MB ({gm / em:.2f}x)")
+    )
     return lines
 
 
@@ -1009,8 +1148,11 @@ def _junit_counts(path: str) -> str | None:
     tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     passed = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
     text = f"{passed} passed, {tot['failures']} failed, {tot['errors']} errors, {tot['skipped']} skipped"
-    bad = [f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}" for c in root.iter("testcase")
-           if c.find("failure") is not None or c.find("error") is not None]
+    bad = [
+        f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}"
+        for c in root.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ]
     if bad:
         text += "; failing: " + ", ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
     return text
@@ -1024,8 +1166,12 @@ def _junit_reports(path: str, tag: str = "PRECISION") -> list[str]:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return []
-    return [ln.strip() for out in root.iter("system-out") for ln in (out.text or "").splitlines()
-            if ln.strip().startswith(tag)]
+    return [
+        ln.strip()
+        for out in root.iter("system-out")
+        for ln in (out.text or "").splitlines()
+        if ln.strip().startswith(tag)
+    ]
 
 
 def summarize_device_check(outdir: str) -> str:
@@ -1051,8 +1197,10 @@ def summarize_device_check(outdir: str) -> str:
     if doc is not None and doc.get("complete") is False:
         out.append("NOTE: bench.json is partial (the run stopped during the training measurement)")
     if env:
-        out.append(f"{env.get('time')}  {env.get('device_name')}  driver {env.get('driver')}  torch {env.get('torch')}"
-                   f"  triton {env.get('triton')}  cuda {env.get('cuda')}  ebmfast {env.get('ebmfast')}")
+        out.append(
+            f"{env.get('time')}  {env.get('device_name')}  driver {env.get('driver')}  torch {env.get('torch')}"
+            f"  triton {env.get('triton')}  cuda {env.get('cuda')}  ebmfast {env.get('ebmfast')}"
+        )
     stage_txt = []
     for name, rc, secs in stages:
         status = {"0": "ok", "skipped": "skipped", "124": "TIMEOUT", "137": "KILLED"}.get(rc, f"FAILED rc={rc}")
@@ -1070,10 +1218,15 @@ def summarize_device_check(outdir: str) -> str:
             for b in pb.get("benchmarks", []):
                 info = b.get("extra_info", {})
                 if info.get("ratio_to_eager") is not None and info.get("backend") != "eager":
-                    items.append(f"{info['backend']} b{info['batch']}" + (f"k{info['steps']}" if "steps" in info
-                                 else "") + f" {info['ratio_to_eager']:.1f}x")
-            out.append(f"pytest-benchmark: {len(pb.get('benchmarks', []))} benchmarks; ratios to eager: "
-                       + (", ".join(items) or "n/a"))
+                    items.append(
+                        f"{info['backend']} b{info['batch']}"
+                        + (f"k{info['steps']}" if "steps" in info else "")
+                        + f" {info['ratio_to_eager']:.1f}x"
+                    )
+            out.append(
+                f"pytest-benchmark: {len(pb.get('benchmarks', []))} benchmarks; ratios to eager: "
+                + (", ".join(items) or "n/a")
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             out.append(f"pytest-benchmark: unreadable ({type(exc).__name__})")
     if doc is None:
@@ -1081,17 +1234,21 @@ def summarize_device_check(outdir: str) -> str:
         return "\n".join(out)
     peak = doc.get("matmul_peak") or {}
     if peak:
-        out.append(f"matmul peak (n={peak.get('n')}): fp32 {_fmt(peak.get('fp32_tflops'), '.2f')} TFLOP/s, "
-                   f"tf32 {_fmt(peak.get('tf32_tflops'), '.2f')} TFLOP/s; work per sample-step "
-                   f"{doc.get('flop_per_sample_step', 0) / 1e6:.3f} MFLOP")
+        out.append(
+            f"matmul peak (n={peak.get('n')}): fp32 {_fmt(peak.get('fp32_tflops'), '.2f')} TFLOP/s, "
+            f"tf32 {_fmt(peak.get('tf32_tflops'), '.2f')} TFLOP/s; work per sample-step "
+            f"{doc.get('flop_per_sample_step', 0) / 1e6:.3f} MFLOP"
+        )
     out.append("")
-    out.append(f"{'backend':<9}{'batch':>6}{'steps':>6}{'sample-steps/s':>15}{'x eager':>9}{'ms/chain':>10}"
-               f"{'TFLOP/s':>9}{'%fp32':>7}{'%tf32':>7}{'peak MB':>9}{'first s':>9}")
+    out.append(
+        f"{'backend':<9}{'batch':>6}{'steps':>6}{'sample-steps/s':>15}{'x eager':>9}{'ms/chain':>10}"
+        f"{'TFLOP/s':>9}{'%fp32':>7}{'%tf32':>7}{'peak MB':>9}{'first s':>9}"
+    )
     for r in doc.get("sampler", []):
         if r.get("skipped") or not r.get("median_s"):
             out.append(f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}  skipped: {r.get('skipped')}")
             continue
-        pct = lambda v: None if v is None else 100 * v  # noqa: E731
+        pct = lambda v: None if v is None else 100 * v
         out.append(
             f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}{r['sample_steps_per_s']:>15,.0f}"
             f"{_fmt(r.get('ratio_to_eager'), '.2f'):>9}{r['ms_per_chain']:>10.2f}{_fmt(r.get('tflops'), '.3f'):>9}"
@@ -1105,14 +1262,18 @@ def summarize_device_check(outdir: str) -> str:
         for r in train:
             if not r.get("median_s"):
                 continue
-            out.append(f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}{r['iters_per_s']:>10.2f}"
-                       f"{_fmt(r.get('ratio_to_eager'), '.2f'):>9}{r['projected_60_epochs_min']:>11.2f}"
-                       f"{_fmt(r.get('first_iter_s'), '.2f'):>9}")
+            out.append(
+                f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}{r['iters_per_s']:>10.2f}"
+                f"{_fmt(r.get('ratio_to_eager'), '.2f'):>9}{r['projected_60_epochs_min']:>11.2f}"
+                f"{_fmt(r.get('first_iter_s'), '.2f'):>9}"
+            )
     tel = next((r.get("telemetry") for r in doc.get("sampler", []) if r.get("telemetry")), None)
     if tel and tel.get("available"):
         clk, pw, tc = tel.get("sm_clock_mhz") or {}, tel.get("power_w") or {}, tel.get("temperature_c") or {}
-        out.append(f"telemetry (first cell): SM clock median {_fmt(clk.get('median'), '.0f')} MHz, power max "
-                   f"{_fmt(pw.get('max'), '.0f')} W, temperature max {_fmt(tc.get('max'), '.0f')} C")
+        out.append(
+            f"telemetry (first cell): SM clock median {_fmt(clk.get('median'), '.0f')} MHz, power max "
+            f"{_fmt(pw.get('max'), '.0f')} W, temperature max {_fmt(tc.get('max'), '.0f')} C"
+        )
     elif tel:
         out.append(f"telemetry: unavailable ({tel.get('reason')})")
     out.extend(_profile_lines(os.path.join(outdir, "profile.json")))
@@ -1132,14 +1293,18 @@ def _profile_lines(path: str) -> list[str]:
     out = ["", "profile (bench/profile_step.py; graph backend, median per chain):"]
     for r in prof.get("graph_variants", []):
         variant = " ".join(f"{k} {str(r[k]):<5}" for k in ("channels_last", "cudnn_benchmark") if k in r)
-        out.append(f"  batch {r['batch']:>6} steps {r['steps']} {variant} "
-                   f"{r['precision']}: {r['us_per_step']:8.1f} us/step, {r['sample_steps_per_s']:>13,.0f} sample-steps/s")
+        out.append(
+            f"  batch {r['batch']:>6} steps {r['steps']} {variant} "
+            f"{r['precision']}: {r['us_per_step']:8.1f} us/step, {r['sample_steps_per_s']:>13,.0f} sample-steps/s"
+        )
     for p in prof.get("profiles", []):
         top = p.get("top") or [{}]
         layout = " channels_last" if p.get("channels_last") else ""
-        out.append(f"  {p['backend']}{layout} batch {p['batch']}: {p['kernels_per_step']:.1f} kernels/step, GPU busy "
-                   f"{p['busy_us_per_step']:.1f} of {p['chain_us_per_step']:.1f} us/step; top kernel "
-                   f"{top[0].get('name', '?')[:50]} {top[0].get('us_per_step', 0):.1f} us/step")
+        out.append(
+            f"  {p['backend']}{layout} batch {p['batch']}: {p['kernels_per_step']:.1f} kernels/step, GPU busy "
+            f"{p['busy_us_per_step']:.1f} of {p['chain_us_per_step']:.1f} us/step; top kernel "
+            f"{top[0].get('name', '?')[:50]} {top[0].get('us_per_step', 0):.1f} us/step"
+        )
     return out
 
 

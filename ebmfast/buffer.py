@@ -18,6 +18,7 @@ about eight and four torch launches; the draw's randomness then comes from the b
 (``rng`` = device (seed, counter), advanced on the device per draw), so it stays capturable. It is opt-in until it is
 measured on a GPU (``ebmfast bench`` reports both); the default torch path works on every device.
 """
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ the old file or the new one, never a torn one (at worst a stray ``.NAME.*.tmp`` 
 Reading uses ``torch.load(weights_only=True)``: a file holding arbitrary pickled objects is refused rather than
 executed. Every problem raises ``CheckpointError``, a ``ValueError`` that the CLI reports in one line with exit 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -169,7 +170,11 @@ def model_record(model: torch.nn.Module) -> dict[str, Any]:
         raise TypeError(f"model_record expects a CNNModel, got {type(model).__name__}")
     return {
         "class": "CNNModel",
-        "kwargs": {"hidden_features": model.hidden_features, "out_dim": model.out_dim, "in_channels": model.in_channels},
+        "kwargs": {
+            "hidden_features": model.hidden_features,
+            "out_dim": model.out_dim,
+            "in_channels": model.in_channels,
+        },
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
 

@@ -3,6 +3,7 @@
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
 Errors the user can fix (bad values, missing data or checkpoints) print one line and exit with code 2.
 """
+
 from __future__ import annotations
 
 import argparse

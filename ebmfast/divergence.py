@@ -20,6 +20,7 @@ a fixed batch of U(-1, 1) images):
   - samples score like noise: ``f(fake) - f(noise) < ratio x (f(real) - f(noise))``,
   for ``patience`` consecutive checks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -120,11 +121,15 @@ class DivergenceMonitor:
             return None
         failing = None
         if gap < self.ratio * self.best_gap:
-            failing = (f"data-minus-noise energy gap {gap:.4g} fell below {self.ratio:g} x its best "
-                       f"{self.best_gap:.4g} (the model no longer tells data from noise)")
+            failing = (
+                f"data-minus-noise energy gap {gap:.4g} fell below {self.ratio:g} x its best "
+                f"{self.best_gap:.4g} (the model no longer tells data from noise)"
+            )
         elif gap >= self.min_gap and sample_gap < self.ratio * gap:
-            failing = (f"samples score like noise: f(sample) - f(noise) = {sample_gap:.4g} < {self.ratio:g} x "
-                       f"(f(data) - f(noise) = {gap:.4g})")
+            failing = (
+                f"samples score like noise: f(sample) - f(noise) = {sample_gap:.4g} < {self.ratio:g} x "
+                f"(f(data) - f(noise) = {gap:.4g})"
+            )
         if failing is None:
             self.strikes = 0
             return None

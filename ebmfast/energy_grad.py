@@ -10,10 +10,11 @@ Two builders:
   at call time, so in-place optimizer updates are seen; replacing a parameter tensor changes the cache key.
   On CPU, 4-D inputs are run channels-last (oneDNN's strided conv_transpose is several times faster that way).
 """
+
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,9 @@ def chain_energy_grad(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     for layer, a in zip(reversed(layers), reversed(saved)):
         if isinstance(layer, nn.Conv2d):
             # conv_transpose2d is the adjoint of conv2d; output_padding recovers sizes lost to the stride.
-            full = [(gy.shape[d + 2] - 1) * layer.stride[d] - 2 * layer.padding[d] + layer.kernel_size[d] for d in (0, 1)]
+            full = [
+                (gy.shape[d + 2] - 1) * layer.stride[d] - 2 * layer.padding[d] + layer.kernel_size[d] for d in (0, 1)
+            ]
             out_pad = (a.shape[-2] - full[0], a.shape[-1] - full[1])
             gy = F.conv_transpose2d(gy, layer.weight, None, layer.stride, layer.padding, output_padding=out_pad)
         elif isinstance(layer, nn.Linear):
@@ -112,7 +115,7 @@ def _func_energy_grad(model: nn.Module) -> Callable:
     return grad(neg_energy_sum, argnums=2)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def compiled_energy_grad(model: nn.Module, *, channels_last: bool | None = None, **compile_kwargs) -> EnergyGrad:

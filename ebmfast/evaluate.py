@@ -11,6 +11,7 @@ Sections (``OUT/report.md``, PNGs next to it, ``OUT/report.json``):
    features to real digits, next to the real-vs-real and noise-vs-real baselines.
 4. Health checks: the seed warns that energy models often diverge; the report flags the usual signs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,28 +41,69 @@ N_SHOWN_SAMPLES = 64
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint written by 'ebmfast train'")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="report folder (default: eval_<checkpoint name> next to the checkpoint)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'")
-    parser.add_argument("--n-samples", type=int, default=256, metavar="N",
-                        help="chains generated from noise for the sample-quality numbers (default 256)")
-    parser.add_argument("--steps", type=int, default=256, metavar="K", help="Langevin steps per chain from noise (default 256)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of chain starts, sampler noise and data subsets")
-    parser.add_argument("--n-ood", type=int, default=1000, metavar="N",
-                        help="images per out-of-distribution set (capped by the test split; default 1000)")
-    parser.add_argument("--fashion-root", metavar="DIR", default=None,
-                        help="folder with Fashion-MNIST's t10k-images-idx3-ubyte[.gz] (default: search the usual "
-                             "places, e.g. Debian's dataset-fashion-mnist); skipped with a note when absent")
-    parser.add_argument("--data", choices=DATASETS, default=None,
-                        help="evaluation digits (default: the data set the checkpoint was trained on, else mnist5k)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="report folder (default: eval_<checkpoint name> next to the checkpoint)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'"
+    )
+    parser.add_argument(
+        "--n-samples",
+        type=int,
+        default=256,
+        metavar="N",
+        help="chains generated from noise for the sample-quality numbers (default 256)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=256, metavar="K", help="Langevin steps per chain from noise (default 256)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of chain starts, sampler noise and data subsets"
+    )
+    parser.add_argument(
+        "--n-ood",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="images per out-of-distribution set (capped by the test split; default 1000)",
+    )
+    parser.add_argument(
+        "--fashion-root",
+        metavar="DIR",
+        default=None,
+        help="folder with Fashion-MNIST's t10k-images-idx3-ubyte[.gz] (default: search the usual "
+        "places, e.g. Debian's dataset-fashion-mnist); skipped with a note when absent",
+    )
+    parser.add_argument(
+        "--data",
+        choices=DATASETS,
+        default=None,
+        help="evaluation digits (default: the data set the checkpoint was trained on, else mnist5k)",
+    )
     parser.add_argument("--data-root", metavar="DIR", default=None, help="torchvision MNIST root for --data mnist")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="sampler backend (default: 'auto' on CUDA; 'eager' on CPU, where compiling costs more "
-                             "than it saves for one evaluation)")
-    parser.add_argument("--classifier", metavar="PATH", default=None,
-                        help=f"classifier cache (default: {_q.CLASSIFIER_FILENAME} next to the checkpoint)")
-    parser.add_argument("--classifier-epochs", type=int, default=_q.ClassifierConfig.epochs, metavar="E",
-                        help=f"epochs when the classifier has to be trained (default {_q.ClassifierConfig.epochs})")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="sampler backend (default: 'auto' on CUDA; 'eager' on CPU, where compiling costs more "
+        "than it saves for one evaluation)",
+    )
+    parser.add_argument(
+        "--classifier",
+        metavar="PATH",
+        default=None,
+        help=f"classifier cache (default: {_q.CLASSIFIER_FILENAME} next to the checkpoint)",
+    )
+    parser.add_argument(
+        "--classifier-epochs",
+        type=int,
+        default=_q.ClassifierConfig.epochs,
+        metavar="E",
+        help=f"epochs when the classifier has to be trained (default {_q.ClassifierConfig.epochs})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -132,9 +174,11 @@ def check_n_samples(n_samples: int, data) -> str | None:
     if n_samples < 2:
         return f"n_samples must be >= 2 (the Fréchet distance needs a covariance), got {n_samples}"
     if n_samples > len(data.train_images) // 2 and n_samples > len(data.val_images):
-        return (f"n_samples={n_samples} is too large for {data.name}: the real-vs-real baseline needs "
-                f"{n_samples} held-out digits (have {len(data.val_images)}) or 2 x {n_samples} training "
-                f"digits (have {len(data.train_images)})")
+        return (
+            f"n_samples={n_samples} is too large for {data.name}: the real-vs-real baseline needs "
+            f"{n_samples} held-out digits (have {len(data.val_images)}) or 2 x {n_samples} training "
+            f"digits (have {len(data.train_images)})"
+        )
     return None
 
 
@@ -218,8 +262,15 @@ def plot_samples(samples: torch.Tensor, probs: torch.Tensor | None, path: Path, 
         for i in range(len(samples)):
             r, c = divmod(i, cols)
             p, k = probs[i].max(0)
-            ax.text(2 + c * 30 + 14, 2 + r * (30 + label_h) + label_h / 2, f"{int(k)} ({float(p):.2f})",
-                    ha="center", va="center", fontsize=6.5, color="black")
+            ax.text(
+                2 + c * 30 + 14,
+                2 + r * (30 + label_h) + label_h / 2,
+                f"{int(k)} ({float(p):.2f})",
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                color="black",
+            )
     fig.savefig(path, dpi=80)
 
 
@@ -282,15 +333,18 @@ def evaluate_model(
     # ---- sampler, from the checkpoint's settings
     if backend is None:
         backend = "auto" if device.type == "cuda" else "eager"
-    sampler_kwargs = {k: float(_config_value(config, f"sampler_{k}", _config_value(config, k, v)))
-                      for k, v in SAMPLER_DEFAULTS.items()}  # TrainConfig names them sampler_step_size, ...
+    sampler_kwargs = {
+        k: float(_config_value(config, f"sampler_{k}", _config_value(config, k, v)))
+        for k, v in SAMPLER_DEFAULTS.items()
+    }  # TrainConfig names them sampler_step_size, ...
     sampler = LangevinSampler(model, steps=steps, backend=backend, seed=seed, **sampler_kwargs)
 
     # ---- 1. generation from scratch
     log(f"generating {N_TRAJECTORY_CHAINS} chains x {steps} steps (trajectory) and {n_samples} chains for quality")
     t0 = time.perf_counter()
-    _, traj = _q.generate_from_noise(sampler, model, N_TRAJECTORY_CHAINS, steps, seed, device=device,
-                                     return_trajectory=True)
+    _, traj = _q.generate_from_noise(
+        sampler, model, N_TRAJECTORY_CHAINS, steps, seed, device=device, return_trajectory=True
+    )
     start = torch.rand((N_TRAJECTORY_CHAINS, 1, 28, 28), generator=torch.Generator().manual_seed(seed)).mul_(2).sub_(1)
     traj = torch.cat([start.to(traj.device, traj.dtype)[None], traj])  # index t = state after t steps
     timings["trajectory_s"] = time.perf_counter() - t0
@@ -311,9 +365,11 @@ def evaluate_model(
     if use_fashion:
         folder = find_fashion_mnist(fashion_root)
         if folder is None:
-            fashion_note = ("Fashion-MNIST not found on this machine (looked in --fashion-root, $EBMFAST_FASHION_MNIST "
-                            "and Debian's dataset-fashion-mnist locations): its row is skipped. "
-                            "`apt-get install dataset-fashion-mnist` adds it.")
+            fashion_note = (
+                "Fashion-MNIST not found on this machine (looked in --fashion-root, $EBMFAST_FASHION_MNIST "
+                "and Debian's dataset-fashion-mnist locations): its row is skipped. "
+                "`apt-get install dataset-fashion-mnist` adds it."
+            )
         else:
             try:
                 fashion = load_fashion_mnist(folder)
@@ -326,14 +382,16 @@ def evaluate_model(
     ood = _ood.ood_analysis(model, data.val_images, data.train_images, fashion=fashion, n=n_ood, seed=seed)
     if fashion_note:
         ood.notes.append(fashion_note)
-    _ood.plot_energy_histograms(ood.scores, out_dir / "ood_histograms.png",
-                                title="f(x) = -E(x): test digits vs each set")
-    _ood.plot_transform_examples(model, data.val_images[0], out_dir / "ood_transforms.png",
-                                 noise_seed=seed)
+    _ood.plot_energy_histograms(
+        ood.scores, out_dir / "ood_histograms.png", title="f(x) = -E(x): test digits vs each set"
+    )
+    _ood.plot_transform_examples(model, data.val_images[0], out_dir / "ood_transforms.png", noise_seed=seed)
     timings["ood_s"] = time.perf_counter() - t0
-    plot_chain_energy(chain_scores, {"mean f(test digits)": ood.summary["test"]["mean"],
-                                     "mean f(uniform noise)": ood.summary["noise"]["mean"]},
-                      out_dir / "generation_energy.png")
+    plot_chain_energy(
+        chain_scores,
+        {"mean f(test digits)": ood.summary["test"]["mean"], "mean f(uniform noise)": ood.summary["noise"]["mean"]},
+        out_dir / "generation_energy.png",
+    )
 
     # ---- 3. sample quality
     if classifier_path is None:
@@ -345,8 +403,10 @@ def evaluate_model(
     if clf_info.get("stale_reason"):
         log(f"classifier cache was stale ({clf_info['stale_reason']}): retrained")
     if clf_info.get("val_accuracy", 1.0) < 0.95:
-        warnings_.append(f"the MNIST classifier reaches only {clf_info['val_accuracy']:.1%} on held-out digits "
-                         "(target >= 95%): treat the class statistics with care")
+        warnings_.append(
+            f"the MNIST classifier reaches only {clf_info['val_accuracy']:.1%} on held-out digits "
+            "(target >= 95%): treat the class statistics with care"
+        )
     log("sample quality")
     t0 = time.perf_counter()
     base = _q.fd_baselines(clf, data, n_samples, generator=torch.Generator().manual_seed(seed + 2))
@@ -355,8 +415,14 @@ def evaluate_model(
     real_stats = _q.class_statistics(real_probs)
     _, sample_probs = _q.classifier_outputs(clf, samples[:N_SHOWN_SAMPLES])
     buffer_q = None
-    images = ["generation_steps.png", "generation_energy.png", "samples.png", "ood_transforms.png",
-              "ood_histograms.png", "class_distribution.png"]
+    images = [
+        "generation_steps.png",
+        "generation_energy.png",
+        "samples.png",
+        "ood_transforms.png",
+        "ood_histograms.png",
+        "class_distribution.png",
+    ]
     if buffer_images is not None and len(buffer_images) >= n_samples:
         pick = torch.randperm(len(buffer_images), generator=torch.Generator().manual_seed(seed + 3))[:n_samples]
         buf = buffer_images[pick].float().cpu()
@@ -374,24 +440,42 @@ def evaluate_model(
     if any(row["non_finite"] for row in ood.summary.values()) or not np.isfinite(chain_scores).all():
         warnings_.append("some scores are NaN or infinite: the model has diverged")
     if noise_auroc is not None and noise_auroc < 0.9:
-        warnings_.append(f"test digits vs uniform noise AUROC is {noise_auroc:.3f} (< 0.9): the model barely tells "
-                         "digits from noise; it is undertrained or has diverged")
+        warnings_.append(
+            f"test digits vs uniform noise AUROC is {noise_auroc:.3f} (< 0.9): the model barely tells "
+            "digits from noise; it is undertrained or has diverged"
+        )
     if ood.summary["test"]["mean"] is not None and abs(ood.summary["test"]["mean"]) > 1e3:
-        warnings_.append(f"|mean f(test digits)| = {abs(ood.summary['test']['mean']):.3g}: scores this large "
-                         "suggest the regularizer lost control of the energy scale")
+        warnings_.append(
+            f"|mean f(test digits)| = {abs(ood.summary['test']['mean']):.3g}: scores this large "
+            "suggest the regularizer lost control of the energy scale"
+        )
     if gen_q["fd"] > 0.5 * base["fd_noise_vs_real"]:
-        warnings_.append("generated samples are closer to noise than to digits in the classifier's feature space "
-                         f"(FD {gen_q['fd']:.1f} vs noise {base['fd_noise_vs_real']:.1f})")
+        warnings_.append(
+            "generated samples are closer to noise than to digits in the classifier's feature space "
+            f"(FD {gen_q['fd']:.1f} vs noise {base['fd_noise_vs_real']:.1f})"
+        )
 
     sample_steps = n_samples * steps
     result = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": checkpoint_info or {},
         "model_config": config,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()},
-        "settings": {"n_samples": n_samples, "steps": steps, "seed": seed, "n_ood": n_ood, "data": data.name,
-                     "sampler": dict(sampler_kwargs, backend=backend, resolved_backend=sampler.last_backend)},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+        },
+        "settings": {
+            "n_samples": n_samples,
+            "steps": steps,
+            "seed": seed,
+            "n_ood": n_ood,
+            "data": data.name,
+            "sampler": dict(sampler_kwargs, backend=backend, resolved_backend=sampler.last_backend),
+        },
         "generation": {
             "steps_shown": steps_shown,
             "chain_mean_score_at_shown_steps": [float(chain_scores[s].mean()) for s in steps_shown],
@@ -401,9 +485,20 @@ def evaluate_model(
         },
         "ood": ood.to_json(),
         "quality": {
-            "classifier": {k: clf_info.get(k) for k in ("path", "cache", "stale_reason", "val_accuracy",
-                                                         "train_seconds", "n_train", "n_val", "cache_error")
-                           if clf_info.get(k) is not None},
+            "classifier": {
+                k: clf_info.get(k)
+                for k in (
+                    "path",
+                    "cache",
+                    "stale_reason",
+                    "val_accuracy",
+                    "train_seconds",
+                    "n_train",
+                    "n_val",
+                    "cache_error",
+                )
+                if clf_info.get(k) is not None
+            },
             "generated": gen_q,
             "real_heldout": real_stats,
             "fd_generated_vs_real": gen_q["fd"],
@@ -435,15 +530,23 @@ def write_report(r: dict, path: Path) -> None:
     lines += [f"- checkpoint: `{ck.get('path', 'n/a')}` (sha256 {str(ck.get('sha256', 'n/a'))[:16]}…)"]
     cfg = r["model_config"]
     if "epoch" in ck:
-        lines.append(f"- trained for {ck['epoch']}" + (f" of {cfg['epochs']}" if "epochs" in cfg else "")
-                     + f" epoch(s), {ck.get('iteration', '?')} iterations"
-                     + (f" (ebmfast {ck['ebmfast_version']})" if ck.get("ebmfast_version") else ""))
+        lines.append(
+            f"- trained for {ck['epoch']}"
+            + (f" of {cfg['epochs']}" if "epochs" in cfg else "")
+            + f" epoch(s), {ck.get('iteration', '?')} iterations"
+            + (f" (ebmfast {ck['ebmfast_version']})" if ck.get("ebmfast_version") else "")
+        )
     if ck.get("epoch_metrics"):
-        shown = {k: v for k, v in ck["epoch_metrics"].items() if k in ("rand_out", "val_real_out", "val_fake_out",
-                                                                      "val_contrastive_divergence")}
+        shown = {
+            k: v
+            for k, v in ck["epoch_metrics"].items()
+            if k in ("rand_out", "val_real_out", "val_fake_out", "val_contrastive_divergence")
+        }
         if shown:
-            lines.append("- last epoch's training metrics: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items()
-                                                                         if isinstance(v, (int, float))))
+            lines.append(
+                "- last epoch's training metrics: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in shown.items() if isinstance(v, (int, float)))
+            )
     model_bits = [f"{k} {cfg[k]}" for k in ("data", "hidden_features", "batch_size", "lr", "sampler_steps") if k in cfg]
     if model_bits:
         lines.append("- training config: " + ", ".join(model_bits))
@@ -453,79 +556,133 @@ def write_report(r: dict, path: Path) -> None:
         f"- data: {st['data']}; seed {st['seed']}; sampler {st['sampler']['resolved_backend']} "
         f"(step size {st['sampler']['step_size']}, noise std {st['sampler']['noise_std']}, "
         f"gradient clip {st['sampler']['grad_clip']})",
-        f"- total time {r['timings_s']['total']:.1f} s", "",
+        f"- total time {r['timings_s']['total']:.1f} s",
+        "",
     ]
     if r["warnings"]:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in r["warnings"]] + [""]
     else:
         lines += ["No health warnings (scores finite, digits separated from noise, energy scale bounded).", ""]
 
-    lines += ["## 1. Generation from scratch", "",
-              f"{st['n_samples']} chains from U(-1, 1), {st['steps']} Langevin steps each "
-              f"({_f(gen['sample_steps_per_s'], ',.0f')} sample-steps/s on this device). {N_TRAJECTORY_CHAINS} chains "
-              f"at steps {', '.join(str(s) for s in gen['steps_shown'])}:", "",
-              "![generation steps](generation_steps.png)", "",
-              "f(x) along those chains (dashed: mean f of test digits and of uniform noise):", "",
-              "![score along chains](generation_energy.png)", "",
-              "| step | " + " | ".join(str(s) for s in gen["steps_shown"]) + " |",
-              "|---|" + "---|" * len(gen["steps_shown"]),
-              "| mean f(x) | " + " | ".join(_f(v, ".2f") for v in gen["chain_mean_score_at_shown_steps"]) + " |", "",
-              f"Final samples: mean f(x) {_f(gen['sample_score_mean'], '.2f')} ± {_f(gen['sample_score_std'], '.2f')}. "
-              f"The first {N_SHOWN_SAMPLES}, titled with the classifier's digit and confidence:", "",
-              "![samples](samples.png)", ""]
+    lines += [
+        "## 1. Generation from scratch",
+        "",
+        f"{st['n_samples']} chains from U(-1, 1), {st['steps']} Langevin steps each "
+        f"({_f(gen['sample_steps_per_s'], ',.0f')} sample-steps/s on this device). {N_TRAJECTORY_CHAINS} chains "
+        f"at steps {', '.join(str(s) for s in gen['steps_shown'])}:",
+        "",
+        "![generation steps](generation_steps.png)",
+        "",
+        "f(x) along those chains (dashed: mean f of test digits and of uniform noise):",
+        "",
+        "![score along chains](generation_energy.png)",
+        "",
+        "| step | " + " | ".join(str(s) for s in gen["steps_shown"]) + " |",
+        "|---|" + "---|" * len(gen["steps_shown"]),
+        "| mean f(x) | " + " | ".join(_f(v, ".2f") for v in gen["chain_mean_score_at_shown_steps"]) + " |",
+        "",
+        f"Final samples: mean f(x) {_f(gen['sample_score_mean'], '.2f')} ± {_f(gen['sample_score_std'], '.2f')}. "
+        f"The first {N_SHOWN_SAMPLES}, titled with the classifier's digit and confidence:",
+        "",
+        "![samples](samples.png)",
+        "",
+    ]
 
     t = ood["seed_table"]
-    lines += ["## 2. Out-of-distribution detection", "",
-              "The seed's comparison (one test image; 128-image means for random images and a training batch):", "",
-              "| input | f(x) = -E(x) |", "|---|---|",
-              f"| random images U(-1, 1), mean of 128 | {_f(t['random_images_mean'], '.2f')} |",
-              f"| training batch, mean of 128 | {_f(t['training_batch_mean'], '.2f')} |",
-              f"| test image | {_f(t['test_image'], '.2f')} |",
-              f"| test image + N(0, 0.3²) noise | {_f(t['test_image_noisy'], '.2f')} |",
-              f"| test image flipped | {_f(t['test_image_flipped'], '.2f')} |",
-              f"| test image shrunk ×2 into a corner | {_f(t['test_image_shrunk'], '.2f')} |", "",
-              "![transformed test image](ood_transforms.png)", "",
-              "The same transformations on many test images. AUROC = P(f(test digit) > f(image of the set)): 0.5 means "
-              "the model cannot tell them apart, 1.0 perfectly separated, below 0.5 it prefers the other set.", "",
-              "| set | n | mean f(x) | std | AUROC test digits vs set |", "|---|---|---|---|---|"]
+    lines += [
+        "## 2. Out-of-distribution detection",
+        "",
+        "The seed's comparison (one test image; 128-image means for random images and a training batch):",
+        "",
+        "| input | f(x) = -E(x) |",
+        "|---|---|",
+        f"| random images U(-1, 1), mean of 128 | {_f(t['random_images_mean'], '.2f')} |",
+        f"| training batch, mean of 128 | {_f(t['training_batch_mean'], '.2f')} |",
+        f"| test image | {_f(t['test_image'], '.2f')} |",
+        f"| test image + N(0, 0.3²) noise | {_f(t['test_image_noisy'], '.2f')} |",
+        f"| test image flipped | {_f(t['test_image_flipped'], '.2f')} |",
+        f"| test image shrunk ×2 into a corner | {_f(t['test_image_shrunk'], '.2f')} |",
+        "",
+        "![transformed test image](ood_transforms.png)",
+        "",
+        "The same transformations on many test images. AUROC = P(f(test digit) > f(image of the set)): 0.5 means "
+        "the model cannot tell them apart, 1.0 perfectly separated, below 0.5 it prefers the other set.",
+        "",
+        "| set | n | mean f(x) | std | AUROC test digits vs set |",
+        "|---|---|---|---|---|",
+    ]
     for row in ood["sets"].values():
-        a = "reference" if row["auroc_vs_test"] is None and row["label"] == _ood.SET_LABELS["test"] else _f(row["auroc_vs_test"])
+        a = (
+            "reference"
+            if row["auroc_vs_test"] is None and row["label"] == _ood.SET_LABELS["test"]
+            else _f(row["auroc_vs_test"])
+        )
         lines.append(f"| {row['label']} | {row['n']} | {_f(row['mean'], '.2f')} | {_f(row['std'], '.2f')} | {a} |")
     lines += [""] + [f"- {n}" for n in ood["notes"]] + ([""] if ood["notes"] else [])
-    lines += ["A 'training digits' AUROC well below 0.5 would mean the model scores its training images above unseen "
-              "ones (overfitting).", "", "![energy histograms](ood_histograms.png)", ""]
+    lines += [
+        "A 'training digits' AUROC well below 0.5 would mean the model scores its training images above unseen "
+        "ones (overfitting).",
+        "",
+        "![energy histograms](ood_histograms.png)",
+        "",
+    ]
 
     c, g, rh, b = q["classifier"], q["generated"], q["real_heldout"], q.get("replay_buffer")
-    cache = {"hit": "loaded from cache", "trained": "trained now (no cache)",
-             "retrained": f"retrained (stale cache: {c.get('stale_reason', '')})"}.get(c.get("cache"), c.get("cache"))
-    lines += ["## 3. Sample quality", "",
-              f"Classifier: the project's small MNIST CNN, {cache}; `{c.get('path')}`; trained on {c.get('n_train')} "
-              f"digits in {_f(c.get('train_seconds'), '.1f')} s; accuracy {_f(100 * c['val_accuracy'] if c.get('val_accuracy') is not None else None, '.1f')}% "
-              f"on {c.get('n_val')} held-out digits.", "",
-              "| | generated from noise | " + ("replay buffer | " if b else "") + "real (held-out) |",
-              "|---|---|---|" + ("---|" if b else ""),
-              f"| mean max-softmax confidence | {_f(g['mean_confidence'])} | "
-              + (f"{_f(b['mean_confidence'])} | " if b else "") + f"{_f(rh['mean_confidence'])} |",
-              f"| entropy of the class histogram (max ln 10 = {g['max_class_entropy']:.3f}) | {_f(g['class_entropy'])} | "
-              + (f"{_f(b['class_entropy'])} | " if b else "") + f"{_f(rh['class_entropy'])} |", "",
-              "| digit | " + " | ".join(str(i) for i in range(10)) + " |", "|---|" + "---|" * 10,
-              "| generated | " + " | ".join(f"{v:.2f}" for v in g["class_fractions"]) + " |"]
+    cache = {
+        "hit": "loaded from cache",
+        "trained": "trained now (no cache)",
+        "retrained": f"retrained (stale cache: {c.get('stale_reason', '')})",
+    }.get(c.get("cache"), c.get("cache"))
+    lines += [
+        "## 3. Sample quality",
+        "",
+        f"Classifier: the project's small MNIST CNN, {cache}; `{c.get('path')}`; trained on {c.get('n_train')} "
+        f"digits in {_f(c.get('train_seconds'), '.1f')} s; accuracy {_f(100 * c['val_accuracy'] if c.get('val_accuracy') is not None else None, '.1f')}% "
+        f"on {c.get('n_val')} held-out digits.",
+        "",
+        "| | generated from noise | " + ("replay buffer | " if b else "") + "real (held-out) |",
+        "|---|---|---|" + ("---|" if b else ""),
+        f"| mean max-softmax confidence | {_f(g['mean_confidence'])} | "
+        + (f"{_f(b['mean_confidence'])} | " if b else "")
+        + f"{_f(rh['mean_confidence'])} |",
+        f"| entropy of the class histogram (max ln 10 = {g['max_class_entropy']:.3f}) | {_f(g['class_entropy'])} | "
+        + (f"{_f(b['class_entropy'])} | " if b else "")
+        + f"{_f(rh['class_entropy'])} |",
+        "",
+        "| digit | " + " | ".join(str(i) for i in range(10)) + " |",
+        "|---|" + "---|" * 10,
+        "| generated | " + " | ".join(f"{v:.2f}" for v in g["class_fractions"]) + " |",
+    ]
     if b:
         lines.append("| replay buffer | " + " | ".join(f"{v:.2f}" for v in b["class_fractions"]) + " |")
-    lines += ["| real | " + " | ".join(f"{v:.2f}" for v in rh["class_fractions"]) + " |", "",
-              "![class distribution](class_distribution.png)", "",
-              f"Fréchet distance in the classifier's 64-d feature space, {q['fd_n']} images per set (reference: "
-              f"{q['fd_n']} training digits). Lower is closer to real digits; the value depends on the set size, so "
-              "compare with the baselines below, not with Inception FIDs.", "",
-              "| compared with the reference | Fréchet distance |", "|---|---|",
-              f"| generated from noise ({st['steps']} steps) | {_f(q['fd_generated_vs_real'], '.2f')} |"]
+    lines += [
+        "| real | " + " | ".join(f"{v:.2f}" for v in rh["class_fractions"]) + " |",
+        "",
+        "![class distribution](class_distribution.png)",
+        "",
+        f"Fréchet distance in the classifier's 64-d feature space, {q['fd_n']} images per set (reference: "
+        f"{q['fd_n']} training digits). Lower is closer to real digits; the value depends on the set size, so "
+        "compare with the baselines below, not with Inception FIDs.",
+        "",
+        "| compared with the reference | Fréchet distance |",
+        "|---|---|",
+        f"| generated from noise ({st['steps']} steps) | {_f(q['fd_generated_vs_real'], '.2f')} |",
+    ]
     if b:
         lines.append(f"| replay-buffer samples (the training chains) | {_f(b['fd'], '.2f')} |")
-    lines += [f"| real digits ({q['fd_baseline_source']}) | {_f(q['fd_real_vs_real'], '.2f')} |",
-              f"| uniform noise | {_f(q['fd_noise_vs_real'], '.2f')} |", ""]
+    lines += [
+        f"| real digits ({q['fd_baseline_source']}) | {_f(q['fd_real_vs_real'], '.2f')} |",
+        f"| uniform noise | {_f(q['fd_noise_vs_real'], '.2f')} |",
+        "",
+    ]
     if b:
-        lines += ["Replay-buffer samples (the persistent training chains stored in the checkpoint), labelled by the "
-                  "classifier:", "", "![replay buffer](buffer_samples.png)", ""]
+        lines += [
+            "Replay-buffer samples (the persistent training chains stored in the checkpoint), labelled by the "
+            "classifier:",
+            "",
+            "![replay buffer](buffer_samples.png)",
+            "",
+        ]
     lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r["timings_s"].items()]
     lines += ["", "All numbers are in `report.json`.", ""]
@@ -577,10 +734,23 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         raise _usage_error(f"--n-samples: {problem}")
     evaluate_model(
-        model, config, out, data=data, device=device, n_samples=args.n_samples, steps=args.steps,
-        seed=args.seed, n_ood=args.n_ood, fashion_root=args.fashion_root, backend=args.backend,
-        classifier_path=clf_path, classifier_config=_q.ClassifierConfig(epochs=args.classifier_epochs),
-        checkpoint_info=info, log=log, progress=not args.quiet, buffer_images=buffer_images,
+        model,
+        config,
+        out,
+        data=data,
+        device=device,
+        n_samples=args.n_samples,
+        steps=args.steps,
+        seed=args.seed,
+        n_ood=args.n_ood,
+        fashion_root=args.fashion_root,
+        backend=args.backend,
+        classifier_path=clf_path,
+        classifier_config=_q.ClassifierConfig(epochs=args.classifier_epochs),
+        checkpoint_info=info,
+        log=log,
+        progress=not args.quiet,
+        buffer_images=buffer_images,
     )
     print(out / "report.md")
     return 0

@@ -12,6 +12,7 @@ Counting runs on a copy of the model on the ``meta`` device when it can (no memo
 models that cannot run on ``meta`` are counted on a CPU copy with a batch of 2 and scaled linearly. Results are
 cached per (model class, model configuration, parameter shapes, input shape, dtype).
 """
+
 from __future__ import annotations
 
 import copy

@@ -4,6 +4,7 @@
 Chains start from U(-1, 1) noise (the seed's generation from scratch) and use the sampler settings stored in the
 checkpoint's config (step size, noise, gradient clip); ``--steps`` sets the chain length (256 in the seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,7 @@ from .sampler import BACKENDS, LangevinSampler, resolve_backend
 __all__ = ["generate", "add_arguments", "run", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_SAMPLER_FIELDS = {"sampler_step_size": "step_size", "sampler_noise_std": "noise_std",
-                   "sampler_grad_clip": "grad_clip"}
+_SAMPLER_FIELDS = {"sampler_step_size": "step_size", "sampler_noise_std": "noise_std", "sampler_grad_clip": "grad_clip"}
 
 
 def generate(
@@ -54,19 +54,32 @@ def generate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="C",
-                        help="checkpoint written by 'ebmfast train' (e.g. runs/quick/checkpoints/best.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="C",
+        help="checkpoint written by 'ebmfast train' (e.g. runs/quick/checkpoints/best.pt)",
+    )
     parser.add_argument("--n", type=int, default=64, help="number of samples (chains) (default 64)")
     parser.add_argument("--steps", type=int, default=256, help="Langevin steps per chain (default 256, the seed's)")
-    parser.add_argument("--out", default="samples.png", metavar="FILE",
-                        help="image file for the grid, .png or .jpg (default samples.png)")
-    parser.add_argument("--nrow", type=int, default=None,
-                        help="images per grid row (default: about the square root of --n)")
+    parser.add_argument(
+        "--out",
+        default="samples.png",
+        metavar="FILE",
+        help="image file for the grid, .png or .jpg (default samples.png)",
+    )
+    parser.add_argument(
+        "--nrow", type=int, default=None, help="images per grid row (default: about the square root of --n)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise and the Langevin noise")
-    parser.add_argument("--backend", choices=list(BACKENDS), default="auto",
-                        help="Langevin backend (default auto: graph on CUDA, compiled on CPU; eager skips the "
-                             "torch.compile start-up cost, which is worth it on CPU for a few hundred chains)")
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="auto",
+        help="Langevin backend (default auto: graph on CUDA, compiled on CPU; eager skips the "
+        "torch.compile start-up cost, which is worth it on CPU for a few hundred chains)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     model, config = load_model(args.checkpoint, map_location=device)  # CheckpointError -> exit 2
 
     t0 = time.perf_counter()
-    samples = generate(model, n=args.n, steps=args.steps, seed=args.seed, backend=args.backend, config=config,
-                       device=device)
+    samples = generate(
+        model, n=args.n, steps=args.steps, seed=args.seed, backend=args.backend, config=config, device=device
+    )
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         scores = model(samples).float()
@@ -104,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     save_image(samples.float().cpu(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=0.5)
     os.replace(tmp, out)
-    print(f"ebmfast sample: wrote {out}: {args.n} samples, {args.steps} steps each, backend "
-          f"{args.backend} on {device}, {seconds:.1f} s; mean f(x) of the samples {float(scores.mean()):.3f}")
+    print(
+        f"ebmfast sample: wrote {out}: {args.n} samples, {args.steps} steps each, backend "
+        f"{args.backend} on {device}, {seconds:.1f} s; mean f(x) of the samples {float(scores.mean()):.3f}"
+    )
     return 0

@@ -13,6 +13,7 @@ model object, or the identity/shape/storage of any parameter or buffer (e.g. ``l
 ``assign=True`` or a ``module.weight = nn.Parameter(...)``): they are all part of the cache key. Sampler
 hyper-parameters (step size, clip, noise, clamp) are part of the key too.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -34,7 +35,7 @@ class _Entry:
 _CAPTURE_STREAMS: dict = {}
 
 
-def capture_stream(device: torch.device) -> "torch.cuda.Stream":
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for every warm-up and capture. cuBLAS keeps a workspace per (handle, stream)
     (32 MiB on Hopper, measured: a graph entry that warmed up and captured on two fresh streams held 64 MB at
     batch 1), so sharing one stream pays that workspace once per process instead of twice per capture."""
@@ -50,7 +51,7 @@ class GraphCache:
     def __init__(self, max_entries: int = 4, warmup: int = 2):
         self.max_entries = max_entries
         self.warmup = warmup
-        self.entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.captures = 0  # how many graphs were captured (tests read it)
 
     @staticmethod

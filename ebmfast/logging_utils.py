@@ -7,6 +7,7 @@ appear later (validation, callbacks, divergence events) need no header change; l
 On resume, ``truncate_after(step)`` drops rows written after the checkpoint's step (they belong to the part of the
 run being replayed), and TensorBoard is opened with ``purge_step`` for the same reason.
 """
+
 from __future__ import annotations
 
 import csv

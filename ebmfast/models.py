@@ -4,6 +4,7 @@ Sign convention (the seed tutorial's): a model returns ``f(x) = -E(x)``, one sco
 High score = low energy = likely under the model. Samplers therefore descend ``E``, i.e. they
 follow ``+grad f``; the gradient they clip and step along is ``g = grad_x sum(-f(x))``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,9 +58,7 @@ class CNNModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"CNNModel expects images of shape (N, {self.in_channels}, 28, 28), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"CNNModel expects images of shape (N, {self.in_channels}, 28, 28), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"CNNModel expects a floating-point tensor, got dtype {x.dtype}")
         return self.cnn_layers(x).squeeze(dim=-1)

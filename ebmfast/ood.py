@@ -7,6 +7,7 @@ applied to many test images, and each transformed set is compared with the untou
 the ROC curve (:func:`auroc`): the probability that a random test digit scores higher than a random image of the
 other set (0.5: indistinguishable; 1.0: perfectly separated; below 0.5: the model prefers the other set).
 """
+
 from __future__ import annotations
 
 import math
@@ -87,7 +88,9 @@ def uniform_noise(n: int, shape=(1, 28, 28), generator: torch.Generator | None =
     return torch.rand((n, *shape), generator=generator).mul_(2.0).sub_(1.0)
 
 
-def add_gaussian_noise(x: torch.Tensor, std: float = NOISE_STD, generator: torch.Generator | None = None) -> torch.Tensor:
+def add_gaussian_noise(
+    x: torch.Tensor, std: float = NOISE_STD, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """x + N(0, std²), clamped to [-1, 1] (the seed's ``img_noisy``)."""
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return (x + std * z).clamp_(-1.0, 1.0)
@@ -142,8 +145,9 @@ def seed_table(
         "training_batch_mean": energy_scores(model, train_images[idx]).mean(),
     }
     singles = energy_scores(model, torch.cat([img, noisy, flip(img), shrink(img)]))
-    rows.update(test_image=singles[0], test_image_noisy=singles[1], test_image_flipped=singles[2],
-                test_image_shrunk=singles[3])
+    rows.update(
+        test_image=singles[0], test_image_noisy=singles[1], test_image_flipped=singles[2], test_image_shrunk=singles[3]
+    )
     return {k: float(v) for k, v in rows.items()}
 
 
@@ -250,8 +254,9 @@ def plot_energy_histograms(scores: dict[str, torch.Tensor], path, title: str = "
             lo, hi = both.min() - 0.5, both.max() + 0.5
         bins = np.linspace(lo, hi, 50)
         ax.hist(np.clip(ref, lo, hi), bins=bins, alpha=0.55, density=True, label=SET_LABELS["test"], color="tab:blue")
-        ax.hist(np.clip(other, lo, hi), bins=bins, alpha=0.55, density=True, label=SET_LABELS.get(key, key),
-                color="tab:red")
+        ax.hist(
+            np.clip(other, lo, hi), bins=bins, alpha=0.55, density=True, label=SET_LABELS.get(key, key), color="tab:red"
+        )
         try:
             a = f"AUROC {auroc(scores['test'], scores[key]):.3f}"
         except ValueError:
@@ -276,8 +281,7 @@ def plot_transform_examples(model: nn.Module, image: torch.Tensor, path, noise_s
 
     img = image.reshape(1, *image.shape[-3:])
     noisy = add_gaussian_noise(img, generator=torch.Generator().manual_seed(noise_seed))
-    variants = [("test image", img), ("+ N(0, 0.3²)", noisy),
-                ("flipped", flip(img)), ("shrunk ×2", shrink(img))]
+    variants = [("test image", img), ("+ N(0, 0.3²)", noisy), ("flipped", flip(img)), ("shrunk ×2", shrink(img))]
     batch = torch.cat([v for _, v in variants])
     s = energy_scores(model, batch)
     fig = Figure(figsize=(2.0 * len(variants), 2.4), layout="constrained")

@@ -11,6 +11,7 @@ stream is a different, equally reproducible generator (CPU Generator seeded from
 Triton kernels can still be exercised under ``TRITON_INTERPRET=1`` with ``EBMFAST_TRITON_ON_CPU=1`` (tests do).
 Without Triton the package still imports and the CPU ops work; a CUDA call raises a clear error.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["HAS_TRITON", "USES_TRITON_OP", "triton_unavailable_reason", "langevin_step_", "langevin_normal", "cpu_normal"]
+__all__ = [
+    "HAS_TRITON",
+    "USES_TRITON_OP",
+    "triton_unavailable_reason",
+    "langevin_step_",
+    "langevin_normal",
+    "cpu_normal",
+]
 
 try:  # Triton is optional: the package must import (and run on CPU) without it.
     from ebmfast.kernels import langevin as _kernels
@@ -121,8 +129,8 @@ def _require_triton(device) -> None:
 @_define_op("ebmfast::langevin_step_", mutates_args={"x"})
 def langevin_step_(
     x: torch.Tensor,
-    g: Optional[torch.Tensor],
-    z: Optional[torch.Tensor],
+    g: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation; Optional works on every torch)
+    z: Optional[torch.Tensor],  # noqa: UP045
     rng: torch.Tensor,
     step_size: float,
     grad_clip: float,
@@ -165,7 +173,16 @@ def fused_step_(x, g, rng, *, step_size, grad_clip, noise_std, lo, hi, noise_ind
     """Checked entry point to ``torch.ops.ebmfast.langevin_step_``."""
     _check_step_args(x, g, z, rng)
     torch.ops.ebmfast.langevin_step_(
-        x, g, z, rng, float(step_size), float(grad_clip), float(noise_std), float(lo), float(hi), int(noise_index),
+        x,
+        g,
+        z,
+        rng,
+        float(step_size),
+        float(grad_clip),
+        float(noise_std),
+        float(lo),
+        float(hi),
+        int(noise_index),
         bool(add_noise),
     )
 

@@ -9,6 +9,7 @@ The seed's code::
 work unchanged with ``from ebmfast.pcd import PCDSampler as Sampler``. The buffer lives on the model's device (it
 follows the model when Lightning moves it), and the chain runs on ``backend`` (default ``auto``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,15 @@ __all__ = ["PCDSampler"]
 
 
 class PCDSampler:
-    def __init__(self, model: nn.Module, img_shape, sample_size: int, max_len: int = 8192, backend: str = "auto",
-                 seed: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        img_shape,
+        sample_size: int,
+        max_len: int = 8192,
+        backend: str = "auto",
+        seed: int | None = None,
+    ):
         self.model = model
         self.img_shape = tuple(img_shape)
         self.sample_size = int(sample_size)
@@ -53,8 +61,14 @@ class PCDSampler:
         return samples
 
     @staticmethod
-    def generate_samples(model: nn.Module, inp_imgs: torch.Tensor, steps: int = 60, step_size: float = 10.0,
-                         return_img_per_step: bool = False, backend: str = "auto"):
+    def generate_samples(
+        model: nn.Module,
+        inp_imgs: torch.Tensor,
+        steps: int = 60,
+        step_size: float = 10.0,
+        return_img_per_step: bool = False,
+        backend: str = "auto",
+    ):
         """The seed's static helper: chains from ``inp_imgs``; with ``return_img_per_step`` the (steps, ...) stack."""
         sampler = LangevinSampler(model, steps=steps, step_size=step_size, backend=backend)
         if return_img_per_step:

@@ -16,6 +16,7 @@
 
 Everything here runs without scipy: the matrix square root comes from symmetric eigendecompositions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -142,7 +143,9 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_classifier(clf: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+def evaluate_classifier(
+    clf: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
     """Accuracy on ``images``."""
     device = next(clf.parameters()).device
     clf.eval()
@@ -176,8 +179,13 @@ def train_classifier(
     opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training the MNIST classifier", disable=not progress,
-               leave=False, mininterval=1.0)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        desc="training the MNIST classifier",
+        disable=not progress,
+        leave=False,
+        mininterval=1.0,
+    )
     # Dropout draws from the global RNG: fork it so training is reproducible and leaves the caller's state alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -214,7 +222,9 @@ def load_cached_classifier(path, expected_meta: dict, device="cpu") -> tuple[Dig
     except Exception as exc:  # truncated or foreign file
         raise StaleCacheError(f"{path} could not be read as a classifier cache ({type(exc).__name__}: {exc})") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("meta"), dict) or "state_dict" not in blob:
-        raise StaleCacheError(f"{path} is not an ebmfast classifier cache (expected a dict with 'meta' and 'state_dict')")
+        raise StaleCacheError(
+            f"{path} is not an ebmfast classifier cache (expected a dict with 'meta' and 'state_dict')"
+        )
     meta = blob["meta"]
     for key in ("format", "version", "data", "train_fingerprint", "config"):
         have, want = meta.get(key), expected_meta.get(key)
@@ -223,8 +233,11 @@ def load_cached_classifier(path, expected_meta: dict, device="cpu") -> tuple[Dig
         if key == "train_fingerprint":
             what = "the training data differ"
         elif key == "config" and isinstance(have, dict) and isinstance(want, dict):
-            diffs = [f"{k} {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
-                     if have.get(k) != want.get(k)]
+            diffs = [
+                f"{k} {have.get(k)!r} -> {want.get(k)!r}"
+                for k in sorted(set(have) | set(want))
+                if have.get(k) != want.get(k)
+            ]
             what = "classifier config changed (" + ", ".join(diffs) + ")"
         else:
             what = f"{key} is {have!r}, expected {want!r}"
@@ -282,7 +295,9 @@ def load_or_train_classifier(
 
 # ----------------------------------------------------------------------------------------------- statistics
 @torch.no_grad()
-def classifier_outputs(clf: DigitClassifier, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def classifier_outputs(
+    clf: DigitClassifier, images: torch.Tensor, batch_size: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float64 (N, 64), softmax probabilities float64 (N, 10)) on CPU."""
     device = next(clf.parameters()).device
     clf.eval()
@@ -335,7 +350,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     The last trace equals tr((S_a S_b)^½) of the usual formula; written with symmetric matrices it needs only
     eigendecompositions (float64), no general matrix square root."""
     if feats_a.shape[1:] != feats_b.shape[1:]:
-        raise ValueError(f"feature sets must have the same dimension, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+        raise ValueError(
+            f"feature sets must have the same dimension, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}"
+        )
     mu_a, s_a = _gaussian(feats_a)
     mu_b, s_b = _gaussian(feats_b)
     root_a = sqrtm_psd(s_a)
@@ -372,8 +389,10 @@ def fd_baselines(
         other = train[perm[n : 2 * n]]
         source = f"two disjoint sets of {n} training digits"
     else:
-        raise ValueError(f"n={n} is too large for a real-vs-real baseline: {len(train)} training and "
-                         f"{len(data.val_images)} held-out images")
+        raise ValueError(
+            f"n={n} is too large for a real-vs-real baseline: {len(train)} training and "
+            f"{len(data.val_images)} held-out images"
+        )
     noise = torch.rand((n, *ref.shape[1:]), generator=generator).mul_(2).sub_(1)
     ref_f, _ = classifier_outputs(clf, ref)
     other_f, _ = classifier_outputs(clf, other)
@@ -476,12 +495,14 @@ class QualityCallback:
             folder = getattr(trainer, "ckpt_dir", None) or getattr(trainer, "out_dir", None)
             path = Path(folder) / CLASSIFIER_FILENAME if folder is not None else None
         if path is None:
-            self.classifier, self.classifier_info = train_classifier(data, self.classifier_config, device,
-                                                                     progress=self.progress)
+            self.classifier, self.classifier_info = train_classifier(
+                data, self.classifier_config, device, progress=self.progress
+            )
             self.classifier_info["cache"] = "none"
         else:
             self.classifier, self.classifier_info = load_or_train_classifier(
-                path, data, self.classifier_config, device, progress=self.progress)
+                path, data, self.classifier_config, device, progress=self.progress
+            )
         gen = torch.Generator().manual_seed(self.seed + 1)
         self._baselines = fd_baselines(self.classifier, data, self.n_samples, generator=gen)
 
@@ -494,9 +515,16 @@ class QualityCallback:
             return sampler
         if self._cpu_sampler is None or self._cpu_sampler.model is not trainer.model:
             self._cpu_sampler = LangevinSampler(
-                trainer.model, steps=self.steps, step_size=sampler.step_size, noise_std=sampler.noise_std,
-                grad_clip=sampler.grad_clip, clamp=sampler.clamp, backend="eager", precision=sampler.precision,
-                seed=self.seed)
+                trainer.model,
+                steps=self.steps,
+                step_size=sampler.step_size,
+                noise_std=sampler.noise_std,
+                grad_clip=sampler.grad_clip,
+                clamp=sampler.clamp,
+                backend="eager",
+                precision=sampler.precision,
+                seed=self.seed,
+            )
         return self._cpu_sampler
 
     def should_run(self, epoch: int, total_epochs: int | None = None) -> bool:
@@ -508,8 +536,14 @@ class QualityCallback:
             return None
         t0 = time.perf_counter()
         self._setup(trainer)
-        samples = generate_from_noise(self._sampler(trainer), trainer.model, self.n_samples, self.steps, self.seed,
-                                      device=getattr(trainer, "device", None))
+        samples = generate_from_noise(
+            self._sampler(trainer),
+            trainer.model,
+            self.n_samples,
+            self.steps,
+            self.seed,
+            device=getattr(trainer, "device", None),
+        )
         q = sample_quality(self.classifier, samples.float(), self._baselines["reference_feats"])
         return {
             "quality_fid": q["fd"],
@@ -520,8 +554,9 @@ class QualityCallback:
         }
 
 
-def generate_from_noise(sampler, model: nn.Module, n: int, steps: int, seed: int, device=None,
-                        return_trajectory: bool = False):
+def generate_from_noise(
+    sampler, model: nn.Module, n: int, steps: int, seed: int, device=None, return_trajectory: bool = False
+):
     """``n`` chains of ``steps`` steps from U(-1, 1) starts drawn with ``seed``, the sampler's noise stream set to
     ``seed`` for the call and restored afterwards (so a training run's stream is not disturbed)."""
     params = list(model.parameters())

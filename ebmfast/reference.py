@@ -10,10 +10,11 @@ Per step, in this order (seed tutorial, ``DeepEnergyModel.generate_samples``)::
 ``noise`` lets a caller supply the standard-normal draws ``z`` (shape ``(steps, *x.shape)``), so that a fast
 path that generates its noise differently can be compared with this one trajectory by trajectory.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -18,9 +18,10 @@ consume to check any backend trajectory by trajectory. On CUDA "exactly" means b
 (seen on an H200: two seeded runs agreed to 4 digits, within the 1e-4 parity tolerance, not bitwise).
 ``sample(noise=...)`` takes explicit draws instead.
 """
+
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -260,11 +261,18 @@ class LangevinSampler:
             else:
                 stream = noise if noise is not None else (lambda k: self._draw(rng, x, k))
                 res = langevin_reference(
-                    self.model, x, steps, self.step_size, self.noise_std, self.grad_clip, self.clamp,
-                    noise=stream, return_trajectory=return_trajectory,
+                    self.model,
+                    x,
+                    steps,
+                    self.step_size,
+                    self.noise_std,
+                    self.grad_clip,
+                    self.clamp,
+                    noise=stream,
+                    return_trajectory=return_trajectory,
                     energy_grad=self._energy_grad(x.device, backend),
                 )
-                out, traj = (res if return_trajectory else (res, None))
+                out, traj = res if return_trajectory else (res, None)
             if noise is None and backend != "graph":  # the graph advances its counter itself
                 rng[1] += steps
         if return_trajectory:

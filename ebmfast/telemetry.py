@@ -8,6 +8,7 @@ no-op whose ``available`` is False and whose ``reason`` says why; nothing raises
         run_benchmark()
     tel.summary()   # {"sm_clock_mhz": {"min":..., "median":..., "max":...}, ...}
 """
+
 from __future__ import annotations
 
 import statistics
@@ -126,7 +127,7 @@ class Telemetry:
             self._read()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "Telemetry":
+    def __enter__(self) -> Telemetry:
         self._t0 = time.perf_counter()
         if not self._enabled:
             return self

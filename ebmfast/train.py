@@ -24,6 +24,7 @@ Reliability (issue 6): divergence is detected and rolled back (``ebmfast.diverge
 on CPU (every random stream the run uses is in the checkpoint; epoch-end work uses its own seeded generators so it
 never disturbs the training streams).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -165,24 +166,40 @@ class Trainer:
 
         # ---- random streams and the sampling machinery
         self.gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, _S_GEN))
-        self.buffer = ReplayBuffer(IMAGE_SHAPE, capacity=cfg.buffer_size, fresh_prob=cfg.buffer_fresh_prob,
-                                   device=self.device, generator=self.gen)
-        sampler_kw = dict(step_size=cfg.sampler_step_size, noise_std=cfg.sampler_noise_std,
-                          grad_clip=cfg.sampler_grad_clip, precision=cfg.sampler_precision)
+        self.buffer = ReplayBuffer(
+            IMAGE_SHAPE,
+            capacity=cfg.buffer_size,
+            fresh_prob=cfg.buffer_fresh_prob,
+            device=self.device,
+            generator=self.gen,
+        )
+        sampler_kw = dict(
+            step_size=cfg.sampler_step_size,
+            noise_std=cfg.sampler_noise_std,
+            grad_clip=cfg.sampler_grad_clip,
+            precision=cfg.sampler_precision,
+        )
         try:
             resolve_backend(cfg.sampler_backend, self.device)
         except RuntimeError as exc:
             raise ValueError(str(exc)) from None
-        self.sampler = LangevinSampler(self.model, steps=cfg.sampler_steps, backend=cfg.sampler_backend,
-                                       seed=derive_seed(cfg.seed, 0, _S_SAMPLER), **sampler_kw)
+        self.sampler = LangevinSampler(
+            self.model,
+            steps=cfg.sampler_steps,
+            backend=cfg.sampler_backend,
+            seed=derive_seed(cfg.seed, 0, _S_SAMPLER),
+            **sampler_kw,
+        )
         # Grids use their own sampler, reseeded per epoch, so they never touch the training noise stream. On CPU it
         # is eager: a compile for an 8-chain batch costs more than it saves.
         vis_backend = "eager" if self.device.type == "cpu" else cfg.sampler_backend
         self.vis_sampler = LangevinSampler(self.model, steps=cfg.gen_steps, backend=vis_backend, seed=0, **sampler_kw)
-        self.batches = TensorBatches(train_images.to(self.device), cfg.batch_size,
-                                     seed=derive_seed(cfg.seed, 0, _S_DATA))
-        self.monitor = DivergenceMonitor(cfg.energy_limit, cfg.collapse_check_every, cfg.collapse_patience,
-                                         cfg.collapse_ratio, cfg.collapse_min_gap)
+        self.batches = TensorBatches(
+            train_images.to(self.device), cfg.batch_size, seed=derive_seed(cfg.seed, 0, _S_DATA)
+        )
+        self.monitor = DivergenceMonitor(
+            cfg.energy_limit, cfg.collapse_check_every, cfg.collapse_patience, cfg.collapse_ratio, cfg.collapse_min_gap
+        )
         g = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, _S_MONITOR))
         self._monitor_noise = torch.rand((64, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
         self.snapshots = SnapshotRing(keep=2)
@@ -201,8 +218,9 @@ class Trainer:
             self._load_checkpoint(ckpt, str(resume))
 
         # ---- files (only now: every check above has passed)
-        self.metrics = MetricsLogger(self.out_dir, tensorboard=cfg.tensorboard,
-                                     purge_step=self.iteration if ckpt is not None else None)
+        self.metrics = MetricsLogger(
+            self.out_dir, tensorboard=cfg.tensorboard, purge_step=self.iteration if ckpt is not None else None
+        )
         self.log = RunLog(self.out_dir)
         if self.out_dir is not None:
             self.ckpt_dir = self.out_dir / "checkpoints"
@@ -215,16 +233,20 @@ class Trainer:
         if ckpt is not None:
             self._info(f"resumed from {resume} at epoch {self.epoch}, iteration {self.iteration}")
         else:
-            self._info(f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                       f"{len(train_images)} training images, {len(self.batches)} iterations per epoch")
+            self._info(
+                f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                f"{len(train_images)} training images, {len(self.batches)} iterations per epoch"
+            )
 
     # ================================================================================================ training
     def train_step(self, real: torch.Tensor) -> dict[str, float]:
         """One contrastive-divergence iteration on a batch of real images; returns the step's metrics."""
         cfg = self.config
         if not isinstance(real, torch.Tensor) or real.dim() != 4 or tuple(real.shape[1:]) != IMAGE_SHAPE:
-            raise ValueError(f"real must be a batch of images (B, 1, 28, 28), got "
-                             f"{tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__}")
+            raise ValueError(
+                f"real must be a batch of images (B, 1, 28, 28), got "
+                f"{tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__}"
+            )
         real = real.to(self.device, torch.float32)
         noise = torch.randn(real.shape, generator=self.gen, device=self.device)
         real = (real + cfg.real_noise_std * noise).clamp_(-1.0, 1.0)
@@ -266,8 +288,11 @@ class Trainer:
                 fake_sum += float(fake_out.double().sum())
         finally:
             self.model.train(was_training)
-        return {"val_contrastive_divergence": (fake_sum - real_sum) / n, "val_real_out": real_sum / n,
-                "val_fake_out": fake_sum / n}
+        return {
+            "val_contrastive_divergence": (fake_sum - real_sum) / n,
+            "val_real_out": real_sum / n,
+            "val_fake_out": fake_sum / n,
+        }
 
     @torch.no_grad()
     def rand_out(self, epoch: int | None = None) -> float:
@@ -299,8 +324,9 @@ class Trainer:
         _, traj = self.vis_sampler.sample(start, steps=cfg.gen_steps, return_trajectory=True)
         shown = traj[cfg.gen_show_every - 1 :: cfg.gen_show_every]  # (columns, chains, 1, 28, 28)
         gen_imgs = shown.transpose(0, 1).reshape(-1, *IMAGE_SHAPE).float().cpu()  # one row per chain
-        pick = torch.randperm(self.buffer.capacity, generator=torch.Generator().manual_seed(
-            derive_seed(cfg.seed, 0, _S_VIS_BUF + epoch)))[: cfg.buffer_grid_images]
+        pick = torch.randperm(
+            self.buffer.capacity, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, _S_VIS_BUF + epoch))
+        )[: cfg.buffer_grid_images]
         buf_imgs = self.buffer.storage.index_select(0, pick.to(self.device)).float().cpu()
         grids = {
             "generation": (gen_imgs, shown.shape[0]),
@@ -345,10 +371,15 @@ class Trainer:
             self._restore_signal_handlers(handlers)
             self.metrics.flush()
         result = FitResult(
-            status=status, epoch=self.epoch, iteration=self.iteration, wall_time_s=time.time() - self._fit_start,
-            recoveries=self.recoveries, last_checkpoint=self._ckpt_path("last"),
+            status=status,
+            epoch=self.epoch,
+            iteration=self.iteration,
+            wall_time_s=time.time() - self._fit_start,
+            recoveries=self.recoveries,
+            last_checkpoint=self._ckpt_path("last"),
             signal=signal.Signals(self._stop_signal).name if self._stop_signal is not None else None,
-            best_val=self.best_val if math.isfinite(self.best_val) else None, metrics=dict(self.epoch_metrics),
+            best_val=self.best_val if math.isfinite(self.best_val) else None,
+            metrics=dict(self.epoch_metrics),
         )
         if status == "completed":
             self._info(f"finished {self.epoch} epochs, {self.iteration} iterations in {result.wall_time_s:.0f} s")
@@ -367,8 +398,15 @@ class Trainer:
         done = self.batches.pos // cfg.batch_size if self.batches.perm is not None else 0
         t0 = time.time()
         if done < total:
-            bar = tqdm(total=total, initial=done, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="it",
-                       disable=not self.progress, dynamic_ncols=True, leave=False)
+            bar = tqdm(
+                total=total,
+                initial=done,
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                unit="it",
+                disable=not self.progress,
+                dynamic_ncols=True,
+                leave=False,
+            )
             try:
                 for real in self.batches:
                     metrics = self.train_step(real)
@@ -385,8 +423,12 @@ class Trainer:
                             logged.update(self.monitor.last_gap_metrics)
                     self.metrics.log(self.iteration, self.epoch, logged)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", real=f"{metrics['metrics_avg_real']:.3f}",
-                                    fake=f"{metrics['metrics_avg_fake']:.3f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.3f}",
+                        real=f"{metrics['metrics_avg_real']:.3f}",
+                        fake=f"{metrics['metrics_avg_fake']:.3f}",
+                        refresh=False,
+                    )
                     if event is not None:
                         self._recover(event)
                         return "rollback"
@@ -437,10 +479,12 @@ class Trainer:
         if improved:
             self._save("best")
         self._take_snapshot()
-        summary = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("val_contrastive_divergence", "val_real_out",
-                                                              "rand_out") if k in metrics)
-        self._info(f"epoch {epoch + 1}/{cfg.epochs} ({self.iteration} it, {seconds:.1f} s): {summary}",
-                   echo=self.progress)
+        summary = ", ".join(
+            f"{k} {metrics[k]:.4g}" for k in ("val_contrastive_divergence", "val_real_out", "rand_out") if k in metrics
+        )
+        self._info(
+            f"epoch {epoch + 1}/{cfg.epochs} ({self.iteration} it, {seconds:.1f} s): {summary}", echo=self.progress
+        )
         return "done"
 
     def _stop(self, why: str) -> str:
@@ -463,8 +507,10 @@ class Trainer:
             self._info(msg, warn=True, echo=True)
             self.metrics.log(self.iteration, self.epoch, {"interrupted": float(self._stop_signal)})
         else:
-            self._info(f"reached max_iterations={self.config.max_iterations} (epoch {self.epoch}); "
-                       f"saved {path}", echo=self.progress)
+            self._info(
+                f"reached max_iterations={self.config.max_iterations} (epoch {self.epoch}); saved {path}",
+                echo=self.progress,
+            )
         return why
 
     # ============================================================================================ divergence
@@ -477,8 +523,9 @@ class Trainer:
         self.recoveries += 1
         record = {"iteration": self.iteration, "epoch": self.epoch, "reason": event.reason, "detail": event.detail}
         self.events.append(record)
-        self.metrics.log(self.iteration, self.epoch, {"divergence/event": event.code,
-                                                      "divergence/recoveries": self.recoveries})
+        self.metrics.log(
+            self.iteration, self.epoch, {"divergence/event": event.code, "divergence/recoveries": self.recoveries}
+        )
         self._info(f"divergence detected ({event.reason}): {event.detail}", warn=True, echo=True)
         if self.recoveries > cfg.max_recoveries:
             where = self._ckpt_path("last")
@@ -499,15 +546,19 @@ class Trainer:
         self.batches.generator.manual_seed(derive_seed(cfg.seed, attempt, _S_DATA))
         self.monitor.reset()
         lr = self.optimizer.param_groups[0]["lr"]
-        self._info(f"rolled back to iteration {target_iter} (epoch {self.epoch}), reseeded (attempt {attempt}), "
-                   f"lr now {lr:.3g}; recovery {self.recoveries}/{cfg.max_recoveries}", warn=True, echo=True)
+        self._info(
+            f"rolled back to iteration {target_iter} (epoch {self.epoch}), reseeded (attempt {attempt}), "
+            f"lr now {lr:.3g}; recovery {self.recoveries}/{cfg.max_recoveries}",
+            warn=True,
+            echo=True,
+        )
         self.metrics.log(self.iteration, self.epoch, {"divergence/rollback_to": target_iter, "lr": lr})
 
     def _set_lr_scale(self, new_scale: float) -> None:
         """lr = config.lr * new_scale * lr_gamma ** (epochs stepped), recomputed from the schedule rather than taken
         from the restored optimizer state (a spike that set the lr by hand must not survive the roll-back)."""
         base = self.config.lr * new_scale
-        lr = base * self.config.lr_gamma ** self.scheduler.last_epoch
+        lr = base * self.config.lr_gamma**self.scheduler.last_epoch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             group["initial_lr"] = base
@@ -560,18 +611,24 @@ class Trainer:
             raise CheckpointError(f"{source} is not a resumable training checkpoint (it has no trainer state)")
         model = build_model(ckpt.get("model"), source=source)
         if model.hidden_features != self.config.hidden_features:
-            raise CheckpointError(f"{source} holds a model with hidden_features={model.hidden_features}, but the "
-                                  f"config asks for {self.config.hidden_features}")
+            raise CheckpointError(
+                f"{source} holds a model with hidden_features={model.hidden_features}, but the "
+                f"config asks for {self.config.hidden_features}"
+            )
         stored = ckpt["trainer"]
         cap = stored.get("buffer", {}).get("capacity")
         if cap != self.config.buffer_size:
-            raise CheckpointError(f"{source} holds a replay buffer of {cap} images, but the config asks for "
-                                  f"buffer_size={self.config.buffer_size}")
+            raise CheckpointError(
+                f"{source} holds a replay buffer of {cap} images, but the config asks for "
+                f"buffer_size={self.config.buffer_size}"
+            )
         self.model.load_state_dict(model.state_dict())
         try:
             self.load_state_dict(stored)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise CheckpointError(f"{source}: cannot restore the training state ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{source}: cannot restore the training state ({type(exc).__name__}: {exc})"
+            ) from None
 
     def checkpoint_state(self) -> dict:
         return {
@@ -621,8 +678,10 @@ class Trainer:
             self._stop_signal = signum
             from tqdm.auto import tqdm
 
-            tqdm.write(f"[ebmfast] {signal.Signals(signum).name}: finishing this iteration, then saving a "
-                       "resumable checkpoint (signal again to stop at once)")
+            tqdm.write(
+                f"[ebmfast] {signal.Signals(signum).name}: finishing this iteration, then saving a "
+                "resumable checkpoint (signal again to stop at once)"
+            )
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
@@ -659,8 +718,13 @@ def _global_rng_state() -> dict:
     state = {
         "torch_cpu": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
@@ -671,8 +735,9 @@ def _set_global_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch_cpu"])
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     if "torch_cuda" in state and torch.cuda.is_available():
         cuda_states = state["torch_cuda"]
         if len(cuda_states) == torch.cuda.device_count():
@@ -713,41 +778,89 @@ _OVERRIDES = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="named configuration: 'tutorial' = the seed's (default), 'quick' = <= 10 min on a "
-                             "2-core CPU (ignored with --resume: the run's own config is used)")
-    parser.add_argument("--data", choices=["mnist5k", "mnist"], default=None,
-                        help="training data: the embedded 5,000-image MNIST subset (default, no network) or full "
-                             "MNIST through torchvision")
-    parser.add_argument("--data-root", metavar="DIR", default=None,
-                        help="folder holding torchvision's MNIST (for --data mnist; default $EBMFAST_DATA or ./data)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="named configuration: 'tutorial' = the seed's (default), 'quick' = <= 10 min on a "
+        "2-core CPU (ignored with --resume: the run's own config is used)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=["mnist5k", "mnist"],
+        default=None,
+        help="training data: the embedded 5,000-image MNIST subset (default, no network) or full "
+        "MNIST through torchvision",
+    )
+    parser.add_argument(
+        "--data-root",
+        metavar="DIR",
+        default=None,
+        help="folder holding torchvision's MNIST (for --data mnist; default $EBMFAST_DATA or ./data)",
+    )
     parser.add_argument("--download", action="store_true", help="download full MNIST into --data-root if missing")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output folder (default runs/PRESET; with --resume, the resumed run's folder)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output folder (default runs/PRESET; with --resume, the resumed run's folder)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     for flag, name, kind, help_text in _OVERRIDES:
-        parser.add_argument(flag, dest=name, type=kind, default=None, metavar="N" if kind is int else "X",
-                            help=help_text)
-    parser.add_argument("--sampler-backend", dest="sampler_backend", default=None,
-                        choices=["auto", "eager", "compiled", "fused", "graph"],
-                        help="Langevin backend (default auto: graph on CUDA, compiled on CPU)")
-    parser.add_argument("--precision", dest="sampler_precision", default=None, choices=["fp32", "tf32", "bf16"],
-                        help="sampler arithmetic (default fp32, the seed's)")
-    parser.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
-                        help="set any TrainConfig field, e.g. --set gen_chains=4 (repeatable; fields: "
-                             + ", ".join(TrainConfig.field_names()) + ")")
+        parser.add_argument(
+            flag, dest=name, type=kind, default=None, metavar="N" if kind is int else "X", help=help_text
+        )
+    parser.add_argument(
+        "--sampler-backend",
+        dest="sampler_backend",
+        default=None,
+        choices=["auto", "eager", "compiled", "fused", "graph"],
+        help="Langevin backend (default auto: graph on CUDA, compiled on CPU)",
+    )
+    parser.add_argument(
+        "--precision",
+        dest="sampler_precision",
+        default=None,
+        choices=["fp32", "tf32", "bf16"],
+        help="sampler arithmetic (default fp32, the seed's)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="set_values",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any TrainConfig field, e.g. --set gen_chains=4 (repeatable; fields: "
+        + ", ".join(TrainConfig.field_names())
+        + ")",
+    )
     parser.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard event files")
-    parser.add_argument("--no-divergence-check", action="store_true",
-                        help="turn off divergence detection and roll-back")
-    parser.add_argument("--quality-every", type=int, default=0, metavar="N",
-                        help="sample-quality metrics (ebmfast.quality.QualityCallback) every N epochs; 0 = off")
-    parser.add_argument("--resume", metavar="CKPT", default=None,
-                        help="continue the run saved in CKPT (e.g. DIR/checkpoints/last.pt) exactly where it stopped")
+    parser.add_argument(
+        "--no-divergence-check", action="store_true", help="turn off divergence detection and roll-back"
+    )
+    parser.add_argument(
+        "--quality-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sample-quality metrics (ebmfast.quality.QualityCallback) every N epochs; 0 = off",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="CKPT",
+        default=None,
+        help="continue the run saved in CKPT (e.g. DIR/checkpoints/last.pt) exactly where it stopped",
+    )
     parser.add_argument("--overwrite", action="store_true", help="allow --out to be a folder holding an earlier run")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's choice, one per core). On a CPU shared with "
-                             "other busy processes, 1 thread (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP spin-wait "
-                             "slow-downs of 5-30x measured on a 2-core machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core). On a CPU shared with "
+        "other busy processes, 1 thread (or OMP_WAIT_POLICY=PASSIVE) avoids OpenMP spin-wait "
+        "slow-downs of 5-30x measured on a 2-core machine",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -814,20 +927,32 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} exists and is not a folder")
     existing = out / "checkpoints" / "last.pt"
     if not args.resume and not args.overwrite and existing.exists():
-        raise UsageError(f"{out} already holds a run; continue it with --resume {existing}, choose another --out, "
-                         "or pass --overwrite")
+        raise UsageError(
+            f"{out} already holds a run; continue it with --resume {existing}, choose another --out, "
+            "or pass --overwrite"
+        )
     data = load_dataset(config.data, root=args.data_root, download=args.download)  # DataNotFoundError -> exit 2
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        trainer = Trainer(config, data=data, device=device, out_dir=out, callbacks=callbacks, resume=args.resume,
-                          overwrite=args.overwrite, progress=not args.quiet)
+        trainer = Trainer(
+            config,
+            data=data,
+            device=device,
+            out_dir=out,
+            callbacks=callbacks,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     except (ValueError, TypeError, FileExistsError) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise UsageError(str(exc)) from None
-    print(f"ebmfast train: {config.epochs} epochs of {len(trainer.batches)} iterations on {device} "
-          f"(sampler backend {config.sampler_backend}, data {config.data}); writing to {out}")
+    print(
+        f"ebmfast train: {config.epochs} epochs of {len(trainer.batches)} iterations on {device} "
+        f"(sampler backend {config.sampler_backend}, data {config.data}); writing to {out}"
+    )
     try:
         result = trainer.fit()
     except DivergenceError as exc:
@@ -840,8 +965,12 @@ def run(args: argparse.Namespace) -> int:
     if result.status == "interrupted":  # the trainer has printed where the checkpoint is and how to resume
         return 128 + int(signal.Signals[result.signal])
     how = "finished" if result.status == "completed" else f"stopped at max_iterations={config.max_iterations}"
-    print(f"ebmfast train: {how}: {result.epoch} epochs, {result.iteration} iterations, "
-          f"{result.wall_time_s:.0f} s, {result.recoveries} divergence recoveries; {summary}")
-    print(f"ebmfast train: checkpoints in {out / 'checkpoints'}, grids in {out / 'samples'}, metrics in "
-          f"{out / 'metrics.csv'}")
+    print(
+        f"ebmfast train: {how}: {result.epoch} epochs, {result.iteration} iterations, "
+        f"{result.wall_time_s:.0f} s, {result.recoveries} divergence recoveries; {summary}"
+    )
+    print(
+        f"ebmfast train: checkpoints in {out / 'checkpoints'}, grids in {out / 'samples'}, metrics in "
+        f"{out / 'metrics.csv'}"
+    )
     return 0

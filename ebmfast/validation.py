@@ -1,4 +1,5 @@
 """Input checks shared by the public API: each error says what was expected and what was given."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ marked `# ebmfast`; the module body is the tutorial's, because PCDSampler keeps 
 Run: python examples/lightning_swap.py  (one epoch on the embedded 5,000-image MNIST subset;
 EBMFAST_EXAMPLE_BATCHES=N limits it to N batches).
 """
+
 import os
 
 import torch
@@ -57,5 +58,10 @@ if __name__ == "__main__":
     train_set = torch.utils.data.TensorDataset(data.train_images, data.train_labels)
     loader = torch.utils.data.DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True)
     model = DeepEnergyModel(img_shape=(1, 28, 28), batch_size=128)
-    pl.Trainer(max_epochs=1, limit_train_batches=int(os.environ.get("EBMFAST_EXAMPLE_BATCHES", "35")), gradient_clip_val=0.1,
-               logger=False, enable_checkpointing=False).fit(model, loader)
+    pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=int(os.environ.get("EBMFAST_EXAMPLE_BATCHES", "35")),
+        gradient_clip_val=0.1,
+        logger=False,
+        enable_checkpointing=False,
+    ).fit(model, loader)

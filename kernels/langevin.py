@@ -12,6 +12,7 @@ index in counter words 0-1 and the 64-bit stream counter (``RNG[1] + noise_index
 Seed and counter are read from a device tensor, so a CUDA graph replay that advances ``RNG[1]`` draws new noise;
 nothing is stored between steps. ``normal_kernel`` writes the same stream to memory for parity checks.
 """
+
 import triton
 import triton.language as tl
 

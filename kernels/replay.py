@@ -12,6 +12,7 @@ memory, so both kernels can sit inside a CUDA graph; the caller advances the poi
 Counter words: (row index, element index within the row or 0xFFFFFFFF for the row's own draw, counter lo, counter
 hi). Grid: (batch rows, blocks per row).
 """
+
 import triton
 import triton.language as tl
 

@@ -4,27 +4,19 @@ On a machine without CUDA, Triton kernels run under the numpy interpreter (TRITO
 kernels are decorated, so it is set before anything imports them). Tests marked ``cuda`` are skipped there with a
 reason; on a CUDA machine they run.
 """
+
 import os
 
 # Idle OpenMP threads sleep instead of spinning: with torch's 2 threads on a 2-core machine, spinning threads of one
 # process (a test's subprocess, a neighbour job) stall the other's parallel regions 10-50x on the small ops here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped on CPU-only machines)")
-    config.addinivalue_line(
-        "markers", "device: runs on CUDA when present, else on CPU (kernel and buffer tests); the GPU check selects "
-        "'cuda or device'"
-    )
-    config.addinivalue_line("markers", "slow: compiles with torch.compile or trains; a few of these run in CI")
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
 """Small energy models for tests: closed-form gradients and a second architecture."""
+
 import torch
 from torch import nn
 
@@ -22,8 +23,13 @@ class MLPEnergy(nn.Module):
     def __init__(self, dim: int, hidden: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.SiLU(), nn.Dropout(0.5),
-            nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1),
+            nn.Linear(dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.SiLU(),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 1),
         )
 
     def forward(self, x):

@@ -1,5 +1,6 @@
 """Fast CPU checks of the measurement code (ebmfast.bench / flops / telemetry). They check that the numbers are
 derived correctly from what was timed; they never assert a speed."""
+
 from __future__ import annotations
 
 import json
@@ -250,8 +251,27 @@ def test_csv_history_appends(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-SMALL = ["--device", "cpu", "--backends", "eager", "--batch", "2", "--steps", "2", "--rounds", "2", "--train-iters",
-         "1", "--train-batch", "2", "--train-steps", "1", "--peak-n", "64", "--no-progress"]
+SMALL = [
+    "--device",
+    "cpu",
+    "--backends",
+    "eager",
+    "--batch",
+    "2",
+    "--steps",
+    "2",
+    "--rounds",
+    "2",
+    "--train-iters",
+    "1",
+    "--train-batch",
+    "2",
+    "--train-steps",
+    "1",
+    "--peak-n",
+    "64",
+    "--no-progress",
+]
 
 
 def test_bench_command_writes_json_and_csv(tmp_path, capsys):
@@ -289,7 +309,7 @@ def test_bench_usage_errors(extra, message, capsys):
     args = [a for a in SMALL if a not in ("--backends", "eager")] if "--backends" in extra else list(SMALL)
     if "--batch" in extra:
         i = args.index("--batch")
-        del args[i:i + 2]
+        del args[i : i + 2]
     assert bench.main(args + extra) == 2
     assert message in capsys.readouterr().err
 
@@ -339,11 +359,22 @@ def test_device_check_script_parses():
 
 # ------------------------------------------------------------------------------------------------ device-check report
 def _row(backend, batch, steps, ssps, ratio, mem=None, frac=None):
-    return {"backend": backend, "batch": batch, "steps": steps, "median_s": batch * steps / ssps,
-            "sample_steps_per_s": ssps, "ratio_to_eager": ratio, "ms_per_chain": 1e3 * batch * steps / ssps,
-            "tflops": None if frac is None else frac * 50, "frac_fp32_peak": frac,
-            "frac_tf32_peak": None if frac is None else frac / 8, "peak_mem_mb": mem, "first_call_s": 1.0,
-            "skipped": None, "telemetry": None}
+    return {
+        "backend": backend,
+        "batch": batch,
+        "steps": steps,
+        "median_s": batch * steps / ssps,
+        "sample_steps_per_s": ssps,
+        "ratio_to_eager": ratio,
+        "ms_per_chain": 1e3 * batch * steps / ssps,
+        "tflops": None if frac is None else frac * 50,
+        "frac_fp32_peak": frac,
+        "frac_tf32_peak": None if frac is None else frac / 8,
+        "peak_mem_mb": mem,
+        "first_call_s": 1.0,
+        "skipped": None,
+        "telemetry": None,
+    }
 
 
 def _gpu_doc(graph_ratio=25.0, frac=0.45, minutes=2.5, graph_mem=30.0):
@@ -357,9 +388,18 @@ def _gpu_doc(graph_ratio=25.0, frac=0.45, minutes=2.5, graph_mem=30.0):
             _row("eager", 16384, 60, 1e6, 1.0, frac=0.1),
             _row("graph", 16384, 60, 4e6, 4.0, frac=frac),
         ],
-        "train": [{"backend": "graph", "batch": 128, "steps": 60, "median_s": minutes * 60 / (60 * 468),
-                   "iters_per_s": 1.0, "ratio_to_eager": 3.0, "projected_60_epochs_min": minutes,
-                   "first_iter_s": 2.0}],
+        "train": [
+            {
+                "backend": "graph",
+                "batch": 128,
+                "steps": 60,
+                "median_s": minutes * 60 / (60 * 468),
+                "iters_per_s": 1.0,
+                "ratio_to_eager": 3.0,
+                "projected_60_epochs_min": minutes,
+                "first_iter_s": 2.0,
+            }
+        ],
     }
 
 
@@ -376,20 +416,28 @@ def test_target_report_gpu_verdicts():
 
 
 def test_target_report_cpu():
-    doc = {"environment": {"device": "cpu"}, "sampler": [_row("eager", 128, 60, 1e4, 1.0),
-                                                          _row("compiled", 128, 60, 1.6e4, 1.6),
-                                                          _row("fused", 128, 60, 1.2e4, 1.2)]}
+    doc = {
+        "environment": {"device": "cpu"},
+        "sampler": [
+            _row("eager", 128, 60, 1e4, 1.0),
+            _row("compiled", 128, 60, 1.6e4, 1.6),
+            _row("fused", 128, 60, 1.2e4, 1.2),
+        ],
+    }
     (line,) = bench.target_report(doc)
     assert line.startswith("[met]") and "1.60x (compiled)" in line
 
 
 def test_summarize_device_check(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(_gpu_doc()))
-    (tmp_path / "stages.tsv").write_text("env\t0\t2\ncuda_tests\t1\t80\nbench_cli\t124\t200\npytest_bench\tskipped\t0\n")
+    (tmp_path / "stages.tsv").write_text(
+        "env\t0\t2\ncuda_tests\t1\t80\nbench_cli\t124\t200\npytest_bench\tskipped\t0\n"
+    )
     (tmp_path / "cuda_tests.xml").write_text(
         '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2">'
         '<testcase classname="tests.test_graph_cuda" name="test_replay"><failure message="x"/></testcase>'
-        '<testcase classname="tests.test_graph_cuda" name="test_ok"/></testsuite></testsuites>')
+        '<testcase classname="tests.test_graph_cuda" name="test_ok"/></testsuite></testsuites>'
+    )
     text = bench.summarize_device_check(str(tmp_path))
     assert "env ok 2s | cuda_tests FAILED rc=1 80s | bench_cli TIMEOUT 200s | pytest_bench skipped 0s" in text
     assert "7 passed, 1 failed, 0 errors, 2 skipped; failing: test_graph_cuda::test_replay" in text
@@ -418,21 +466,43 @@ def test_a_failing_backend_is_recorded_not_fatal(monkeypatch, capsys):
     assert train[0].iters_per_s and train[1].skipped.startswith("failed: RuntimeError")
     args = [a for a in SMALL if a != "eager"]
     i = args.index("--backends")
-    args[i + 1:i + 1] = ["eager", "compiled"]
+    args[i + 1 : i + 1] = ["eager", "compiled"]
     assert bench.main(args) == 1  # the command reports the failure in its exit code
 
 
 def test_device_check_summary_includes_the_profile(tmp_path):
-    (tmp_path / "profile.json").write_text(json.dumps({
-        "graph_variants": [dict(batch=128, steps=60, channels_last=True, precision="tf32", us_per_step=123.4,
-                                sample_steps_per_s=1.0e6)],
-        "profiles": [dict(backend="graph", batch=128, channels_last=True, kernels_per_step=25.5, busy_us_per_step=90.0,
-                          chain_us_per_step=400.0, top=[dict(name="cudnn_kernel", us_per_step=12.5)])],
-    }))
+    (tmp_path / "profile.json").write_text(
+        json.dumps(
+            {
+                "graph_variants": [
+                    dict(
+                        batch=128,
+                        steps=60,
+                        channels_last=True,
+                        precision="tf32",
+                        us_per_step=123.4,
+                        sample_steps_per_s=1.0e6,
+                    )
+                ],
+                "profiles": [
+                    dict(
+                        backend="graph",
+                        batch=128,
+                        channels_last=True,
+                        kernels_per_step=25.5,
+                        busy_us_per_step=90.0,
+                        chain_us_per_step=400.0,
+                        top=[dict(name="cudnn_kernel", us_per_step=12.5)],
+                    )
+                ],
+            }
+        )
+    )
     lines = bench._profile_lines(str(tmp_path / "profile.json"))
     assert any("channels_last True  tf32:    123.4 us/step" in ln for ln in lines), lines
-    assert any("graph channels_last batch 128: 25.5 kernels/step, GPU busy 90.0 of 400.0 us/step" in ln
-               for ln in lines), lines
+    assert any(
+        "graph channels_last batch 128: 25.5 kernels/step, GPU busy 90.0 of 400.0 us/step" in ln for ln in lines
+    ), lines
     assert bench._profile_lines(str(tmp_path / "missing.json")) == []
 
 
@@ -440,7 +510,8 @@ def test_device_check_summary_quotes_printed_precision_lines(tmp_path):
     (tmp_path / "cuda_tests.xml").write_text(
         '<testsuites><testsuite tests="1" failures="0" errors="0" skipped="0"><testcase classname="t" name="p">'
         "<system-out>\nPRECISION tf32: mean abs deviation from fp32 1.000e-04, max 2.000e-03\nother</system-out>"
-        "</testcase></testsuite></testsuites>")
+        "</testcase></testsuite></testsuites>"
+    )
     text = bench.summarize_device_check(str(tmp_path))
     assert "  PRECISION tf32: mean abs deviation from fp32 1.000e-04, max 2.000e-03" in text
     assert "other" not in text

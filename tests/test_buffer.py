@@ -1,4 +1,5 @@
 """ReplayBuffer: fresh-fraction statistics, capacity and eviction order, device residency, state round trip."""
+
 import math
 
 import pytest

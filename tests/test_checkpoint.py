@@ -1,4 +1,5 @@
 """Checkpoints: round trip, atomic writes (also under kill -9), and clear errors for files we cannot use."""
+
 import os
 import pickle
 import random
@@ -10,6 +11,7 @@ import time
 
 import pytest
 import torch
+from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
 
 from ebmfast.checkpoint import (
     FORMAT_VERSION,
@@ -23,7 +25,6 @@ from ebmfast.checkpoint import (
 from ebmfast.cli import UsageError
 from ebmfast.models import CNNModel
 from ebmfast.train import Trainer
-from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +34,9 @@ def trained_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    tr = Trainer(tiny_config(max_iterations=3, sample_every=0), data=small_data(), device="cpu", out_dir=out,
-                 progress=False)
+    tr = Trainer(
+        tiny_config(max_iterations=3, sample_every=0), data=small_data(), device="cpu", out_dir=out, progress=False
+    )
     tr.fit()
     tr.close()
     torch.set_num_threads(n)
@@ -171,8 +173,9 @@ def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path):
     counter = 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), str(counter)], stdout=subprocess.PIPE,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(path), str(counter)], stdout=subprocess.PIPE, text=True, env=env
+        )
         try:
             first = proc.stdout.readline()  # one complete save, so there is a previous checkpoint
             assert first.strip(), f"saver produced no output (rc {proc.poll()})"

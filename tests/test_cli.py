@@ -1,14 +1,15 @@
 """The ``ebmfast train`` and ``ebmfast sample`` commands: smoke runs in-process, one real subprocess, exit codes."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
 from PIL import Image
+from train_helpers import TINY_CLI, one_thread  # noqa: F401
 
 from ebmfast.checkpoint import load_checkpoint
 from ebmfast.cli import main
-from train_helpers import TINY_CLI, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,8 +45,7 @@ def test_train_smoke_and_resume(cli_run):
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["trainer"]["iteration"] == 9
     assert ckpt["config"]["hidden_features"] == 8 and ckpt["config"]["max_iterations"] == 9
-    steps = [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().splitlines()[1:]
-             if ",loss," in line]
+    steps = [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().splitlines()[1:] if ",loss," in line]
     assert steps == list(range(1, 10))  # the resumed run appended iterations 7..9
     assert "resumed from" in (out / "train.log").read_text()
 
@@ -53,8 +53,25 @@ def test_train_smoke_and_resume(cli_run):
 def test_sample_writes_a_grid(cli_run, tmp_path, capsys):
     out, _ = cli_run
     png = tmp_path / "grid.png"
-    rc = main(["sample", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--n", "6", "--steps", "3",
-               "--out", str(png), "--backend", "eager", "--device", "cpu", "--nrow", "3"])
+    rc = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(out / "checkpoints" / "last.pt"),
+            "--n",
+            "6",
+            "--steps",
+            "3",
+            "--out",
+            str(png),
+            "--backend",
+            "eager",
+            "--device",
+            "cpu",
+            "--nrow",
+            "3",
+        ]
+    )
     assert rc == 0
     assert Image.open(png).size == (2 + 3 * 30, 2 + 2 * 30)
     assert "wrote" in capsys.readouterr().out

@@ -1,13 +1,14 @@
 """Divergence: detection rules, snapshots, and recovery of a real (tiny) run from injected divergences."""
+
 import math
 
 import pytest
 import torch
+from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
 
 from ebmfast.divergence import DivergenceError, DivergenceMonitor, SnapshotRing, derive_seed
 from ebmfast.logging_utils import read_metrics
 from ebmfast.train import Trainer
-from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,8 +33,11 @@ def test_energy_explosion_is_detected():
 def _feed(mon, triples, start=0):
     """Feed (real, fake, noise) per check; return the first event and its index."""
     for i, (real, fake, noise) in enumerate(triples):
-        ev = mon.check_step((start + i + 1) * mon.check_every, {"loss": 0.0, "metrics_avg_real": real,
-                                                               "metrics_avg_fake": fake}, noise_out=lambda: noise)
+        ev = mon.check_step(
+            (start + i + 1) * mon.check_every,
+            {"loss": 0.0, "metrics_avg_real": real, "metrics_avg_fake": fake},
+            noise_out=lambda: noise,
+        )
         if ev is not None:
             return ev, i
     return None, None

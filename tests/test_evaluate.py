@@ -1,4 +1,5 @@
 """``ebmfast evaluate``: the report files exist and parse, user errors exit with code 2."""
+
 import json
 import re
 
@@ -13,8 +14,13 @@ from ebmfast.quality import CLASSIFIER_FILENAME, ClassifierConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--n-samples", "16", "--steps", "8", "--n-ood", "100", "--classifier-epochs", "1", "--quiet"]
-CONFIG = {"data": "mnist5k", "hidden_features": 8, "sampler_step_size": 10.0, "sampler_noise_std": 0.005,
-          "sampler_grad_clip": 0.03}
+CONFIG = {
+    "data": "mnist5k",
+    "hidden_features": 8,
+    "sampler_step_size": 10.0,
+    "sampler_noise_std": 0.005,
+    "sampler_grad_clip": 0.03,
+}
 
 
 def write_checkpoint(path, model, config, trainer=None):
@@ -25,8 +31,11 @@ def write_checkpoint(path, model, config, trainer=None):
     try:
         from ebmfast.checkpoint import model_record, save_checkpoint
     except ImportError:
-        record = {"class": "CNNModel", "kwargs": {"hidden_features": model.hidden_features, "out_dim": 1,
-                                                   "in_channels": 1}, "state_dict": model.state_dict()}
+        record = {
+            "class": "CNNModel",
+            "kwargs": {"hidden_features": model.hidden_features, "out_dim": 1, "in_channels": 1},
+            "state_dict": model.state_dict(),
+        }
         torch.save({"format": "ebmfast.checkpoint", "format_version": 1, "model": record, **state}, path)
         return path
     return save_checkpoint(path, {"model": model_record(model), **state})
@@ -91,9 +100,17 @@ def test_report_notes_a_missing_fashion_mnist(ckpt, tmp_path, monkeypatch):
     data = load_dataset("mnist5k")
     model = CNNModel(hidden_features=8)
     out = tmp_path / "nofashion"
-    report = ev.evaluate_model(model, CONFIG, out, data=data, n_samples=8, steps=4, n_ood=50,
-                               classifier_path=tmp_path / CLASSIFIER_FILENAME,
-                               classifier_config=ClassifierConfig(epochs=1, max_train_images=300))
+    report = ev.evaluate_model(
+        model,
+        CONFIG,
+        out,
+        data=data,
+        n_samples=8,
+        steps=4,
+        n_ood=50,
+        classifier_path=tmp_path / CLASSIFIER_FILENAME,
+        classifier_config=ClassifierConfig(epochs=1, max_train_images=300),
+    )
     _, md = check_report(out)
     assert "fashion_mnist" not in report["ood"]["sets"]
     assert "Fashion-MNIST not found" in md

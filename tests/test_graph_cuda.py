@@ -4,6 +4,7 @@ backend on GPU, precision deviations, and a captured replay-buffer round trip.
 Skipped on CPU-only machines (conftest); bench/device_check.sh runs them on a GPU. Tolerance: see test_sampler.py
 (1e-4 on CUDA in fp32).
 """
+
 import copy
 
 import pytest

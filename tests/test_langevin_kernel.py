@@ -8,6 +8,7 @@ Tolerance: with supplied noise the kernel computes exactly the reference's fp32 
 compiler may fuse x - s*g into one FMA (one rounding instead of two), which moves a result by at most one ulp of
 |x| <= 1, i.e. 1.2e-7. The issue's bound, max abs error <= 1e-6, holds with room to spare.
 """
+
 import math
 import os
 

@@ -1,5 +1,6 @@
 """Out-of-distribution analysis: AUROC correctness, the seed's transformations, and a briefly trained model that
 tells digits from noise."""
+
 import math
 
 import numpy as np
@@ -89,7 +90,9 @@ def test_auroc_known_values():
     assert auroc([0.0, 1.0], [2.0, 3.0]) == 0.0
     assert auroc([1.0, 1.0, 1.0], [1.0, 1.0]) == 0.5  # all tied
     assert auroc([1.0, 3.0], [2.0]) == 0.5
-    assert auroc([math.inf, 0.0], [-math.inf, 0.0]) == pytest.approx(brute_force_auroc([math.inf, 0.0], [-math.inf, 0.0]))
+    assert auroc([math.inf, 0.0], [-math.inf, 0.0]) == pytest.approx(
+        brute_force_auroc([math.inf, 0.0], [-math.inf, 0.0])
+    )
     a, b = np.random.default_rng(0).normal(size=(2, 200))
     assert auroc(a, b) + auroc(b, a) == pytest.approx(1.0, abs=1e-12)  # swapping the roles mirrors it
 
@@ -143,7 +146,9 @@ def test_briefly_trained_model_separates_noise_from_digits(trained, data):
     assert s["noise"]["auroc_vs_test"] > 0.95, s["noise"]
     assert s["test"]["mean"] > s["noise"]["mean"] + 1.0, (s["test"], s["noise"])
     # the summary's AUROC is the one of the stored scores, oriented test > other
-    assert s["noise"]["auroc_vs_test"] == pytest.approx(brute_force_auroc(report.scores["test"], report.scores["noise"]))
+    assert s["noise"]["auroc_vs_test"] == pytest.approx(
+        brute_force_auroc(report.scores["test"], report.scores["noise"])
+    )
     t = report.seed_table
     assert t["training_batch_mean"] > t["random_images_mean"] + 1.0, t
     # unseen and seen digits are scored alike after so little training (no memorisation yet)

@@ -1,5 +1,6 @@
 """The torch custom ops: schema/fake-impl checks (torch.library.opcheck), torch.compile visibility, and the
 package's behaviour without Triton (imports, CPU works, CUDA asks for Triton)."""
+
 import subprocess
 import sys
 import textwrap
@@ -21,27 +22,52 @@ def step_args(n=37, with_z=False, with_g=True):
 
 @pytest.mark.parametrize("with_z, with_g", [(False, True), (True, True), (False, False)])
 def test_opcheck_step(with_z, with_g):
-    torch.library.opcheck(torch.ops.ebmfast.langevin_step_.default, step_args(with_z=with_z, with_g=with_g),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.ebmfast.langevin_step_.default,
+        step_args(with_z=with_z, with_g=with_g),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_opcheck_normal():
     rng = torch.tensor([3, 5], dtype=torch.int64)
-    torch.library.opcheck(torch.ops.ebmfast.langevin_normal.default, (rng, 11, 2),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.ebmfast.langevin_normal.default, (rng, 11, 2), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_check_step_args_errors():
     x, g, z, rng = torch.zeros(4), torch.zeros(5), None, torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="g must be a contiguous tensor shaped like x"):
-        ops.fused_step_(x, g, rng, step_size=1.0, grad_clip=1.0, noise_std=0.0, lo=-1, hi=1, noise_index=0,
-                        add_noise=False)
+        ops.fused_step_(
+            x, g, rng, step_size=1.0, grad_clip=1.0, noise_std=0.0, lo=-1, hi=1, noise_index=0, add_noise=False
+        )
     with pytest.raises(ValueError, match="rng must be an int64 tensor of 2 elements"):
-        ops.fused_step_(x, None, torch.zeros(3), step_size=1.0, grad_clip=1.0, noise_std=0.0, lo=-1, hi=1,
-                        noise_index=0, add_noise=True)
+        ops.fused_step_(
+            x,
+            None,
+            torch.zeros(3),
+            step_size=1.0,
+            grad_clip=1.0,
+            noise_std=0.0,
+            lo=-1,
+            hi=1,
+            noise_index=0,
+            add_noise=True,
+        )
     with pytest.raises(ValueError, match="x must be contiguous"):
-        ops.fused_step_(torch.zeros(4, 4).t(), None, rng, step_size=1.0, grad_clip=1.0, noise_std=0.0, lo=-1,
-                        hi=1, noise_index=0, add_noise=True)
+        ops.fused_step_(
+            torch.zeros(4, 4).t(),
+            None,
+            rng,
+            step_size=1.0,
+            grad_clip=1.0,
+            noise_std=0.0,
+            lo=-1,
+            hi=1,
+            noise_index=0,
+            add_noise=True,
+        )
 
 
 def test_cpu_stream_is_a_function_of_seed_and_counter():
@@ -89,6 +115,7 @@ def test_package_works_without_triton():
 @pytest.mark.slow
 def test_ops_trace_under_torch_compile_fullgraph():
     """The ops are visible to torch.compile as single nodes (no graph break), with the same results as eager."""
+
     def chain(x, g, rng):
         y = x.clone()
         torch.ops.ebmfast.langevin_step_(y, g, None, rng, 10.0, 0.03, 0.005, -1.0, 1.0, 1, True)

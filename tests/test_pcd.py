@@ -1,4 +1,5 @@
 """The seed-compatible PCDSampler facade (what examples/lightning_swap.py relies on)."""
+
 import torch
 
 from ebmfast import CNNModel
@@ -13,6 +14,7 @@ def test_sample_new_exmps_fills_buffer_and_follows_seed_api():
     assert model.training
     stored = sampler.buffer.storage
     assert any(torch.equal(stored[i], out[0]) for i in range(len(stored)))  # written back
-    traj = PCDSampler.generate_samples(model, torch.rand(2, 1, 28, 28) * 2 - 1, steps=4, return_img_per_step=True,
-                                       backend="eager")
+    traj = PCDSampler.generate_samples(
+        model, torch.rand(2, 1, 28, 28) * 2 - 1, steps=4, return_img_per_step=True, backend="eager"
+    )
     assert traj.shape == (4, 2, 1, 28, 28)

@@ -5,6 +5,7 @@ give a result of the right shape, dtype and range. Never a crash, a hang or a si
 
 Regression tests for bugs this file found (now fixed) are at the bottom; the strategies above them avoid those inputs.
 """
+
 import math
 
 import pytest
@@ -41,7 +42,7 @@ class Quad(nn.Module):
 
 
 ANY = st.one_of(
-    st.integers(-10**6, 10**6),
+    st.integers(-(10**6), 10**6),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=4),
     st.booleans(),
@@ -92,7 +93,7 @@ def _expect_named_error(fn, name):
 def test_sampler_constructor(name, value):
     if name == "seed" and _is_int(value) and value >= 2**62:
         value = value % 2**62  # huge seeds: see test_sampler_huge_seed_is_rejected_up_front
-    make = lambda: LangevinSampler(Quad(), **{name: value})  # noqa: E731
+    make = lambda: LangevinSampler(Quad(), **{name: value})
     if SAMPLER_ORACLE[name](value):
         s = make()
         if name in ("steps", "step_size", "noise_std", "grad_clip"):
@@ -116,7 +117,7 @@ def test_sampler_sample_inputs(shape, dtype, poison, steps):
     x = (torch.rand(shape) * 2 - 1).to(dtype)
     if poison is not None and x.numel() and dtype.is_floating_point:
         x.view(-1)[0] = poison
-    run = lambda: s.sample(x)  # noqa: E731
+    run = lambda: s.sample(x)
     if len(shape) < 2 or shape[0] == 0:
         _expect_named_error(run, "x")
     elif not dtype.is_floating_point:
@@ -164,7 +165,7 @@ def test_reference_arguments(name, value):
     kw = {"steps": 2, name: value}
     if name == "steps" and _is_int(value):
         kw["steps"] = value if value < 1 else min(value, 4)
-    run = lambda: langevin_reference(Quad(), x, **kw)  # noqa: E731
+    run = lambda: langevin_reference(Quad(), x, **kw)
     if SAMPLER_ORACLE[name](value):
         out = run()
         # bounds as the float32 tensor holds them (e.g. a subnormal double like 1e-308 is 0.0 in float32)
@@ -180,7 +181,7 @@ def test_reference_arguments(name, value):
 def test_reference_noise_shape(noise_shape):
     x = torch.rand(2, 3)
     noise = torch.randn(noise_shape)
-    run = lambda: langevin_reference(Quad(), x, steps=2, noise=noise)  # noqa: E731
+    run = lambda: langevin_reference(Quad(), x, steps=2, noise=noise)
     if noise_shape == [2, 2, 3]:
         assert run().shape == x.shape
     else:
@@ -195,7 +196,7 @@ def test_reference_noise_shape(noise_shape):
     fresh=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2)),
 )
 def test_buffer_constructor(shape, capacity, fresh):
-    make = lambda: ReplayBuffer(tuple(shape), capacity=capacity, fresh_prob=fresh)  # noqa: E731
+    make = lambda: ReplayBuffer(tuple(shape), capacity=capacity, fresh_prob=fresh)
     if not shape or any(s <= 0 for s in shape):
         _expect_named_error(make, "sample_shape")
     elif not (_is_int(capacity) and capacity >= 1):
@@ -228,7 +229,7 @@ def test_buffer_draw_and_push(batch, push_shape, push_dtype, poison):
     if poison:
         samples.view(-1)[-1] = math.nan
     before = b.storage.clone()
-    push = lambda: b.push(samples)  # noqa: E731
+    push = lambda: b.push(samples)
     if len(push_shape) < 2 or push_shape[0] == 0 or not push_dtype.is_floating_point:
         _expect_named_error(push, "samples")
     elif poison:
@@ -280,23 +281,30 @@ def test_train_config_rejects_unknown_fields_and_non_dicts():
 
 # ---------------------------------------------------------------------------------------------------- CLI
 BAD_TRAIN = {
-    "--epochs": st.integers(-10**6, 0),
-    "--max-iterations": st.integers(-10**6, 0),
-    "--seed": st.integers(-10**6, -1),
-    "--batch-size": st.integers(-10**6, 0),
+    "--epochs": st.integers(-(10**6), 0),
+    "--max-iterations": st.integers(-(10**6), 0),
+    "--seed": st.integers(-(10**6), -1),
+    "--batch-size": st.integers(-(10**6), 0),
     "--hidden": st.one_of(st.integers(-100, 1), st.integers(1, 500).map(lambda v: 2 * v + 1)),
-    "--sampler-steps": st.integers(-10**6, 0),
-    "--buffer-size": st.integers(-10**6, 0),
-    "--sample-every": st.integers(-10**6, -1),
-    "--gen-steps": st.integers(-10**6, 0),
-    "--max-recoveries": st.integers(-10**6, -1),
+    "--sampler-steps": st.integers(-(10**6), 0),
+    "--buffer-size": st.integers(-(10**6), 0),
+    "--sample-every": st.integers(-(10**6), -1),
+    "--gen-steps": st.integers(-(10**6), 0),
+    "--max-recoveries": st.integers(-(10**6), -1),
     "--lr": st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf])),
     "--alpha": st.one_of(st.floats(max_value=-1e-9), st.sampled_from([math.nan, math.inf])),
     "--threads": st.one_of(st.integers(-100, 0), st.integers(1025, 10**6)),
 }
-FIELD_OF = {"--hidden": "hidden_features", "--sampler-steps": "sampler_steps", "--buffer-size": "buffer_size",
-            "--sample-every": "sample_every", "--gen-steps": "gen_steps", "--max-recoveries": "max_recoveries",
-            "--batch-size": "batch_size", "--max-iterations": "max_iterations"}
+FIELD_OF = {
+    "--hidden": "hidden_features",
+    "--sampler-steps": "sampler_steps",
+    "--buffer-size": "buffer_size",
+    "--sample-every": "sample_every",
+    "--gen-steps": "gen_steps",
+    "--max-recoveries": "max_recoveries",
+    "--batch-size": "batch_size",
+    "--max-iterations": "max_iterations",
+}
 
 
 @st.composite
@@ -325,8 +333,10 @@ def test_cli_train_bad_values(flag_value, tmp_path_factory, capsys):
 
 
 @FEW
-@given(text=st.text(alphabet="abcxyz.,-e", min_size=1, max_size=5).filter(lambda t: not t.startswith("-")),
-       flag=st.sampled_from(["--epochs", "--seed", "--lr", "--batch-size"]))
+@given(
+    text=st.text(alphabet="abcxyz.,-e", min_size=1, max_size=5).filter(lambda t: not t.startswith("-")),
+    flag=st.sampled_from(["--epochs", "--seed", "--lr", "--batch-size"]),
+)
 def test_cli_train_non_numbers(text, flag, tmp_path_factory, capsys):
     try:
         float(text)
@@ -339,7 +349,7 @@ def test_cli_train_non_numbers(text, flag, tmp_path_factory, capsys):
 
 
 @FEW
-@given(flag=st.sampled_from(["--n", "--steps", "--seed"]), value=st.integers(-10**6, 0))
+@given(flag=st.sampled_from(["--n", "--steps", "--seed"]), value=st.integers(-(10**6), 0))
 def test_cli_sample_bad_values(flag, value, tmp_path_factory, capsys):
     if flag == "--seed" and value == 0:
         value = -1

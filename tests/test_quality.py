@@ -1,4 +1,5 @@
 """Sample quality: the Fréchet distance, the classifier and its cache, class statistics, QualityCallback."""
+
 import math
 from types import SimpleNamespace
 
@@ -202,9 +203,14 @@ def test_generate_from_noise_restores_the_sampler_stream():
 def test_quality_callback_every_n_epochs(clf_cache, data, tmp_path):
     path, _, _ = clf_cache
     model = CNNModel(hidden_features=8)
-    trainer = SimpleNamespace(model=model, sampler=LangevinSampler(model, steps=60, backend="eager", seed=0),
-                              config={"data": "mnist5k", "epochs": 10}, device=torch.device("cpu"),
-                              out_dir=tmp_path, data=data)
+    trainer = SimpleNamespace(
+        model=model,
+        sampler=LangevinSampler(model, steps=60, backend="eager", seed=0),
+        config={"data": "mnist5k", "epochs": 10},
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        data=data,
+    )
     cb = QualityCallback(every=4, n_samples=32, steps=4, classifier_path=path, classifier_config=TEST_CFG)
     assert [cb.should_run(e, 10) for e in range(10)] == [False, False, False, True] * 2 + [False, True]
     assert cb.on_epoch_end(trainer, 0) is None
@@ -226,8 +232,15 @@ def test_quality_callback_on_cpu_leaves_a_compiled_training_sampler_alone(clf_ca
     path, _, _ = clf_cache
     model = CNNModel(hidden_features=8)
     compiled = LangevinSampler(model, steps=60, backend="compiled", seed=0, step_size=5.0, grad_clip=0.01)
-    trainer = SimpleNamespace(model=model, sampler=compiled, config={"epochs": 2}, device=torch.device("cpu"),
-                              out_dir=None, ckpt_dir=tmp_path, data=data)
+    trainer = SimpleNamespace(
+        model=model,
+        sampler=compiled,
+        config={"epochs": 2},
+        device=torch.device("cpu"),
+        out_dir=None,
+        ckpt_dir=tmp_path,
+        data=data,
+    )
     cb = QualityCallback(every=1, n_samples=8, steps=2, classifier_config=TINY_CFG)
     assert cb.on_epoch_end(trainer, 0) is not None
     assert compiled.last_backend is None  # never called: no torch.compile during training on CPU

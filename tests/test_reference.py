@@ -1,4 +1,5 @@
 """The eager reference: one step against a closed form, the seed's ordering, flags restored, bad input."""
+
 import numpy as np
 import pytest
 import torch

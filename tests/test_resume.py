@@ -1,5 +1,6 @@
 """Exact resume: a run stopped mid-epoch and resumed ends bit-identical to an uninterrupted run; SIGINT/SIGTERM save
 a resumable checkpoint and say how to resume."""
+
 import os
 import signal
 import subprocess
@@ -8,11 +9,11 @@ import time
 
 import pytest
 import torch
+from train_helpers import TINY_CLI, one_thread, small_data, tiny_config  # noqa: F401
 
 from ebmfast.checkpoint import load_checkpoint
 from ebmfast.cli import main
 from ebmfast.train import Trainer
-from train_helpers import TINY_CLI, one_thread, small_data, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,8 +23,14 @@ CFG = dict(epochs=3, snapshot_every=4, collapse_check_every=2)
 
 
 def _run(out, max_iterations, resume=None, **kw):
-    tr = Trainer(tiny_config(**CFG, max_iterations=max_iterations, **kw), data=small_data(), device="cpu",
-                 out_dir=out, resume=resume, progress=False)
+    tr = Trainer(
+        tiny_config(**CFG, max_iterations=max_iterations, **kw),
+        data=small_data(),
+        device="cpu",
+        out_dir=out,
+        resume=resume,
+        progress=False,
+    )
     result = tr.fit()
     tr.close()
     return tr, result
@@ -76,8 +83,21 @@ def _wait_for_steps(path, n, proc, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_resumable_checkpoint(sig, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ebmfast", "train", "--preset", "quick", "--out", str(out), "--epochs", "1000",
-           "--set", "snapshot_every=1000", *TINY_CLI]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ebmfast",
+        "train",
+        "--preset",
+        "quick",
+        "--out",
+        str(out),
+        "--epochs",
+        "1000",
+        "--set",
+        "snapshot_every=1000",
+        *TINY_CLI,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -99,8 +119,25 @@ def test_signal_saves_resumable_checkpoint(sig, tmp_path):
     target = stopped_at + 2
     assert main(["train", "--resume", str(last), "--max-iterations", str(target), "--quiet"]) == 0
     ref = tmp_path / "ref"
-    assert main(["train", "--preset", "quick", "--out", str(ref), "--epochs", "1000", "--max-iterations", str(target),
-                 "--set", "snapshot_every=1000", *TINY_CLI]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "quick",
+                "--out",
+                str(ref),
+                "--epochs",
+                "1000",
+                "--max-iterations",
+                str(target),
+                "--set",
+                "snapshot_every=1000",
+                *TINY_CLI,
+            ]
+        )
+        == 0
+    )
     a = load_checkpoint(last)
     b = load_checkpoint(ref / "checkpoints" / "last.pt")
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == target

@@ -8,6 +8,7 @@ random-init and a briefly trained seed CNN. We allow 1e-5 on CPU (40x headroom, 
 Langevin noise draw, sigma = 5e-3) and 1e-4 on CUDA, where cuDNN may pick different convolution algorithms for the
 compiled graph than for eager autograd.
 """
+
 import copy
 
 import pytest
@@ -15,8 +16,7 @@ import torch
 from conftest import assert_close_verbose
 from energies import MLPEnergy, Quadratic
 
-from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference
-from ebmfast import ops
+from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference, ops
 from ebmfast.sampler import resolve_backend
 
 CPU_BACKENDS = ["eager", "compiled", "fused"]

@@ -1,18 +1,19 @@
 """Trainer: the seed's training step, a smoke run that separates data from noise, the output layout, callbacks."""
+
 import copy
 import csv
 import json
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import assert_close_verbose
+from PIL import Image
+from train_helpers import one_thread, small_data, tiny_config  # noqa: F401  (one_thread is a fixture)
+
 from ebmfast.config import PRESETS, TrainConfig
 from ebmfast.data import DataSplits
 from ebmfast.reference import langevin_reference
 from ebmfast.train import STEP_METRICS, VAL_METRICS, Trainer
-from train_helpers import one_thread, small_data, tiny_config  # noqa: F401  (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,8 +62,9 @@ def test_training_widens_gap_between_data_and_noise():
     lr 1e-3 (10x the seed's) so that 32 iterations of a 16-wide model move it clearly: measured gap -0.0005 -> 1.95
     (seed lr: -0.0005 -> 0.027)."""
     data = small_data(n_train=1024, n_val=128)
-    cfg = tiny_config(hidden_features=16, batch_size=32, sampler_steps=10, buffer_size=512, lr=1e-3, epochs=1,
-                      sample_every=0)
+    cfg = tiny_config(
+        hidden_features=16, batch_size=32, sampler_steps=10, buffer_size=512, lr=1e-3, epochs=1, sample_every=0
+    )
     tr = Trainer(cfg, data=data, device="cpu", out_dir=None, progress=False)
     noise = torch.rand((128, 1, 28, 28), generator=torch.Generator().manual_seed(0)) * 2 - 1
 
@@ -115,7 +117,9 @@ def test_best_checkpoint_tracks_min_val_contrastive_divergence(tmp_path):
     tr = Trainer(tiny_config(epochs=3), data=small_data(), device="cpu", out_dir=tmp_path, progress=False)
     tr.fit()
     tr.close()
-    vals = [float(r["value"]) for r in _read_csv(tmp_path / "metrics.csv") if r["metric"] == "val_contrastive_divergence"]
+    vals = [
+        float(r["value"]) for r in _read_csv(tmp_path / "metrics.csv") if r["metric"] == "val_contrastive_divergence"
+    ]
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert best["trainer"]["best_val"] == pytest.approx(min(vals))
     assert best["trainer"]["epoch"] == 1 + vals.index(min(vals))
@@ -133,8 +137,14 @@ def test_callbacks_get_called_and_their_metrics_logged(tmp_path):
             calls.append(("step", iteration))
             return {"probe_step": float(iteration)} if iteration == 3 else None
 
-    tr = Trainer(tiny_config(epochs=2, sample_every=0), data=small_data(), device="cpu", out_dir=tmp_path,
-                 callbacks=[Probe()], progress=False)
+    tr = Trainer(
+        tiny_config(epochs=2, sample_every=0),
+        data=small_data(),
+        device="cpu",
+        out_dir=tmp_path,
+        callbacks=[Probe()],
+        progress=False,
+    )
     tr.fit()
     tr.close()
     assert ("epoch", 0, 10) in calls and ("epoch", 1, 20) in calls
@@ -180,10 +190,30 @@ def test_out_dir_holding_a_run_is_not_overwritten(tmp_path):
 def test_presets():
     tutorial = TrainConfig.preset("tutorial")
     assert tutorial == TrainConfig()
-    seed = dict(batch_size=128, lr=1e-4, betas=(0.0, 0.999), lr_gamma=0.97, grad_norm_clip=0.1, alpha=0.1, epochs=60,
-                seed=42, sampler_steps=60, sampler_step_size=10.0, sampler_noise_std=0.005, sampler_grad_clip=0.03,
-                buffer_size=8192, buffer_fresh_prob=0.05, hidden_features=32, rand_out_images=1024, sample_every=5,
-                gen_chains=8, gen_steps=256, gen_show_every=32, buffer_grid_images=32, real_noise_std=0.005)
+    seed = dict(
+        batch_size=128,
+        lr=1e-4,
+        betas=(0.0, 0.999),
+        lr_gamma=0.97,
+        grad_norm_clip=0.1,
+        alpha=0.1,
+        epochs=60,
+        seed=42,
+        sampler_steps=60,
+        sampler_step_size=10.0,
+        sampler_noise_std=0.005,
+        sampler_grad_clip=0.03,
+        buffer_size=8192,
+        buffer_fresh_prob=0.05,
+        hidden_features=32,
+        rand_out_images=1024,
+        sample_every=5,
+        gen_chains=8,
+        gen_steps=256,
+        gen_show_every=32,
+        buffer_grid_images=32,
+        real_noise_std=0.005,
+    )
     for k, v in seed.items():
         assert getattr(tutorial, k) == v, k
     quick = TrainConfig.preset("quick")
