@@ -21,7 +21,7 @@ from torch import nn
 
 from .validation import check_clamp, check_nonneg_float, check_positive_float, check_positive_int, check_samples
 
-__all__ = ["langevin_reference", "sampling_mode", "energy_grad_reference"]
+__all__ = ["langevin_reference", "sampling_mode", "energy_grad_reference", "as_scores", "energy_scores"]
 
 
 @contextmanager
@@ -44,16 +44,30 @@ def sampling_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def as_scores(out, batch: int) -> torch.Tensor:
+    """A model's output as one score per sample, shape ``(batch,)``: ``(N,)`` and ``(N, 1)`` are accepted (the
+    common ``nn.Linear(k, 1)`` head), anything else is refused with what was expected and given."""
+    if isinstance(out, torch.Tensor) and (
+        tuple(out.shape) == (batch,) or (out.dim() == 2 and tuple(out.shape) == (batch, 1))
+    ):
+        return out.reshape(batch)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    raise ValueError(
+        f"the energy model must map a batch (N, ...) to one score per sample, shape (N,) or (N, 1); for a batch "
+        f"of {batch} it returned {shape}"
+    )
+
+
+def energy_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """f(x) = -E(x) for a batch, shape ``(N,)`` (see ``as_scores``)."""
+    return as_scores(model(x), x.shape[0])
+
+
 def energy_grad_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """g = grad_x sum(-f(x)) (the gradient of the summed energy), eager."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        out = model(xg)
-        if out.dim() != 1 or out.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"the energy model must return one score per sample, shape ({x.shape[0]},), "
-                f"got shape {tuple(out.shape)}"
-            )
+        out = energy_scores(model, xg)
         (g,) = torch.autograd.grad(-out.sum(), xg)
     return g
 

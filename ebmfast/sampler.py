@@ -28,7 +28,7 @@ from torch import nn
 
 from . import ops
 from .energy_grad import compiled_energy_grad, eager_energy_grad
-from .reference import langevin_reference, sampling_mode
+from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
     check_choice,
     check_clamp,
@@ -214,12 +214,7 @@ class LangevinSampler:
         if key in self._checked:
             return
         with torch.no_grad(), sampling_mode(self.model):
-            out = self.model(x[:1])
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1,):
-            raise ValueError(
-                "the energy model must map a batch (N, ...) to one score per sample, shape (N,); for a batch of 1 "
-                f"it returned {type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))}"
-            )
+            energy_scores(self.model, x[:1])
         self._checked.add(key)
 
     def sample(
