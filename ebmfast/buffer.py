@@ -15,8 +15,9 @@ Semantics versus the seed:
 
 ``fused=True`` (CUDA with Triton) draws and writes back with one Triton kernel each (``kernels/replay.py``) instead of
 about eight and four torch launches; the draw's randomness then comes from the buffer's own Philox stream
-(``rng`` = device (seed, counter), advanced on the device per draw), so it stays capturable. It is opt-in until it is
-measured on a GPU (``ebmfast bench`` reports both); the default torch path works on every device.
+(``rng`` = device (seed, counter), advanced on the device per draw), so it stays capturable. It is opt-in: on an
+H200, outside a CUDA graph, it showed no consistent win over the torch path (``bench/RESULTS.md``, measured with
+``bench/bench_buffer.py``); the default torch path works on every device.
 """
 
 from __future__ import annotations

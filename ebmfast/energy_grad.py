@@ -105,11 +105,13 @@ def chain_energy_grad(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return gy
 
 
-def _func_energy_grad(model: nn.Module) -> Callable:
+def _func_energy_grad(model_ref: weakref.ref[nn.Module]) -> Callable:
+    """``torch.func.grad`` of sum(-f) w.r.t. the input. Holds the model weakly: the cache entry (a value of the
+    weak-keyed ``_COMPILED``) must not keep its own key alive."""
     from torch.func import functional_call, grad
 
     def neg_energy_sum(params, buffers, x):
-        out = functional_call(model, (params, buffers), (x,))
+        out = functional_call(model_ref(), (params, buffers), (x,))
         return -out.sum()
 
     return grad(neg_energy_sum, argnums=2)
@@ -138,11 +140,13 @@ def _build_compiled(model: nn.Module, channels_last, compile_kwargs) -> EnergyGr
         def run(x):
             return program(x)
     else:
-        gfn = torch.compile(_func_energy_grad(model), **compile_kwargs)
+        model_ref = weakref.ref(model)
+        gfn = torch.compile(_func_energy_grad(model_ref), **compile_kwargs)
 
         def run(x):
-            params = {k: v.detach() for k, v in model.named_parameters()}
-            buffers = dict(model.named_buffers())
+            owner = model_ref()
+            params = {k: v.detach() for k, v in owner.named_parameters()}
+            buffers = dict(owner.named_buffers())
             return gfn(params, buffers, x)
 
     def energy_grad(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The ``graph`` backend: a whole K-step Langevin chain captured once in a CUDA graph and replayed.
 
-What is captured, per cache entry: copy-in is done by the caller into a static input buffer, then
-one noise launch, then K x (compiled energy gradient, fused update), then ``rng[1] += K``. Everything reads its
+What is captured, per cache entry: copy-in into a static input buffer, then the chain of ``ebmfast.chain.run_chain_``
+(one noise launch, then K x (energy gradient, fused update): the compiled gradient and ``ops.fused_step_`` for the
+``graph`` backend, the layer kernels for ``triton``), then ``rng[1] += K``. Everything reads its
 inputs from device memory at replay time:
 - the chain state lives in the entry's static buffer ``x``;
 - the Philox seed and counter are read by the kernels from the sampler's ``rng`` tensor, and the captured
@@ -17,19 +18,21 @@ hyper-parameters (step size, clip, noise, clamp) are part of the key too.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
-from . import ops
+from .chain import Stepper, run_chain_
 
 __all__ = ["GraphCache", "capture_stream"]
 
 
 class _Entry:
-    def __init__(self, graph, x_static, out_static):
+    def __init__(self, graph: torch.cuda.CUDAGraph, x_static: torch.Tensor, out_static: torch.Tensor, stepper: Stepper):
         self.graph = graph
         self.x = x_static
         self.out = out_static
+        self.stepper = stepper  # keeps the buffers the graph reads and writes alive
 
 
 _CAPTURE_STREAMS: dict = {}
@@ -55,22 +58,31 @@ class GraphCache:
         self.captures = 0  # how many graphs were captured (tests read it)
 
     @staticmethod
-    def key(sampler, x: torch.Tensor, steps: int) -> tuple:
+    def key(sampler, x: torch.Tensor, steps: int, backend: str) -> tuple:
         model = sampler.model
         tensors = tuple(
             (name, t.data_ptr(), tuple(t.shape), t.dtype)
             for name, t in list(model.named_parameters()) + list(model.named_buffers())
         )
         hyper = (sampler.step_size, sampler.noise_std, sampler.grad_clip, sampler.clamp, sampler.precision)
-        return (tuple(x.shape), x.dtype, x.device, steps, id(model), tensors, hyper)
+        return (backend, tuple(x.shape), x.dtype, x.device, steps, id(model), tensors, hyper)
 
-    def run(self, sampler, x: torch.Tensor, steps: int, rng: torch.Tensor) -> torch.Tensor:
+    def run(
+        self,
+        sampler,
+        x: torch.Tensor,
+        steps: int,
+        rng: torch.Tensor,
+        make_stepper: Callable[[torch.Tensor], Stepper],
+        backend: str,
+    ) -> torch.Tensor:
+        """Replay (capturing first if needed) the chain of ``make_stepper(x_static)``'s steps on a copy of ``x``."""
         if x.device.type != "cuda":
             raise ValueError(f"the graph backend needs CUDA tensors, got {x.device}")
-        key = self.key(sampler, x, steps)
+        key = self.key(sampler, x, steps, backend)
         entry = self.entries.get(key)
         if entry is None:
-            entry = self._capture(sampler, x, steps, rng)
+            entry = self._capture(x, steps, rng, make_stepper)
             self.entries[key] = entry
             while len(self.entries) > self.max_entries:
                 self.entries.popitem(last=False)
@@ -80,22 +92,16 @@ class GraphCache:
         entry.graph.replay()
         return entry.out.clone()  # the static output is overwritten by the next replay
 
-    def _chain(self, sampler, grad, x_static, steps, rng):
-        """The captured work: the fused chain on ``x_static`` in place, then advance the noise counter."""
-        lo, hi = sampler.clamp
-        common = dict(
-            step_size=sampler.step_size, grad_clip=sampler.grad_clip, noise_std=sampler.noise_std, lo=lo, hi=hi
-        )
-        ops.fused_step_(x_static, None, rng, noise_index=0, add_noise=True, **common)
-        for k in range(steps):
-            g = grad(x_static).contiguous()
-            ops.fused_step_(x_static, g, rng, noise_index=k + 1, add_noise=k < steps - 1, **common)
+    @staticmethod
+    def _chain(stepper: Stepper, x_static: torch.Tensor, steps: int, rng: torch.Tensor) -> torch.Tensor:
+        """The captured work: the chain on ``x_static`` in place, then advance the noise counter."""
+        run_chain_(x_static, steps, rng, stepper)
         rng[1:].add_(steps)
         return x_static
 
-    def _capture(self, sampler, x, steps, rng) -> _Entry:
-        grad = sampler._energy_grad(x.device)
+    def _capture(self, x, steps, rng, make_stepper) -> _Entry:
         x_static = torch.empty_like(x, memory_format=torch.contiguous_format)
+        stepper = make_stepper(x_static)
         saved_counter = rng.clone()
         # Warm up on a side stream (torch.compile compiles here; cuDNN/cuBLAS pick algorithms), as CUDA graphs need.
         side = capture_stream(x.device)
@@ -103,12 +109,12 @@ class GraphCache:
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 x_static.copy_(x)
-                self._chain(sampler, grad, x_static, steps, rng)
+                self._chain(stepper, x_static, steps, rng)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
-            out = self._chain(sampler, grad, x_static, steps, rng)
+            out = self._chain(stepper, x_static, steps, rng)
         # Warm-up and capture must not consume noise: the first replay uses the counter the caller saw.
         rng.copy_(saved_counter)
         self.captures += 1
-        return _Entry(graph, x_static, out)
+        return _Entry(graph, x_static, out, stepper)

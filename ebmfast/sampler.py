@@ -7,7 +7,7 @@ Backends (``backend=``):
   step k's clipped gradient step and clamp together with step k+1's noise and clamp, so a K-step chain is one
   noise launch + K gradients + K fused updates.
 - ``graph`` (CUDA only): the whole ``fused`` chain captured once in a CUDA graph and replayed (``ebmfast.graph``).
-- ``auto``: ``graph`` on CUDA (``fused`` when Triton is missing), ``compiled`` on CPU (the fastest measured there).
+- ``auto``: ``graph`` on CUDA (``compiled`` when Triton is missing), ``compiled`` on CPU (the fastest measured there).
 
 Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a pure function of the sampler's seed,
 a device-side counter and the element index (Philox in the kernel on CUDA; a seeded CPU generator on CPU); each call
@@ -21,12 +21,14 @@ consume to check any backend trajectory by trajectory. On CUDA "exactly" means b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from . import ops
+from .chain import FusedStepper, StepSettings, run_chain_
 from .energy_grad import compiled_energy_grad, eager_energy_grad
 from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
@@ -45,9 +47,16 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @contextmanager
-def precision_context(precision: str, device_type: str):
-    """fp32: true fp32 (TF32 off for cuDNN and cuBLAS); tf32: TF32 on; bf16: autocast to bfloat16."""
+def precision_context(precision: str, device_type: str) -> Iterator[None]:
+    """The matmul/convolution precision of ``precision`` on ``device_type``, restored afterwards.
+
+    On CUDA, fp32 turns TF32 off for cuDNN and cuBLAS (true fp32 products) and tf32/bf16 turn it on (bf16 itself is
+    an autocast around the gradient, see ``LangevinSampler._energy_grad``). Other devices have no TF32 switch, so
+    nothing is changed there."""
     check_choice(precision, PRECISIONS, "precision")
+    if device_type != "cuda":
+        yield
+        return
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     tf32 = precision != "fp32"
     torch.backends.cudnn.allow_tf32 = tf32
@@ -252,7 +261,9 @@ class LangevinSampler:
             if backend == "graph":
                 out, traj = self._graph_chain(x, steps, rng), None
             elif backend == "fused":
-                out, traj = self._fused_chain(x, steps, rng, noise, return_trajectory)
+                stepper = FusedStepper(self._energy_grad(x.device), self._settings())
+                state = x.detach().clone(memory_format=torch.contiguous_format)
+                out, traj = run_chain_(state, steps, rng, stepper, noise, return_trajectory)
             else:
                 stream = noise if noise is not None else (lambda k: self._draw(rng, x, k))
                 res = langevin_reference(
@@ -274,30 +285,15 @@ class LangevinSampler:
             return out, traj
         return out
 
-    @torch.no_grad()
-    def _fused_chain(self, x, steps, rng, noise, return_trajectory):
-        grad = self._energy_grad(x.device)
+    def _settings(self) -> StepSettings:
         lo, hi = self.clamp
-        x = x.detach().clone(memory_format=torch.contiguous_format)
-        traj = [] if return_trajectory else None
-        common = dict(step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=lo, hi=hi)
-        ops.fused_step_(x, None, rng, noise_index=0, add_noise=True, z=None if noise is None else noise[0], **common)
-        for k in range(steps):
-            g = grad(x).contiguous()
-            last = k == steps - 1
-            z = None if (noise is None or last) else noise[k + 1]
-            if traj is None:  # fused: this step's update + the next step's noise in one launch
-                ops.fused_step_(x, g, rng, noise_index=k + 1, add_noise=not last, z=z, **common)
-            else:  # the trajectory needs the state between the two halves
-                ops.fused_step_(x, g, rng, noise_index=k + 1, add_noise=False, **common)
-                traj.append(x.clone())
-                if not last:
-                    ops.fused_step_(x, None, rng, noise_index=k + 1, add_noise=True, z=z, **common)
-        return x, (torch.stack(traj) if traj is not None else None)
+        return StepSettings(self.step_size, self.grad_clip, self.noise_std, lo, hi)
 
-    def _graph_chain(self, x, steps, rng):
+    def _graph_chain(self, x: torch.Tensor, steps: int, rng: torch.Tensor) -> torch.Tensor:
         from .graph import GraphCache
 
         if self._graphs is None:
             self._graphs = GraphCache()
-        return self._graphs.run(self, x, steps, rng)
+        grad = self._energy_grad(x.device)
+        settings = self._settings()
+        return self._graphs.run(self, x, steps, rng, lambda _x_static: FusedStepper(grad, settings), "graph")

@@ -261,3 +261,72 @@ def test_auto_resolves_per_device():
     assert resolve_backend("auto", torch.device("cpu")) == "compiled"
     if ops.HAS_TRITON:
         assert resolve_backend("auto", torch.device("cuda")) == "graph"
+
+
+# ------------------------------------------------------------------------------------------ models users write
+def _linear_head_cnn():
+    """An energy network written the common way: an nn.Sequential ending in Linear(k, 1), returning (N, 1)."""
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 3, stride=2, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 14 * 14, 1),
+    )
+
+
+class _WrappedHead(torch.nn.Module):
+    """Not a plain layer chain (goes through torch.func), also returning (N, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _linear_head_cnn()
+
+    def forward(self, x):
+        return self.body(x) * 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_linear_head_cnn, _WrappedHead], ids=["sequential", "wrapped"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_models_returning_n_by_1_scores_run_on_every_backend(make, backend):
+    model = make()
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    assert model(x).shape == (3, 1)
+    check_parity(model, x, backend, steps=5, atol=ATOL["cpu"])
+
+
+def test_models_returning_other_shapes_are_refused_with_the_shape():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"shape \(N,\) or \(N, 1\).*\(1, 3\)"):
+        LangevinSampler(model, steps=1, backend="eager").sample(torch.zeros(2, 4))
+
+
+def test_compiled_gradients_do_not_keep_dropped_models_alive():
+    """The per-model compile cache is keyed weakly; its values must not hold their key (models that are not a plain
+    chain go through torch.func, whose closure used to capture the model)."""
+    import gc
+    import weakref
+
+    from ebmfast.energy_grad import _COMPILED
+
+    class Foreign(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.lin(x).squeeze(-1) * 2.0
+
+    gc.collect()
+    before = len(_COMPILED)  # other tests' models (module fixtures) may still be cached
+    refs = []
+    for _ in range(6):
+        model = Foreign()
+        sampler = LangevinSampler(model, steps=2, backend="compiled", compile_kwargs={"backend": "eager"}, seed=0)
+        sampler.sample(torch.zeros(2, 4))
+        refs.append(weakref.ref(model))
+        del model, sampler
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
+    assert len(_COMPILED) == before

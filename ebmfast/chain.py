@@ -1,0 +1,99 @@
+"""The K-step fused Langevin chain, written once: every fast backend (``fused``, ``triton``, and their CUDA-graph
+captures) runs this loop; only the step differs.
+
+The seed's step k is noise -> clamp -> gradient -> clip -> step -> clamp. The fused chain shifts the cut so that
+each launch does the tail of step k together with the head of step k+1::
+
+    head(0)                       x <- clamp(x + sigma z_0)
+    for k in 0..K-1:  tail(k)     x <- clamp(x - s clamp(g(x))); then, unless k is the last step,
+                                  x <- clamp(x + sigma z_{k+1})
+
+A ``Stepper`` supplies ``head_`` (noise only) and ``tail_`` (gradient step, optionally followed by the next noise),
+both in place on ``x`` and reading the noise either from the stream ``rng = int64[2] (seed, counter)`` at position
+``counter + noise_index`` or from a supplied tensor ``z``. The loop never reads anything back to the host, so it can
+be captured in a CUDA graph as it is (``ebmfast.graph``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from . import ops
+
+__all__ = ["StepSettings", "Stepper", "FusedStepper", "run_chain_"]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The sampler's step hyper-parameters as the kernels take them."""
+
+    step_size: float
+    grad_clip: float
+    noise_std: float
+    lo: float
+    hi: float
+
+    def as_kwargs(self) -> dict[str, float]:
+        return dict(
+            step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=self.lo, hi=self.hi
+        )
+
+
+class Stepper(Protocol):
+    settings: StepSettings
+
+    def head_(self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, z: torch.Tensor | None) -> None:
+        """x <- clamp(x + sigma z) with z = stream draw ``noise_index`` (or the supplied ``z``)."""
+
+    def tail_(
+        self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, add_noise: bool, z: torch.Tensor | None
+    ) -> None:
+        """x <- clamp(x - s clamp(g(x))), then with ``add_noise`` the head of the next step (draw ``noise_index``)."""
+
+
+class FusedStepper:
+    """Gradient from a function (compiled or eager), then one fused update op (``ops.fused_step_``)."""
+
+    def __init__(self, grad: Callable[[torch.Tensor], torch.Tensor], settings: StepSettings):
+        self.grad = grad
+        self.settings = settings
+
+    def head_(self, x, rng, noise_index, z) -> None:
+        ops.fused_step_(x, None, rng, noise_index=noise_index, add_noise=True, z=z, **self.settings.as_kwargs())
+
+    def tail_(self, x, rng, noise_index, add_noise, z) -> None:
+        g = self.grad(x).contiguous()
+        ops.fused_step_(x, g, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
+
+
+@torch.no_grad()
+def run_chain_(
+    x: torch.Tensor,
+    steps: int,
+    rng: torch.Tensor,
+    stepper: Stepper,
+    noise: torch.Tensor | None = None,
+    return_trajectory: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``steps`` Langevin steps on ``x`` in place (contiguous); returns ``(x, trajectory or None)``.
+
+    ``noise``: explicit draws ``(steps, *x.shape)`` instead of the stream (the stream is not read). With
+    ``return_trajectory`` the state after each full step is kept, so the tail and the next head run apart.
+    The caller advances ``rng[1]`` by ``steps`` afterwards (the graph backend captures that too)."""
+    traj: list[torch.Tensor] | None = [] if return_trajectory else None
+    stepper.head_(x, rng, 0, None if noise is None else noise[0])
+    for k in range(steps):
+        last = k == steps - 1
+        z = None if (noise is None or last) else noise[k + 1]
+        if traj is None:  # this step's update + the next step's noise in one go
+            stepper.tail_(x, rng, k + 1, not last, z)
+        else:  # the trajectory needs the state between the two halves
+            stepper.tail_(x, rng, k + 1, False, None)
+            traj.append(x.clone())
+            if not last:
+                stepper.head_(x, rng, k + 1, z)
+    return x, (torch.stack(traj) if traj is not None else None)
