@@ -83,9 +83,14 @@ class ReplayBuffer:
         return torch.where(mask, noise, self.storage.index_select(0, idx))
 
     @torch.no_grad()
-    def push(self, samples: torch.Tensor) -> None:
-        """Write sampled chains back, overwriting the oldest entries."""
-        check_samples(samples, "samples")
+    def push(self, samples: torch.Tensor, keep: torch.Tensor | None = None, check_finite: bool = True) -> None:
+        """Write sampled chains back, overwriting the oldest entries.
+
+        ``keep``: an optional 0-d bool device tensor; when it is False the buffer is left exactly as it was (rows and
+        write pointer), decided on the device without a host synchronisation (the CD step skips the write-back of a
+        non-finite iteration this way). ``check_finite=False`` skips the finiteness check, the one host
+        synchronisation here (it is skipped during CUDA-graph capture anyway)."""
+        check_samples(samples, "samples", finite=check_finite)
         if tuple(samples.shape[1:]) != self.sample_shape:
             raise ValueError(
                 f"samples must have shape (N, {', '.join(map(str, self.sample_shape))}), got {tuple(samples.shape)}"
@@ -94,12 +99,20 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ValueError(f"cannot push {n} samples into a buffer of capacity {self.capacity}")
         samples = samples.detach().to(device=self.device, dtype=self.dtype)
+        pos = None
+        if keep is not None:
+            if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.numel() != 1:
+                raise TypeError(f"keep must be a 1-element bool tensor, got {keep!r}")
+            pos = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
+            samples = torch.where(keep.to(self.device), samples, self.storage.index_select(0, pos))
         if self.fused:
             torch.ops.ebmfast.replay_push_(self.storage, samples.contiguous(), self.ptr)
         else:
-            pos = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
+            if pos is None:
+                pos = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
             self.storage.index_copy_(0, pos, samples)
-        self.ptr.add_(n).remainder_(self.capacity)
+        advance = n if keep is None else keep.to(device=self.device, dtype=torch.long).reshape(()) * n
+        self.ptr.add_(advance).remainder_(self.capacity)
 
     def state_dict(self) -> dict:
         return {

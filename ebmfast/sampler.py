@@ -32,6 +32,7 @@ from .chain import FusedStepper, StepSettings, run_chain_
 from .energy_grad import compiled_energy_grad, eager_energy_grad
 from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
+    capturing,
     check_choice,
     check_clamp,
     check_nonneg_float,
@@ -253,8 +254,10 @@ class LangevinSampler:
             noise = noise.to(device=x.device, dtype=x.dtype)
         self._check_model_output(x)
         backend = self.resolve(x.device)
-        if backend == "graph" and (return_trajectory or noise is not None):
-            backend = "fused"  # the captured chain keeps only the final state and draws its own noise
+        if backend == "graph" and (return_trajectory or noise is not None or capturing(x)):
+            # The captured chain keeps only the final state and draws its own noise; inside a caller's CUDA-graph
+            # capture (e.g. a whole training iteration) the chain is recorded inline into that graph instead.
+            backend = "fused"
         self.last_backend = backend
         rng = self.rng_state(x.device)
         with sampling_mode(self.model), precision_context(self.precision, x.device.type):

@@ -8,6 +8,7 @@ from numbers import Integral, Real
 import torch
 
 __all__ = [
+    "capturing",
     "check_samples",
     "check_positive_int",
     "check_positive_float",
@@ -20,7 +21,7 @@ __all__ = [
 ]
 
 
-def _capturing(x: torch.Tensor) -> bool:
+def capturing(x: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured on the current stream: no host synchronisation is allowed then,
     so value checks (finiteness) are skipped; shape/dtype checks still run."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -40,7 +41,7 @@ def check_samples(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> N
         raise ValueError(f"{name} must hold at least one sample, got an empty batch {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} must be a floating-point tensor (float32/float64/float16/bfloat16), got {x.dtype}")
-    if finite and not _capturing(x) and not bool(torch.isfinite(x).all()):
+    if finite and not capturing(x) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN or inf)")
 
