@@ -117,3 +117,51 @@ def test_cd_step_refuses_a_sampler_on_another_model():
     opt = torch.optim.Adam(a.parameters())
     with pytest.raises(ValueError, match="sampler.model is not model"):
         CDStep(a, opt, LangevinSampler(b, backend="eager"), ReplayBuffer((1, 28, 28), capacity=4))
+
+
+# ---------------------------------------------------------------------------------- whole-iteration CUDA graph
+def test_training_state_puts_everything_back_in_place():
+    """What CDGraph relies on to hide its warm-up iterations: save, run iterations, restore -> the next iteration is
+    bit-identical to the one an untouched run would do, and no tensor was replaced (a graph would see stale ones)."""
+    from ebmfast.cd_graph import TrainingState
+
+    a = _setup()
+    b = _setup()
+    step_a = CDStep(a[0], a[1], a[4], a[3], generator=a[2])
+    step_b = CDStep(b[0], b[1], b[4], b[3], generator=b[2])
+    for _ in range(2):  # both runs have optimizer state by now
+        step_a(a[5])
+        step_b(b[5])
+    state = TrainingState(step_b)
+    identities = [id(t) for t in list(b[0].parameters())] + [id(b[3].storage), id(b[3].ptr)]
+    state.save()
+    for _ in range(2):
+        step_b(b[5])  # "warm-up" iterations that must not count
+    state.restore()
+    assert identities == [id(t) for t in list(b[0].parameters())] + [id(b[3].storage), id(b[3].ptr)]
+    got, want = step_b(b[5]), step_a(a[5])
+    assert torch.equal(got, want)
+    _assert_same_state(_state(a[0], a[1], a[3]), _state(b[0], b[1], b[3]))
+
+
+def test_training_state_before_the_first_step_resets_new_optimizer_state_to_zero():
+    from ebmfast.cd_graph import TrainingState
+
+    a, b = _setup(), _setup()
+    step_a = CDStep(a[0], a[1], a[4], a[3], generator=a[2])
+    step_b = CDStep(b[0], b[1], b[4], b[3], generator=b[2])
+    state = TrainingState(step_b)
+    state.save()
+    step_b(b[5])  # creates Adam's state
+    state.restore()
+    assert torch.equal(step_b(b[5]), step_a(a[5]))
+    _assert_same_state(_state(a[0], a[1], a[3]), _state(b[0], b[1], b[3]))
+
+
+def test_cd_graph_refuses_an_optimizer_that_cannot_be_captured():
+    from ebmfast.cd_graph import CDGraph, graph_ready_optimizer
+
+    model, opt, gen, buffer, sampler, _ = _setup()
+    assert "capturable=True" in graph_ready_optimizer(opt)
+    with pytest.raises(ValueError, match="graph-ready optimizer"):
+        CDGraph(CDStep(model, opt, sampler, buffer, generator=gen))
