@@ -1,0 +1,180 @@
+"""How ``backend="auto"`` chooses on CUDA: the fastest *measured* backend for this GPU, model and batch size.
+
+Where the measurements come from, in this order:
+1. the user's timing cache, written by ``tune(model, x)`` (or by ``auto`` itself when ``EBMFAST_AUTOTUNE=1``): one
+   JSON file (``$EBMFAST_CACHE_DIR/autotune.json``, default ``~/.cache/ebmfast/autotune.json``) holding, per GPU
+   name, torch/triton versions, model architecture, sample shape, batch size and precision, the measured time per
+   Langevin step of each candidate backend;
+2. the table committed with the package (``ebmfast/backend_table.json``), filled from GPU check runs
+   (``bench/device_check.sh``), looked up by GPU name, architecture, precision and the nearest measured batch size;
+3. otherwise ``graph``, the backend the project has measured longest.
+
+A candidate other than ``graph`` is picked only when it measured faster than ``graph`` in the same timing, so
+``auto`` never picks something slower than ``graph``. Candidates the model cannot run (see ``explain``) are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["architecture_key", "choose", "tune", "cache_path", "TABLE_PATH", "CANDIDATES"]
+
+CANDIDATES = ("graph", "triton", "persistent")  # CUDA backends auto chooses among, in order of preference on a tie
+TABLE_PATH = Path(__file__).with_name("backend_table.json")
+
+
+def cache_path() -> Path:
+    root = os.environ.get("EBMFAST_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "ebmfast"
+    return base / "autotune.json"
+
+
+def architecture_key(model: nn.Module) -> str:
+    """A short name for the model's architecture: class names, layer settings and parameter shapes (not values)."""
+    parts = [type(model).__name__]
+    for name, module in model.named_modules():
+        extra = module.extra_repr() if hasattr(module, "extra_repr") else ""
+        parts.append(f"{name}:{type(module).__name__}({extra})")
+    parts += [f"{n}{tuple(p.shape)}" for n, p in model.named_parameters()]
+    digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+    return f"{type(model).__name__}-{digest}"
+
+
+def _gpu(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _versions() -> str:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "none"
+    return f"torch {torch.__version__}, triton {tv}"
+
+
+def _entry_key(model: nn.Module, x: torch.Tensor, precision: str) -> str:
+    return " | ".join(
+        [
+            _gpu(x.device),
+            _versions(),
+            architecture_key(model),
+            "x".join(map(str, x.shape[1:])),
+            str(x.dtype).removeprefix("torch."),
+            f"batch {x.shape[0]}",
+            precision,
+        ]
+    )
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _fastest(times: dict[str, float], allowed: list[str]) -> str | None:
+    """The fastest allowed candidate, but only if it beat ``graph`` in the same measurement."""
+    usable = {b: t for b, t in times.items() if b in allowed and isinstance(t, (int, float)) and math.isfinite(t)}
+    if "graph" not in usable:
+        return None
+    best = min(usable, key=lambda b: (usable[b], CANDIDATES.index(b) if b in CANDIDATES else 99))
+    return best if usable[best] < usable["graph"] else "graph"
+
+
+def _from_table(model: nn.Module, x: torch.Tensor, precision: str, allowed: list[str]) -> str | None:
+    rows = _load(TABLE_PATH).get("rows", [])
+    gpu, arch = _gpu(x.device), architecture_key(model)
+    shape = list(x.shape[1:])
+    mine = [
+        r
+        for r in rows
+        if r.get("gpu") == gpu
+        and r.get("architecture") == arch
+        and r.get("sample_shape") == shape
+        and r.get("precision") == precision
+    ]
+    if not mine:
+        return None
+    batch = x.shape[0]
+    nearest = min(mine, key=lambda r: abs(math.log(max(1, r["batch"])) - math.log(batch)))
+    return _fastest(nearest.get("us_per_step", {}), allowed)
+
+
+def choose(model: nn.Module, x: torch.Tensor, precision: str, allowed: list[str]) -> tuple[str, str]:
+    """(backend, where the choice came from) for CUDA input ``x``; ``allowed``: the candidates the model can run."""
+    cached = _load(cache_path()).get(_entry_key(model, x, precision))
+    if cached:
+        pick = _fastest(cached, allowed)
+        if pick is not None:
+            return pick, f"timing cache {cache_path()}"
+    if os.environ.get("EBMFAST_AUTOTUNE") == "1" and len(allowed) > 1:
+        times = tune(model, x, precision=precision, backends=allowed)
+        pick = _fastest(times, allowed)
+        if pick is not None:
+            return pick, "timed now (EBMFAST_AUTOTUNE=1)"
+    pick = _from_table(model, x, precision, allowed)
+    if pick is not None:
+        return pick, f"committed table {TABLE_PATH.name}"
+    return "graph", "default (no measurement for this GPU, model and batch)"
+
+
+def tune(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    backends: list[str] | None = None,
+    steps: int = 60,
+    reps: int = 5,
+    save: bool = True,
+) -> dict[str, float]:
+    """Time each candidate backend on ``model`` and a batch like ``x`` (CUDA events, median of ``reps`` chains
+    after a warm-up that compiles and captures); returns microseconds per Langevin step and, with ``save``,
+    records them in the timing cache that ``auto`` reads. A backend that fails is recorded as ``inf``."""
+    from .sampler import LangevinSampler
+
+    if x.device.type != "cuda":
+        raise ValueError(f"tune() measures CUDA backends; x is on {x.device}")
+    backends = list(backends) if backends is not None else list(CANDIDATES)
+    times: dict[str, float] = {}
+    for backend in backends:
+        try:
+            sampler = LangevinSampler(
+                model, steps=steps, backend=backend, precision=precision, seed=0, check_finite=False
+            )
+            sampler.sample(x)  # compile, capture
+            runs = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                sampler.sample(x)
+                end.record()
+                end.synchronize()
+                runs.append(start.elapsed_time(end) * 1e3 / steps)
+            times[backend] = sorted(runs)[len(runs) // 2]
+        except Exception:  # a backend that cannot run here loses, it does not stop the timing
+            times[backend] = math.inf
+        finally:
+            torch.cuda.empty_cache()
+    if save:
+        path = cache_path()
+        data = _load(path)
+        data[_entry_key(model, x, precision)] = times
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home: the choice is still made, just not remembered
+    return times
