@@ -90,6 +90,9 @@ class CDStep:
         buffer: the ``ReplayBuffer`` the chains start from and go back to.
         alpha, real_noise_std, grad_norm_clip: the seed's 0.1, 0.005, 0.1.
         generator: the generator of the real-image noise (the buffer has its own).
+        forward: the module the training forward runs through, when it is not ``model`` itself (e.g.
+            ``DistributedDataParallel(model)``, whose backward all-reduces the gradients); the sampler always
+            samples from ``model``.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class CDStep:
         real_noise_std: float = 0.005,
         grad_norm_clip: float = 0.1,
         generator: torch.Generator | None = None,
+        forward: nn.Module | None = None,
     ):
         if sampler.model is not model:
             raise ValueError("the sampler must sample from the model being trained (sampler.model is not model)")
@@ -114,6 +118,7 @@ class CDStep:
         self.real_noise_std = float(real_noise_std)
         self.grad_norm_clip = float(grad_norm_clip)  # math.inf: no clipping (the norm is still reported)
         self.generator = generator
+        self.forward = model if forward is None else forward
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._guard = _Guard(self.params, optimizer)
 
@@ -122,8 +127,8 @@ class CDStep:
         real = (real + self.real_noise_std * noise).clamp_(-1.0, 1.0)
         fake = self.sampler.sample(self.buffer.draw(real.shape[0]))
 
-        self.model.train()
-        loss, reg, cdiv, real_out, fake_out = cd_loss(self.model, real, fake, self.alpha)
+        self.forward.train()
+        loss, reg, cdiv, real_out, fake_out = cd_loss(self.forward, real, fake, self.alpha)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_norm_clip)
