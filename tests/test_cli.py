@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from train_helpers import TINY_CLI, one_thread  # noqa: F401
 
-from ebmfast.checkpoint import load_checkpoint
 from ebmfast.cli import main
+from ebmfast.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,9 +122,9 @@ def test_train_without_cuda_device_exits_2(tmp_path, capsys):
 
 
 def test_quality_every_without_quality_module_exits_2(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ebmfast.quality", None)  # as if quality.py did not exist
+    monkeypatch.setitem(sys.modules, "ebmfast.evaluation.quality", None)  # as if quality.py did not exist
     rc, err = _rc(["train", "--out", str(tmp_path / "o"), "--quality-every", "2"], capsys)
-    assert rc == 2 and "ebmfast.quality" in err
+    assert rc == 2 and "ebmfast.evaluation.quality" in err
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ebmfast.checkpoint import load_checkpoint, load_model
-from ebmfast.config import TrainConfig
 from ebmfast.data import DataSplits, load_mnist5k
-from ebmfast.train import Trainer
+from ebmfast.training.checkpoint import load_checkpoint, load_model
+from ebmfast.training.config import TrainConfig
+from ebmfast.training.trainer import Trainer
 
 FIXTURE = Path(__file__).parent / "data" / "checkpoint_v1.pt"
 

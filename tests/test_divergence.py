@@ -6,9 +6,11 @@ import pytest
 import torch
 from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
 
-from ebmfast.divergence import DivergenceError, DivergenceMonitor, SnapshotRing, derive_seed
-from ebmfast.logging_utils import read_metrics
-from ebmfast.train import Trainer
+from ebmfast.errors import DivergenceError
+from ebmfast.training.divergence import DivergenceMonitor, SnapshotRing
+from ebmfast.training.runlog import read_metrics
+from ebmfast.training.state import derive_seed
+from ebmfast.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +38,7 @@ def _feed(mon, triples, start=0):
         ev = mon.check_step(
             (start + i + 1) * mon.check_every,
             {"loss": 0.0, "metrics_avg_real": real, "metrics_avg_fake": fake},
-            noise_out=lambda: noise,
+            noise_out=lambda noise=noise: noise,
         )
         if ev is not None:
             return ev, i
@@ -152,7 +154,7 @@ def test_run_recovers_from_injected_divergence(tmp_path, what, reasons):
     assert "divergence detected" in log and "rolled back to iteration 4" in log
     # the run still completed its 20 iterations after the roll-back; the final checkpoint is finite and usable
     assert result.iteration == 20
-    from ebmfast.checkpoint import load_model
+    from ebmfast.training.checkpoint import load_model
 
     load_model(tmp_path / "checkpoints" / "last.pt")
 

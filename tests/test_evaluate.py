@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from ebmfast import CNNModel, ReplayBuffer
-from ebmfast import evaluate as ev
 from ebmfast.cli import main
 from ebmfast.data import find_fashion_mnist, load_dataset
-from ebmfast.quality import CLASSIFIER_FILENAME, ClassifierConfig
+from ebmfast.evaluation import report as ev
+from ebmfast.evaluation.quality import CLASSIFIER_FILENAME, ClassifierConfig
+from ebmfast.training.checkpoint import model_record, save_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--n-samples", "16", "--steps", "8", "--n-ood", "100", "--classifier-epochs", "1", "--quiet"]
@@ -24,27 +25,17 @@ CONFIG = {
 
 
 def write_checkpoint(path, model, config, trainer=None):
-    """A training checkpoint as ``ebmfast.checkpoint`` writes it (its documented layout if the module is absent)."""
+    """A training checkpoint as ``ebmfast.training.checkpoint`` writes it."""
     state = {"kind": "train", "config": config}
     if trainer is not None:
         state["trainer"] = trainer
-    try:
-        from ebmfast.checkpoint import model_record, save_checkpoint
-    except ImportError:
-        record = {
-            "class": "CNNModel",
-            "kwargs": {"hidden_features": model.hidden_features, "out_dim": 1, "in_channels": 1},
-            "state_dict": model.state_dict(),
-        }
-        torch.save({"format": "ebmfast.checkpoint", "format_version": 1, "model": record, **state}, path)
-        return path
     return save_checkpoint(path, {"model": model_record(model), **state})
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    # trainer state as ebmfast.train stores it: provenance and the replay buffer (a small one here)
+    # trainer state as ebmfast.training stores it: provenance and the replay buffer (a small one here)
     buffer = ReplayBuffer((1, 28, 28), capacity=64, generator=torch.Generator().manual_seed(0))
     trainer = {"epoch": 3, "iteration": 105, "buffer": buffer.state_dict(), "epoch_metrics": {"rand_out": -1.5}}
     return write_checkpoint(tmp_path_factory.mktemp("run") / "last.pt", CNNModel(hidden_features=8), CONFIG, trainer)

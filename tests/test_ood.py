@@ -9,7 +9,7 @@ import torch
 
 from ebmfast import CNNModel, LangevinSampler, ReplayBuffer
 from ebmfast.data import load_dataset
-from ebmfast.ood import (
+from ebmfast.evaluation.ood import (
     SET_LABELS,
     add_gaussian_noise,
     auroc,
@@ -17,11 +17,10 @@ from ebmfast.ood import (
     energy_scores,
     flip,
     ood_analysis,
-    plot_energy_histograms,
-    plot_transform_examples,
     seed_table,
     shrink,
 )
+from ebmfast.evaluation.pictures import plot_energy_histograms, plot_transform_examples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ebmfast import LangevinSampler, ReplayBuffer, langevin_reference
 from ebmfast.cli import main
-from ebmfast.config import TrainConfig
+from ebmfast.training.config import TrainConfig
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 FEW = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from ebmfast import CNNModel, LangevinSampler
-from ebmfast import quality as q
 from ebmfast.data import DataSplits, load_dataset
-from ebmfast.quality import (
+from ebmfast.evaluation import quality as q
+from ebmfast.evaluation.generate import generate_from_noise
+from ebmfast.evaluation.quality import (
     ClassifierConfig,
     QualityCallback,
     class_statistics,
     classifier_outputs,
     fd_baselines,
     frechet_distance,
-    generate_from_noise,
     load_or_train_classifier,
     sqrtm_psd,
 )

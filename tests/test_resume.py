@@ -11,9 +11,9 @@ import pytest
 import torch
 from train_helpers import TINY_CLI, one_thread, small_data, tiny_config  # noqa: F401
 
-from ebmfast.checkpoint import load_checkpoint
 from ebmfast.cli import main
-from ebmfast.train import Trainer
+from ebmfast.training.checkpoint import load_checkpoint
+from ebmfast.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +61,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
     # Control: the comparison can fail. Resuming with the sampler's noise stream moved on gives other parameters.
     ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     ckpt["trainer"]["sampler"]["counters"] = {k: v + 1 for k, v in ckpt["trainer"]["sampler"]["counters"].items()}
-    from ebmfast.checkpoint import save_checkpoint
+    from ebmfast.training.checkpoint import save_checkpoint
 
     bad_path = tmp_path / "bad" / "checkpoints" / "last.pt"
     save_checkpoint(bad_path, {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})

@@ -10,10 +10,10 @@ from conftest import assert_close_verbose
 from PIL import Image
 from train_helpers import one_thread, small_data, tiny_config  # noqa: F401  (one_thread is a fixture)
 
-from ebmfast.config import PRESETS, TrainConfig
 from ebmfast.data import DataSplits
 from ebmfast.reference import langevin_reference
-from ebmfast.train import STEP_METRICS, VAL_METRICS, Trainer
+from ebmfast.training.config import PRESETS, TrainConfig
+from ebmfast.training.trainer import STEP_METRICS, VAL_METRICS, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +112,7 @@ def test_fit_writes_the_output_layout(tmp_path):
 
 
 def test_best_checkpoint_tracks_min_val_contrastive_divergence(tmp_path):
-    from ebmfast.checkpoint import load_checkpoint
+    from ebmfast.training.checkpoint import load_checkpoint
 
     tr = Trainer(tiny_config(epochs=3), data=small_data(), device="cpu", out_dir=tmp_path, progress=False)
     tr.fit()

@@ -1,7 +1,9 @@
 """The ``ebmfast`` command: ``train``, ``sample``, ``evaluate``, ``bench``.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
-Errors the user can fix (bad values, missing data or checkpoints) print one line and exit with code 2.
+Each subcommand is a module of this package (``ebmfast.cli.train``, ...) with ``add_arguments(parser)`` and
+``run(args) -> int``; the work itself is done by the library (``ebmfast.training``, ``ebmfast.evaluation``,
+``ebmfast.benchmark``), which never imports from here. Errors the user can fix (``ebmfast.errors.UsageError``: bad
+values, missing data or checkpoints, unwritable outputs) print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -10,20 +12,20 @@ import argparse
 import importlib
 import sys
 
+from ..errors import UsageError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
 COMMANDS = {
-    "train": ("ebmfast.train", "train an energy model by contrastive divergence (the seed's recipe)"),
-    "sample": ("ebmfast.generate", "draw samples from a checkpoint with Langevin dynamics, save a PNG grid"),
-    "evaluate": ("ebmfast.evaluate", "out-of-distribution scores, sample quality and a report for a checkpoint"),
-    "bench": ("ebmfast.bench", "measure sampler throughput per backend"),
+    "train": ("ebmfast.cli.train", "train an energy model by contrastive divergence (the seed's recipe)"),
+    "sample": ("ebmfast.cli.sample", "draw samples from a checkpoint with Langevin dynamics, save a PNG grid"),
+    "evaluate": ("ebmfast.cli.evaluate", "out-of-distribution scores, sample quality and a report for a checkpoint"),
+    "bench": ("ebmfast.cli.bench", "measure sampler throughput per backend"),
 }
 
 
-class UsageError(Exception):
-    """A bad value the user gave; reported in one line, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="ebmfast", description="Fast Langevin sampling for deep energy-based models")
     parser.add_argument("--version", action="version", version=f"ebmfast {__version__}")
@@ -38,13 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataNotFoundError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
-    except (UsageError, DataNotFoundError) as exc:
+    except UsageError as exc:
         print(f"ebmfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
