@@ -18,6 +18,7 @@ from torch import nn
 
 from ..buffer import ReplayBuffer
 from ..devices import resolve_device
+from ..reference import energy_scores
 from ..sampler import LangevinSampler
 from .timing import progress_bar, quantile, record_failure, rotations, telemetry_for, time_call, uniform, wall_call
 
@@ -71,7 +72,7 @@ class CDIteration:
         fake = self.sampler.sample(start, self.steps)
         self.buffer.push(fake)
         self.model.train()
-        real_out, fake_out = self.model(torch.cat([real, fake], dim=0)).chunk(2, dim=0)
+        real_out, fake_out = energy_scores(self.model, torch.cat([real, fake], dim=0)).chunk(2, dim=0)
         reg = self.alpha * (real_out**2 + fake_out**2).mean()
         loss = reg + fake_out.mean() - real_out.mean()
         self.optimizer.zero_grad(set_to_none=True)
