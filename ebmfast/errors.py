@@ -7,7 +7,17 @@ command line reports them in one line and exits with code 2. Library modules rai
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "CheckpointError", "DataNotFoundError", "OutputPathError", "DivergenceError"]
+import importlib
+
+__all__ = [
+    "UsageError",
+    "CheckpointError",
+    "DataNotFoundError",
+    "OutputPathError",
+    "MissingDependencyError",
+    "DivergenceError",
+    "require",
+]
 
 
 class UsageError(Exception):
@@ -26,5 +36,23 @@ class OutputPathError(UsageError, ValueError):
     """An output path that cannot be written (checked before any work starts)."""
 
 
+class MissingDependencyError(UsageError, ImportError):
+    """An optional package that a feature needs is not installed; the message names the pip extra that brings it."""
+
+
 class DivergenceError(RuntimeError):
     """Training kept diverging after the allowed number of roll-backs."""
+
+
+def require(module: str, purpose: str, package: str | None = None, extra: str = "train"):
+    """``importlib.import_module(module)``, or ``MissingDependencyError`` naming ``purpose``, the missing package and
+    the ebmfast extra that installs it. Optional packages are imported only in the functions that need them, so the
+    sampler works without any of them."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        name = package or module.split(".")[0]
+        raise MissingDependencyError(
+            f"{purpose} needs the package {name!r}, which is not installed ({exc}); install it with "
+            f"pip install 'ebmfast[{extra}]' (or pip install {name})"
+        ) from None

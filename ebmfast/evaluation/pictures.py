@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import require
 from .ood import SET_LABELS, add_gaussian_noise, auroc, energy_scores, flip, shrink
 
 __all__ = [
@@ -28,9 +29,8 @@ __all__ = [
 
 
 def _figure(*args, **kwargs):
-    from matplotlib.figure import Figure
-
-    return Figure(*args, **kwargs)
+    figure = require("matplotlib.figure", "the evaluate report's figures", package="matplotlib")
+    return figure.Figure(*args, **kwargs)
 
 
 def plot_generation_steps(trajectory_images: torch.Tensor, steps_shown: list[int], path: Path) -> None:
