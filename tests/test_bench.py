@@ -304,29 +304,6 @@ def test_bench_through_ebmfast_cli(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["matmul_peak"] is None
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--backends", "graph"], "not available on cpu"),
-        (["--batch", "0"], "positive"),
-        (["--backends", "turbo"], "backend must be one of"),
-    ],
-)
-def test_bench_usage_errors(extra, message, capsys):
-    args = [a for a in SMALL if a not in ("--backends", "eager")] if "--backends" in extra else list(SMALL)
-    if "--batch" in extra:
-        i = args.index("--batch")
-        del args[i : i + 2]
-    assert bench_main(args + extra) == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_bench_cuda_without_cuda_is_a_usage_error(capsys):
-    assert bench_main(["--device", "cuda", "--no-progress"]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------------------------ GPU-machine hygiene
 def test_imports_do_not_pull_optional_packages():
     """The GPU machine may lack matplotlib / tensorboard / mlxtend / torchvision: the package, the command line and

@@ -14,7 +14,16 @@ import torch
 from .throughput import SamplerResult
 from .training import TrainResult
 
-__all__ = ["environment", "fmt", "format_table", "format_train_table", "CSV_FIELDS", "csv_rows", "write_csv_history"]
+__all__ = [
+    "environment",
+    "fmt",
+    "format_table",
+    "format_train_table",
+    "CSV_FIELDS",
+    "csv_rows",
+    "check_csv_history",
+    "write_csv_history",
+]
 
 
 def _cpu_name() -> str:
@@ -201,14 +210,20 @@ def csv_rows(env: dict, sampler: list[SamplerResult], train: list[TrainResult], 
     return rows
 
 
+def check_csv_history(path) -> bool:
+    """True when ``path`` is new or empty (a header is due); ``ValueError`` when it holds another CSV's columns."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return True
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if header != list(CSV_FIELDS):
+        raise ValueError(f"{path} exists with columns {header}, expected {list(CSV_FIELDS)}: use a new file")
+    return False
+
+
 def write_csv_history(path: str, rows: list[dict]) -> None:
     """Append ``rows`` to the CSV at ``path`` (header written when the file is new or empty)."""
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new:
-        with open(path, newline="") as fh:
-            header = next(csv.reader(fh), None)
-        if header != list(CSV_FIELDS):
-            raise ValueError(f"{path} exists with columns {header}, expected {list(CSV_FIELDS)}: use a new file")
+    new = check_csv_history(path)
     with open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         if new:

@@ -24,10 +24,21 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported like every other usage error: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="ebmfast", description="Fast Langevin sampling for deep energy-based models")
+    parser = _Parser(prog="ebmfast", description="Fast Langevin sampling for deep energy-based models")
     parser.add_argument("--version", action="version", version=f"ebmfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -45,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except UsageError as exc:
-        print(f"ebmfast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ebmfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ebmfast {args.command}: interrupted", file=sys.stderr)

@@ -7,7 +7,6 @@ command without building the other subcommands.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,7 +15,15 @@ from dataclasses import asdict
 import torch
 
 from ..benchmark.flops import flops_per_sample_step
-from ..benchmark.report import csv_rows, environment, fmt, format_table, format_train_table, write_csv_history
+from ..benchmark.report import (
+    check_csv_history,
+    csv_rows,
+    environment,
+    fmt,
+    format_table,
+    format_train_table,
+    write_csv_history,
+)
 from ..benchmark.throughput import available_backends, bench_sampler
 from ..benchmark.timing import measure_matmul_peak
 from ..benchmark.training import SEED_EPOCHS, SEED_ITERS_PER_EPOCH, bench_train
@@ -24,6 +31,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..models import CNNModel
 from ..sampler import PRECISIONS
+from .outputs import output_file
 
 __all__ = ["GPU_BATCHES", "CPU_BATCHES", "DEFAULT_STEPS", "add_arguments", "run", "main"]
 
@@ -150,10 +158,33 @@ def run(args) -> int:
     iters = args.train_iters if args.train_iters is not None else (20 if cuda else 5)
     if rounds < 1 or iters < 1:
         raise UsageError(f"--rounds and --train-iters must be >= 1, got {rounds} and {iters}")
-
+    for flag, value, ok, wanted in (
+        ("--train-batch", args.train_batch, args.train_batch >= 1, "a positive integer"),
+        ("--train-steps", args.train_steps, args.train_steps >= 1, "a positive integer"),
+        (
+            "--hidden-features",
+            args.hidden_features,
+            args.hidden_features >= 2 and args.hidden_features % 2 == 0,
+            "an even integer >= 2",
+        ),
+        ("--peak-n", args.peak_n, args.peak_n is None or args.peak_n >= 1, "a positive integer"),
+        ("--max-call-s", args.max_call_s, args.max_call_s is None or args.max_call_s > 0, "> 0"),
+        ("--time-budget-s", args.time_budget_s, args.time_budget_s is None or args.time_budget_s >= 0, ">= 0"),
+        ("--threads", args.threads, args.threads is None or args.threads >= 1, "a positive integer"),
+        ("--seed", args.seed, args.seed >= 0, "a non-negative integer"),
+    ):
+        if not ok:
+            raise UsageError(f"{flag} must be {wanted}, got {value}")
+    # the output files, before any measurement
+    if args.json:
+        output_file(args.json, "--json")
+    if args.csv:
+        csv_path = output_file(args.csv, "--csv")
+        try:
+            check_csv_history(csv_path)
+        except ValueError as exc:  # a CSV with other columns: refused now, not after the measurements
+            raise UsageError(f"--csv {exc}") from None
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = CNNModel(hidden_features=args.hidden_features).to(device)
@@ -268,13 +299,15 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ebmfast.cli.bench``: the same as ``ebmfast bench``, without loading the other subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m ebmfast.cli.bench", description="measure sampler throughput")
+    from . import _one_line, _Parser
+
+    parser = _Parser(prog="python -m ebmfast.cli.bench", description="measure sampler throughput")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run(args)
     except UsageError as exc:
-        print(f"ebmfast bench: error: {exc}", file=sys.stderr)
+        print(f"ebmfast bench: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from ..data import DATASETS, load_dataset
 from ..devices import resolve_device
-from ..errors import UsageError
+from ..errors import UsageError, require
 from ..evaluation.quality import CLASSIFIER_FILENAME, ClassifierConfig
 from ..evaluation.report import check_n_samples, checkpoint_provenance, evaluate_model
-from ..sampler import BACKENDS
+from ..sampler import BACKENDS, resolve_backend
 from ..training.checkpoint import load_model
 from ..training.config import config_value
+from .outputs import output_dir
 
 __all__ = ["add_arguments", "run"]
 
@@ -112,10 +113,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     try:
         device = resolve_device(args.device)
-    except ValueError as exc:
+        if args.backend is not None:
+            resolve_backend(args.backend, device)
+    except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
-
-    log(f"loading {ckpt}")
+    out = output_dir(args.out if args.out else ckpt.parent / f"eval_{ckpt.stem}", "--out")
+    require("matplotlib.figure", "the evaluate report's charts", package="matplotlib")
+    require("PIL.Image", "the evaluate report's sample pictures", package="pillow")
     model, config = load_model(str(ckpt), map_location=device)  # CheckpointError is a UsageError: exit 2
     info, buffer_images = checkpoint_provenance(ckpt)
     config = dict(config or {})
@@ -123,11 +127,11 @@ def run(args: argparse.Namespace) -> int:
     if data_name not in DATASETS:
         raise UsageError(f"the checkpoint's data set {data_name!r} is not one of {list(DATASETS)}; pass --data")
     data = load_dataset(data_name, args.data_root or config_value(config, "data_root"))
-    out = Path(args.out) if args.out else ckpt.parent / f"eval_{ckpt.stem}"
     clf_path = (Path(args.classifier) if args.classifier else ckpt.parent / CLASSIFIER_FILENAME).resolve()
     problem = check_n_samples(args.n_samples, data)
     if problem:
         raise UsageError(f"--n-samples: {problem}")
+    log(f"loaded {ckpt} and {data.name}; writing the report to {out}")
     evaluate_model(
         model,
         config,

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from ..devices import resolve_device
-from ..errors import UsageError
+from ..errors import UsageError, require
 from ..evaluation.generate import generate
+from ..images import grid_image, save_image
 from ..reference import energy_scores
 from ..sampler import BACKENDS, resolve_backend
 from ..training.checkpoint import load_model
+from .outputs import output_file
 
 __all__ = ["add_arguments", "run", "IMAGE_SUFFIXES"]
 
@@ -58,19 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchvision.utils import save_image
-
     for name, lo, hi in (("n", 1, 100_000), ("steps", 1, 1_000_000), ("seed", 0, 2**62)):
         v = getattr(args, name)
         if not lo <= v <= hi:
             raise UsageError(f"--{name} must be in [{lo}, {hi}], got {v}")
     if args.nrow is not None and args.nrow < 1:
         raise UsageError(f"--nrow must be >= 1, got {args.nrow}")
-    out = Path(args.out)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"--out must name a {'/'.join(IMAGE_SUFFIXES)} file, got {str(out)!r}")
-    if out.exists() and out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'samples.png'}")
+    out = output_file(args.out, "--out", IMAGE_SUFFIXES)
+    require("PIL.Image", "ebmfast sample's picture", package="pillow")
     try:
         device = resolve_device(args.device)
         resolve_backend(args.backend, device)
@@ -86,10 +82,15 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         scores = energy_scores(model, samples).float()
     nrow = args.nrow or max(1, math.ceil(math.sqrt(args.n)))
+    picture = grid_image(
+        samples,
+        nrow,
+        title=f"{args.n} samples of {Path(args.checkpoint).name}",
+        caption=f"{args.steps} Langevin steps from U(-1, 1) noise each, seed {args.seed}; mean f(x) "
+        f"{float(scores.mean()):.3f}",
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    save_image(samples.float().cpu(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=0.5)
-    os.replace(tmp, out)
+    save_image(picture, out)
     print(
         f"ebmfast sample: wrote {out}: {args.n} samples, {args.steps} steps each, backend "
         f"{args.backend} on {device}, {seconds:.1f} s; mean f(x) of the samples {float(scores.mean()):.3f}"

@@ -20,6 +20,7 @@ from ..sampler import BACKENDS, PRECISIONS, resolve_backend
 from ..training.checkpoint import load_checkpoint
 from ..training.config import PRESETS, TrainConfig
 from ..training.trainer import Trainer
+from .outputs import output_dir
 
 __all__ = ["add_arguments", "build_config", "run"]
 
@@ -196,8 +197,7 @@ def run(args: argparse.Namespace) -> int:
         out = _run_dir_of(Path(args.resume))
     else:
         out = Path("runs") / (args.preset or "tutorial")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+    output_dir(out, "--out")
     existing = out / "checkpoints" / "last.pt"
     if not args.resume and not args.overwrite and existing.exists():
         raise UsageError(

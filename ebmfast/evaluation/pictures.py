@@ -1,9 +1,11 @@
-"""The figures of the ``ebmfast evaluate`` report (matplotlib, imported only when a figure is drawn).
+"""The figures of the ``ebmfast evaluate`` report.
 
-Sample grids: ``plot_generation_steps`` (the seed's figure: chains from noise at the shown steps), ``plot_samples``
-(generated or replay-buffer samples labelled by the classifier), ``plot_transform_examples`` (one test image, noisy,
-flipped, shrunk). Charts: ``plot_chain_energy`` (f(x) along the chains), ``plot_energy_histograms`` (test digits vs
-each out-of-distribution set, AUROC in the titles), ``plot_class_distribution``.
+Sample grids, drawn by ``ebmfast.images`` (each digit at 84 pixels, nearest-neighbour, with a title and labels):
+``plot_generation_steps`` (the seed's figure: chains from noise at the shown steps), ``plot_samples`` (generated or
+replay-buffer samples labelled by the classifier), ``plot_transform_examples`` (one test image, noisy, flipped,
+shrunk). Charts, drawn with matplotlib (imported only then): ``plot_chain_energy`` (f(x) along the chains),
+``plot_energy_histograms`` (test digits vs each out-of-distribution set, AUROC in the titles),
+``plot_class_distribution``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import require
+from ..images import grid_image, save_image
 from .ood import SET_LABELS, add_gaussian_noise, auroc, energy_scores, flip, shrink
 
 __all__ = [
@@ -33,19 +36,17 @@ def _figure(*args, **kwargs):
     return figure.Figure(*args, **kwargs)
 
 
-def plot_generation_steps(trajectory_images: torch.Tensor, steps_shown: list[int], path: Path) -> None:
-    """Rows: chains; columns: the state at each shown step (the seed's generation figure)."""
+def plot_generation_steps(trajectory_images: torch.Tensor, steps_shown: list[int], path: Path) -> Path:
+    """The seed's generation figure: rows are chains from U(-1, 1), columns their state at each shown step."""
     cols, rows = trajectory_images.shape[:2]  # (columns, chains, 1, 28, 28)
-    pad = 2
-    canvas = _canvas(trajectory_images.transpose(0, 1).reshape(-1, 1, 28, 28), cols, pad=pad)
-    fig = _figure(figsize=(0.75 * cols + 0.6, 0.75 * rows + 0.7))
-    ax = fig.add_axes((0.02, 0.12, 0.96, 0.8))
-    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_xticks([pad + c * (28 + pad) + 14 for c in range(cols)], [str(s) for s in steps_shown], fontsize=8)
-    ax.set_yticks([])
-    ax.set_xlabel("Langevin step (0 = U(-1, 1) start)", fontsize=8)
-    ax.set_title(f"Generation from noise: {rows} chains", fontsize=9)
-    fig.savefig(path, dpi=90)
+    picture = grid_image(
+        trajectory_images.transpose(0, 1).reshape(-1, *trajectory_images.shape[2:]),
+        cols,
+        title=f"Generation from noise: {rows} chains",
+        caption="rows: chains; columns: after the Langevin step shown above (0 = the U(-1, 1) start)",
+        col_labels=[str(k) for k in steps_shown],
+    )
+    return save_image(picture, path)
 
 
 def plot_chain_energy(scores: np.ndarray, ref_lines: dict[str, float], path: Path) -> None:
@@ -68,44 +69,15 @@ def plot_chain_energy(scores: np.ndarray, ref_lines: dict[str, float], path: Pat
     fig.savefig(path, dpi=80)
 
 
-def _canvas(images: torch.Tensor, cols: int, pad: int = 2, label_h: int = 0) -> np.ndarray:
-    """Tile (N, 1, 28, 28) images in [-1, 1] into one array (white gaps, ``label_h`` pixels above each for text)."""
-    n = len(images)
-    rows = math.ceil(n / cols)
-    cell_h, cell_w = 28 + pad + label_h, 28 + pad
-    canvas = np.ones((rows * cell_h + pad, cols * cell_w + pad), dtype=np.float32)
-    imgs = images.detach().float().cpu().clamp(-1, 1).numpy()
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = pad + r * cell_h + label_h, pad + c * cell_w
-        canvas[y : y + 28, x : x + 28] = imgs[i, 0]
-    return canvas
-
-
-def plot_samples(samples: torch.Tensor, probs: torch.Tensor | None, path: Path, cols: int = 8) -> None:
-    """A grid of generated samples, each labelled with the classifier's digit and confidence (one image, so it
-    draws quickly however many samples it shows)."""
-    label_h = 9 if probs is not None else 0
-    canvas = _canvas(samples, cols, label_h=label_h)
-    rows = math.ceil(len(samples) / cols)
-    fig = _figure(figsize=(0.95 * cols, 0.95 * rows * (39 + label_h) / 39))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
+def plot_samples(
+    samples: torch.Tensor, probs: torch.Tensor | None, path: Path, cols: int = 8, title: str | None = None
+) -> Path:
+    """A grid of samples, each labelled with the classifier's digit and confidence when ``probs`` is given."""
+    labels = None
     if probs is not None:
-        for i in range(len(samples)):
-            r, c = divmod(i, cols)
-            p, k = probs[i].max(0)
-            ax.text(
-                2 + c * 30 + 14,
-                2 + r * (30 + label_h) + label_h / 2,
-                f"{int(k)} ({float(p):.2f})",
-                ha="center",
-                va="center",
-                fontsize=6.5,
-                color="black",
-            )
-    fig.savefig(path, dpi=80)
+        conf, digit = probs.max(1)
+        labels = [f"{int(k)} ({float(p):.2f})" for p, k in zip(conf, digit)]
+    return save_image(grid_image(samples, cols, title=title, cell_labels=labels), path)
 
 
 def plot_class_distribution(fractions: list[float], confidence: float, path: Path) -> None:
@@ -166,19 +138,13 @@ def plot_energy_histograms(scores: dict[str, torch.Tensor], path, title: str = "
 
 
 def plot_transform_examples(model: nn.Module, image: torch.Tensor, path, noise_seed: int = 0) -> Path:
-    """The seed's image-to-image comparison: one test image, noisy, flipped, shrunk, each titled with its f(x)
-    (the same noise draw as :func:`seed_table` with the same ``noise_seed``)."""
+    """The seed's image-to-image comparison: one test image, noisy, flipped, shrunk, each labelled with its f(x)
+    (the same noise draw as ``ood.seed_table`` with the same ``noise_seed``)."""
     img = image.reshape(1, *image.shape[-3:])
     noisy = add_gaussian_noise(img, generator=torch.Generator().manual_seed(noise_seed))
     variants = [("test image", img), ("+ N(0, 0.3²)", noisy), ("flipped", flip(img)), ("shrunk ×2", shrink(img))]
     batch = torch.cat([v for _, v in variants])
-    s = energy_scores(model, batch)
-    fig = _figure(figsize=(2.0 * len(variants), 2.4), layout="constrained")
-    axes = fig.subplots(1, len(variants))
-    for ax, (name, _), x, score in zip(axes, variants, batch, s):
-        ax.imshow(x[0].cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(f"{name}\nf(x) = {float(score):.2f}", fontsize=9)
-        ax.set_axis_off()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    return path
+    scores = energy_scores(model, batch)
+    labels = [f"{name}\nf(x) = {float(score):.2f}" for (name, _), score in zip(variants, scores)]
+    picture = grid_image(batch, len(variants), title="A test image and the seed's transformations", cell_labels=labels)
+    return save_image(picture, Path(path))

@@ -229,10 +229,22 @@ def evaluate_model(
         buffer_q = _q.sample_quality(clf, buf, base["reference_feats"])
         buffer_q["score_mean"] = float(_ood.energy_scores(model, buf, device=device).mean())
         _, buf_probs = _q.classifier_outputs(clf, buf[:N_SHOWN_SAMPLES])
-        plot_samples(buf[:N_SHOWN_SAMPLES], buf_probs, out_dir / "buffer_samples.png")
+        plot_samples(
+            buf[:N_SHOWN_SAMPLES],
+            buf_probs,
+            out_dir / "buffer_samples.png",
+            title=f"Replay-buffer samples from the checkpoint ({min(n_samples, N_SHOWN_SAMPLES)} of "
+            f"{len(buffer_images)}), labelled by the classifier: digit (confidence)",
+        )
         images.append("buffer_samples.png")
     timings["quality_s"] = time.perf_counter() - t0
-    plot_samples(samples[:N_SHOWN_SAMPLES], sample_probs, out_dir / "samples.png")
+    plot_samples(
+        samples[:N_SHOWN_SAMPLES],
+        sample_probs,
+        out_dir / "samples.png",
+        title=f"Samples after {steps} Langevin steps from U(-1, 1) (the first {min(n_samples, N_SHOWN_SAMPLES)} of "
+        f"{n_samples}), labelled by the classifier: digit (confidence)",
+    )
     plot_class_distribution(gen_q["class_fractions"], gen_q["mean_confidence"], out_dir / "class_distribution.png")
 
     # ---- 4. health checks (the seed: "energy models ... often diverge if the hyperparameters are not well tuned")
