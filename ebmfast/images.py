@@ -35,14 +35,18 @@ def scale_for(height: int, width: int, min_pixels: int = MIN_PIXELS) -> int:
 
 
 def to_pixels(images: torch.Tensor, value_range=(-1.0, 1.0)) -> np.ndarray:
-    """(N, 1, H, W) or (N, H, W) values in ``value_range`` -> uint8 (N, H, W), rounded as torchvision's save_image."""
-    x = images.detach().float().cpu()
+    """(N, 1, H, W) or (N, H, W) values in ``value_range`` -> uint8 (N, H, W), rounded as torchvision's save_image.
+    A uint8 tensor is taken as pixels already."""
+    x = images.detach().cpu()
     if x.dim() == 4:
         if x.shape[1] != 1:
             raise ValueError(f"expected single-channel images (N, 1, H, W), got shape {tuple(x.shape)}")
         x = x[:, 0]
     if x.dim() != 3:
         raise ValueError(f"expected images of shape (N, 1, H, W) or (N, H, W), got {tuple(images.shape)}")
+    if x.dtype == torch.uint8:
+        return x.numpy().copy()
+    x = x.float()
     lo, hi = value_range
     x = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
