@@ -43,6 +43,7 @@ def trained_ckpt(tmp_path_factory):
     return out / "checkpoints" / "last.pt", tr
 
 
+@pytest.mark.slow
 def test_round_trip(trained_ckpt):
     path, tr = trained_ckpt
     model, config = load_model(path)
@@ -71,6 +72,7 @@ def _expect(path, pattern, loader=load_checkpoint):
         loader(path)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_give_clear_errors(tmp_path, trained_ckpt):
     good, _ = trained_ckpt
     _expect(tmp_path / "missing.pt", "no checkpoint at")
@@ -115,6 +117,7 @@ def test_other_model_config_is_refused(tmp_path):
     _expect(tmp_path / "nan.pt", "non-finite", loader=load_model)
 
 
+@pytest.mark.slow
 def test_resume_with_other_model_config_is_refused(trained_ckpt, tmp_path):
     path, _ = trained_ckpt
     with pytest.raises(CheckpointError, match="hidden_features=8"):
@@ -165,6 +168,7 @@ _SAVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path):
     """A subprocess saves a 24 MB checkpoint in a loop; we kill -9 it at random moments (at least 3 times, until a
     kill has landed mid-save, at most 8). Each time the file on disk must load and be self-consistent (its tensor

@@ -135,6 +135,7 @@ def _fit(tmp_path, inject, **kw):
         tr.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, reasons", [("nan", {"non_finite"}), ("lr_spike", {"non_finite", "energy_explosion"})])
 def test_run_recovers_from_injected_divergence(tmp_path, what, reasons):
     inject = Inject(at=5, what=what)
@@ -159,6 +160,7 @@ def test_run_recovers_from_injected_divergence(tmp_path, what, reasons):
     load_model(tmp_path / "checkpoints" / "last.pt")
 
 
+@pytest.mark.slow
 def test_bounded_retries_then_a_clear_error(tmp_path):
     inject = Inject(at=6, what="nan", always=True)
     with pytest.raises(DivergenceError, match=r"diverged 3 times \(max_recoveries=2\)"):
@@ -167,6 +169,7 @@ def test_bounded_retries_then_a_clear_error(tmp_path):
     assert "giving up" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_gap_collapse_triggers_recovery_in_a_run(tmp_path):
     """The trainer's wiring of the gap check: f(noise) is stubbed to first look learnt (gap ~ 10), then to score like
     data; after ``patience`` failing checks the run rolls back, then finishes."""
@@ -187,6 +190,7 @@ def test_gap_collapse_triggers_recovery_in_a_run(tmp_path):
     assert calls[:4] == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_divergence_check_can_be_turned_off(tmp_path):
     inject = Inject(at=5, what="nan")
     tr, result = _fit(tmp_path, inject, divergence_check=False)

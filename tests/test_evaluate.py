@@ -52,6 +52,7 @@ def check_report(out):
     return report, md
 
 
+@pytest.mark.slow
 def test_cli_writes_a_report_that_parses(ckpt, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), *SMALL]) == 0
@@ -86,6 +87,7 @@ def test_cli_writes_a_report_that_parses(ckpt, tmp_path, capsys):
     assert report2["ood"]["seed_table"] == report["ood"]["seed_table"]  # same seed -> same numbers
 
 
+@pytest.mark.slow
 def test_report_notes_a_missing_fashion_mnist(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "find_fashion_mnist", lambda root=None: None)
     data = load_dataset("mnist5k")

@@ -23,6 +23,7 @@ def mlp(out: int = 1) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_train_step_with_an_n_by_1_model():
     model = mlp()
     before = [p.detach().clone() for p in model.parameters()]
@@ -39,6 +40,7 @@ def test_train_step_with_an_n_by_1_model():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.slow
 def test_scores_generation_flops_and_benchmark_with_an_n_by_1_model():
     model = mlp()
     x = torch.rand(5, *SHAPE) * 2 - 1

@@ -15,7 +15,7 @@ from ebmfast.cli import main
 from ebmfast.training.checkpoint import load_checkpoint
 from ebmfast.training.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test here trains
 
 # 160 images / batch 16 = 10 iterations per epoch: stop at 7 (mid-epoch), compare at 17 (in the next epoch, after an
 # epoch end with validation, rand_out, grids, StepLR, checkpoints and snapshots). Snapshots every 4 iterations.

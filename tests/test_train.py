@@ -19,6 +19,7 @@ from ebmfast.training.trainer import STEP_METRICS, VAL_METRICS, Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_train_step_is_the_seed_recipe():
     """One train_step equals the seed's step written out independently: noisy clamped reals, Langevin chains from
     the buffer (the eager reference fed the sampler's noise stream), reg + cdiv, grad-norm clip 0.1, Adam."""
@@ -57,6 +58,7 @@ def test_train_step_is_the_seed_recipe():
     assert int(tr.buffer.ptr) == 16
 
 
+@pytest.mark.slow
 def test_training_widens_gap_between_data_and_noise():
     """A few dozen iterations on the embedded MNIST subset: mean f(held-out digits) - mean f(uniform noise) grows.
 
@@ -86,6 +88,7 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_fit_writes_the_output_layout(tmp_path):
     cfg = tiny_config(tensorboard=True, epochs=2)
     out = tmp_path / "run"
@@ -114,6 +117,7 @@ def test_fit_writes_the_output_layout(tmp_path):
     assert_honest_grid(buf, ncols=8, nrows=1)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_tracks_min_val_contrastive_divergence(tmp_path):
     from ebmfast.training.checkpoint import load_checkpoint
 
@@ -128,6 +132,7 @@ def test_best_checkpoint_tracks_min_val_contrastive_divergence(tmp_path):
     assert best["trainer"]["epoch"] == 1 + vals.index(min(vals))
 
 
+@pytest.mark.slow
 def test_callbacks_get_called_and_their_metrics_logged(tmp_path):
     calls = []
 
@@ -180,6 +185,7 @@ def test_trainer_rejects_bad_inputs(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_out_dir_holding_a_run_is_not_overwritten(tmp_path):
     cfg = tiny_config(max_iterations=2, sample_every=0)
     tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=tmp_path, progress=False)
