@@ -60,7 +60,7 @@ class TrainConfig:
     gen_show_every: int = 32  # ... showing every N-th step (256 / 32 = 8 columns)
     buffer_grid_images: int = 32  # buffer grid: this many random replay-buffer images
     tensorboard: bool = True
-    # ---- divergence detection and recovery (ebmfast.divergence)
+    # ---- divergence detection and recovery (ebmfast.training.divergence)
     divergence_check: bool = True
     max_recoveries: int = 3  # roll-backs allowed in one run before giving up
     recovery_lr_factor: float = 0.5  # lr multiplier applied at each roll-back (1.0 keeps the lr)
@@ -145,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {},
     # Shortened for a 2-core CPU, <= 10 minutes (docs/quick_preset.md has the measurements): 12 epochs of the
     # embedded subset's 4,500 training images = 420 iterations, at twice the seed's lr (at the seed's lr, a run on
-    # this project's 2-core CPU needed ~760 iterations before the replay buffer held recognisable digits; see
+    # this project's 2-core CPU held recognisable digits in the replay buffer after 760 iterations; see
     # docs/quick_preset.md). One epoch here is 35 iterations, 1/13 of a full-MNIST epoch (468), so the per-epoch
     # StepLR factor is 0.97^(35/468) = 0.9977: the lr decays per iteration as in the seed's run. Everything else is
     # the seed's.
