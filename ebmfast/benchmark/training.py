@@ -33,8 +33,10 @@ class CDIteration:
 
     Real images get N(0, 0.005^2) noise and are clamped; chains start from the replay buffer (5 % fresh uniform
     noise), run ``steps`` Langevin steps, are written back; loss = alpha*(real_out^2 + fake_out^2).mean()
-    + fake_out.mean() - real_out.mean(); Adam(lr, betas=(0.0, 0.999)) steps. No host synchronisation inside
-    (the loss stays a device tensor)."""
+    + fake_out.mean() - real_out.mean(); Adam(lr, betas=(0.0, 0.999)) steps. The loss is returned as a device
+    tensor (not read back), but the iteration is not free of host synchronisation: ``sampler.sample`` (with its
+    default ``check_finite=True``) and ``buffer.push`` each check that their input is finite, which waits for the
+    device once per call (checks are skipped only while a CUDA graph is being captured)."""
 
     def __init__(
         self,

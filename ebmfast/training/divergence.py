@@ -169,9 +169,6 @@ class SnapshotRing:
         self._ring.append((iteration, _to_cpu_copy(state)))
         self._used_newest = False
 
-    def newest_iteration(self) -> int | None:
-        return self._ring[-1][0] if self._ring else None
-
     def rollback_target(self) -> tuple[int, dict]:
         if not self._ring:
             raise DivergenceError("no good snapshot to roll back to")
