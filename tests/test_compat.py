@@ -74,6 +74,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def test_public_names():
+    """``from ebmfast import ...`` keeps the engine's names and adds the outer entry points (imported on first use)."""
+    import ebmfast
+    from ebmfast.data import load_dataset
+    from ebmfast.training.trainer import Trainer as TrainerClass
+
+    assert ebmfast.Trainer is TrainerClass and ebmfast.TrainConfig is TrainConfig
+    assert ebmfast.load_model is load_model and ebmfast.load_dataset is load_dataset
+    assert {"CNNModel", "LangevinSampler", "ReplayBuffer", "langevin_reference", "BACKENDS"} <= set(ebmfast.__all__)
+    assert set(ebmfast.__all__) <= set(dir(ebmfast))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ebmfast.nope  # noqa: B018
+
+
 def test_old_checkpoint_loads():
     model, config = load_model(FIXTURE)
     assert model.hidden_features == 2 and not model.training

@@ -21,13 +21,15 @@ for m in OPTIONAL:
     sys.modules[m] = None
 import torch
 import ebmfast
+outer_loaded = sorted(m for m in sys.modules if m.split(".")[:2] in (["ebmfast", "training"], ["ebmfast", "evaluation"],
+                      ["ebmfast", "benchmark"], ["ebmfast", "cli"]))
 from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, Trainer, TrainConfig, load_model  # lazy names resolve
 from ebmfast.cli import build_parser, main
 
 build_parser()  # every command's module imports
 x = ReplayBuffer((1, 28, 28), capacity=8).draw(4)
 samples = LangevinSampler(CNNModel(8), steps=2, backend="eager", seed=0).sample(x)
-result = {{"sampled": list(samples.shape)}}
+result = {{"sampled": list(samples.shape), "outer_loaded_by_import": outer_loaded}}
 
 def run(argv):
     err = io.StringIO()
@@ -55,6 +57,7 @@ def test_core_works_without_the_train_extra(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["sampled"] == [4, 1, 28, 28]
+    assert r["outer_loaded_by_import"] == []  # `import ebmfast` loads the engine only
     assert r["still_blocked"] == []  # nothing replaced the blocked entries (nothing imported them another way)
     assert r["bench"][0] == 0, r["bench"][1]
     assert json.loads((tmp_path / "b.json").read_text())["sampler"][0]["median_s"] > 0
