@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     picture = grid_image(
         samples,
         nrow,
-        title=f"{args.n} samples of {Path(args.checkpoint).name}",
+        title=f"{args.n} samples from {Path(args.checkpoint).name}",
         caption=f"{args.steps} Langevin steps from U(-1, 1) noise each, seed {args.seed}; mean f(x) "
         f"{float(scores.mean()):.3f}",
     )
