@@ -14,7 +14,7 @@ import statistics
 import pytest
 
 from ebmfast import ReplayBuffer, ops
-from ebmfast.bench import time_call
+from ebmfast.benchmark.timing import time_call
 
 
 @pytest.mark.parametrize("batch", [128, 8192])

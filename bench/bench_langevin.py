@@ -17,8 +17,9 @@ import gc
 import pytest
 import torch
 
-from ebmfast.bench import SamplerResult, _Memory, _telemetry, _uniform, time_call, wall_call
-from ebmfast.flops import flops_per_sample_step
+from ebmfast.benchmark.flops import flops_per_sample_step
+from ebmfast.benchmark.throughput import SamplerResult
+from ebmfast.benchmark.timing import Memory, telemetry_for, time_call, uniform, wall_call
 from ebmfast.sampler import LangevinSampler
 
 
@@ -33,13 +34,13 @@ def test_langevin_throughput(benchmark, bench_ctx, backend, batch, steps):
         ctx.sampler_results.append(row)
         pytest.skip(row.skipped)
 
-    x = _uniform((batch, *model.input_shape), device, 1000 + batch)
+    x = uniform((batch, *model.input_shape), device, 1000 + batch)
     base = torch.cuda.memory_allocated(device) if ctx.cuda else None
     sampler = LangevinSampler(model, steps=steps, backend=backend, seed=0)
-    with _telemetry(device, True) as tel:
-        with _Memory(device, base) as mem_first:
+    with telemetry_for(device, True) as tel:
+        with Memory(device, base) as mem_first:
             row.first_call_s = wall_call(lambda: sampler.sample(x, steps), device)
-        with _Memory(device, base) as mem:
+        with Memory(device, base) as mem:
             time_call(lambda: sampler.sample(x, steps), device)
         row.first_call_mem_mb, row.peak_mem_mb = mem_first.mb, mem.mb
         row.last_backend = sampler.last_backend

@@ -1,11 +1,13 @@
 """Contrastive-divergence training throughput per backend (pytest-benchmark): the seed's recipe at batch 128,
-60 Langevin steps per iteration (``--bench-train-batch`` / ``--bench-train-steps`` change them), and the projected wall time of its 60-epoch MNIST run (468 iterations/epoch).
+60 Langevin steps per iteration (``--bench-train-batch`` / ``--bench-train-steps`` change them), and the projected
+wall time of its 60-epoch MNIST run (468 iterations/epoch).
 
     pytest bench/bench_train.py --benchmark-only [--bench-device cuda] [--bench-train-iters N]
 
-One iteration = replay-buffer draw + K-step chain + write-back + loss + Adam step (``ebmfast.bench.CDIteration``),
-on synthetic real images in [-1, 1]. All backends train the same model object with one shared Adam, so
-torch.compile does not re-compile per model copy. Measurements only: nothing is asserted about speed.
+One iteration = replay-buffer draw + K-step chain + write-back + loss + Adam step
+(``ebmfast.benchmark.training.CDIteration``), on synthetic real images in [-1, 1]. All backends train the same
+model object with one shared Adam, so torch.compile does not re-compile per model copy. Measurements only: nothing
+is asserted about speed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import dataclasses
 
 import torch
 
-from ebmfast.bench import CDIteration, TrainResult, _telemetry, _uniform, time_call, wall_call
+from ebmfast.benchmark.timing import telemetry_for, time_call, uniform, wall_call
+from ebmfast.benchmark.training import CDIteration, TrainResult
 
 
 def test_cd_iteration(benchmark, bench_ctx, backend):
@@ -24,9 +27,9 @@ def test_cd_iteration(benchmark, bench_ctx, backend):
         ctx.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.999))
     batch, steps = ctx.train_batch, ctx.train_steps  # default: the seed's 128 and 60
     row = TrainResult(backend, batch, steps, str(device), "cuda-events" if ctx.cuda else "perf_counter")
-    real = _uniform((batch, *model.input_shape), device, 7)
+    real = uniform((batch, *model.input_shape), device, 7)
     step = CDIteration(model, backend, batch, steps, device, seed=0, optimizer=ctx.optimizer)
-    with _telemetry(device, True) as tel:
+    with telemetry_for(device, True) as tel:
         row.first_iter_s = wall_call(lambda: step(real), device)
         row.last_backend = step.sampler.last_backend
 

@@ -51,13 +51,13 @@ def pytest_collect_file(file_path, parent):
 
 
 def _device(config) -> torch.device:
-    from ebmfast.bench import resolve_device
+    from ebmfast.devices import resolve_device
 
     return resolve_device(config.getoption("--bench-device"))
 
 
 def _backends(config) -> list[str]:
-    from ebmfast.bench import available_backends
+    from ebmfast.benchmark.throughput import available_backends
 
     usable, unusable = available_backends(_device(config), config.getoption("--bench-backends"))
     if config.getoption("--bench-backends") and unusable:
@@ -102,12 +102,12 @@ class BenchContext:
         self.train_batch = config.getoption("--bench-train-batch")
         self.train_steps = config.getoption("--bench-train-steps")
         self.peak = None
-        self.sampler_results = []  # ebmfast.bench.SamplerResult
-        self.train_results = []  # ebmfast.bench.TrainResult
+        self.sampler_results = []  # ebmfast.benchmark.throughput.SamplerResult
+        self.train_results = []  # ebmfast.benchmark.training.TrainResult
         self.optimizer = None  # shared by the training benchmarks (same model object: no re-compilation)
 
     def measure_peak(self):
-        from ebmfast.bench import measure_matmul_peak
+        from ebmfast.benchmark.timing import measure_matmul_peak
 
         if self.peak is None and not self.config.getoption("--bench-no-peak"):
             self.peak = measure_matmul_peak(self.device)
@@ -140,7 +140,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     ctx = getattr(config, "_ebmfast_bench", None)
     if ctx is None:
         return
-    from ebmfast.bench import format_table, format_train_table
+    from ebmfast.benchmark.report import format_table, format_train_table
 
     tr = terminalreporter
     if ctx.peak:

@@ -31,7 +31,8 @@
 #                     re-compiles cheaper.
 #   profile <= 90 s   bench/profile_step.py: graph-backend variants (cuDNN benchmark off/on, fp32/tf32) and a
 #                     kernel profile of one chain (needs >= 30 s, else skipped)
-#   summary <= 20 s   reads the JSON files; the targets of issue 4 are reported as met / NOT met / not measured.
+#   summary <= 20 s   bench/device_summary.py reads the JSON files; the targets of issue 4 are reported as met /
+#                     NOT met / not measured.
 # Compile caches are left at their defaults (/tmp), shared by the stages.
 set -u -o pipefail
 
@@ -167,8 +168,8 @@ CLI_CELLS_S=$(( CLI_MAX - 60 > 30 ? CLI_MAX - 60 : 30 ))
 if "$PY" -c "import ebmfast.cli as c; c.build_parser()" > "$OUT/cli_import.log" 2>&1; then
   BENCH_CMD=("$PY" -m ebmfast bench)
 else
-  echo "[bench_cli] WARNING: 'ebmfast' CLI does not build (see $OUT/cli_import.log); using python -m ebmfast.bench"
-  BENCH_CMD=("$PY" -m ebmfast.bench)
+  echo "[bench_cli] WARNING: 'ebmfast' CLI does not build (see $OUT/cli_import.log); using python -m ebmfast.cli.bench"
+  BENCH_CMD=("$PY" -m ebmfast.cli.bench)
 fi
 stage bench_cli 200 40 "${BENCH_CMD[@]}" --device "$DEVICE" "${CLI_MATRIX[@]}" --time-budget-s "$CLI_CELLS_S" \
   --json "$OUT/bench.json" --csv "$OUT/bench_history.csv" --no-progress
@@ -194,8 +195,7 @@ while IFS=$'\t' read -r name rc _; do
   fi
 done < "$OUT/stages.tsv"
 echo "---- wall time: $(( SECONDS - START ))s of the ${TOTAL_S}s budget ----"
-timeout 20s "$PY" -c "import sys; from ebmfast.bench import summarize_device_check; \
-print(summarize_device_check(sys.argv[1]))" "$OUT" > "$OUT/summary.txt" 2> "$OUT/summary.err"
+timeout 20s "$PY" bench/device_summary.py "$OUT" > "$OUT/summary.txt" 2> "$OUT/summary.err"
 if [ -s "$OUT/summary.err" ]; then
   echo "---- summary errors ----"
   tail -n 5 "$OUT/summary.err"

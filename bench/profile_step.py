@@ -19,11 +19,12 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from functools import partial
 
 import torch
 
 from ebmfast import CNNModel, LangevinSampler
-from ebmfast.bench import _uniform, time_call
+from ebmfast.benchmark.timing import time_call, uniform
 
 
 def graph_variants(model, batches, steps, reps):
@@ -32,7 +33,7 @@ def graph_variants(model, batches, steps, reps):
     H200 it changed nothing here (2026-11-30: 229.6 vs 231.6 us/step at batch 128, 8002.6 vs 8006.0 at 16384)."""
     rows = []
     for batch in batches:
-        x = _uniform((batch, *model.input_shape), torch.device("cuda"), batch)
+        x = uniform((batch, *model.input_shape), torch.device("cuda"), batch)
         for channels_last in (False, True):
             for precision in ("fp32", "tf32"):
                 s = LangevinSampler(
@@ -46,7 +47,7 @@ def graph_variants(model, batches, steps, reps):
                 )
                 s.sample(x)  # warm-up + capture
                 n = reps if batch < 4096 else max(3, reps // 2)
-                times = [time_call(lambda: s.sample(x), torch.device("cuda")) for _ in range(n)]
+                times = [time_call(partial(s.sample, x), torch.device("cuda")) for _ in range(n)]
                 ms = statistics.median(times) * 1e3
                 rows.append(
                     dict(
@@ -77,7 +78,7 @@ def kernel_profile(model, batch, steps, backend, channels_last=None):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    x = _uniform((batch, *model.input_shape), torch.device("cuda"), 7)
+    x = uniform((batch, *model.input_shape), torch.device("cuda"), 7)
     s = LangevinSampler(model, steps=steps, backend=backend, seed=0, check_finite=False, channels_last=channels_last)
     s.sample(x)
     s.sample(x)
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
         doc["profiles"].append(p)
         save()
         print(
-            f"\nprofile: {backend}, channels_last={channels_last}, batch {p['batch']}, {p['steps']} steps: {p['kernels_per_step']:.1f} kernels/step, "
+            f"\nprofile: {backend}, channels_last={channels_last}, batch {p['batch']}, {p['steps']} steps: "
+            f"{p['kernels_per_step']:.1f} kernels/step, "
             f"GPU busy {p['busy_us_per_step']:.1f} us/step of {p['chain_us_per_step']:.1f} us/step (events, unprofiled)"
         )
         for k in p["top"]:

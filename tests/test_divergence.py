@@ -6,9 +6,11 @@ import pytest
 import torch
 from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
 
-from ebmfast.divergence import DivergenceError, DivergenceMonitor, SnapshotRing, derive_seed
-from ebmfast.logging_utils import read_metrics
-from ebmfast.train import Trainer
+from ebmfast.errors import DivergenceError
+from ebmfast.training.divergence import DivergenceMonitor, SnapshotRing
+from ebmfast.training.runlog import read_metrics
+from ebmfast.training.state import derive_seed
+from ebmfast.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +38,7 @@ def _feed(mon, triples, start=0):
         ev = mon.check_step(
             (start + i + 1) * mon.check_every,
             {"loss": 0.0, "metrics_avg_real": real, "metrics_avg_fake": fake},
-            noise_out=lambda: noise,
+            noise_out=lambda noise=noise: noise,
         )
         if ev is not None:
             return ev, i
@@ -133,6 +135,7 @@ def _fit(tmp_path, inject, **kw):
         tr.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, reasons", [("nan", {"non_finite"}), ("lr_spike", {"non_finite", "energy_explosion"})])
 def test_run_recovers_from_injected_divergence(tmp_path, what, reasons):
     inject = Inject(at=5, what=what)
@@ -152,11 +155,12 @@ def test_run_recovers_from_injected_divergence(tmp_path, what, reasons):
     assert "divergence detected" in log and "rolled back to iteration 4" in log
     # the run still completed its 20 iterations after the roll-back; the final checkpoint is finite and usable
     assert result.iteration == 20
-    from ebmfast.checkpoint import load_model
+    from ebmfast.training.checkpoint import load_model
 
     load_model(tmp_path / "checkpoints" / "last.pt")
 
 
+@pytest.mark.slow
 def test_bounded_retries_then_a_clear_error(tmp_path):
     inject = Inject(at=6, what="nan", always=True)
     with pytest.raises(DivergenceError, match=r"diverged 3 times \(max_recoveries=2\)"):
@@ -165,6 +169,7 @@ def test_bounded_retries_then_a_clear_error(tmp_path):
     assert "giving up" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_gap_collapse_triggers_recovery_in_a_run(tmp_path):
     """The trainer's wiring of the gap check: f(noise) is stubbed to first look learnt (gap ~ 10), then to score like
     data; after ``patience`` failing checks the run rolls back, then finishes."""
@@ -185,6 +190,7 @@ def test_gap_collapse_triggers_recovery_in_a_run(tmp_path):
     assert calls[:4] == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 def test_divergence_check_can_be_turned_off(tmp_path):
     inject = Inject(at=5, what="nan")
     tr, result = _fit(tmp_path, inject, divergence_check=False)

@@ -9,7 +9,7 @@ import torch
 
 from ebmfast import CNNModel, LangevinSampler, ReplayBuffer
 from ebmfast.data import load_dataset
-from ebmfast.ood import (
+from ebmfast.evaluation.ood import (
     SET_LABELS,
     add_gaussian_noise,
     auroc,
@@ -17,11 +17,10 @@ from ebmfast.ood import (
     energy_scores,
     flip,
     ood_analysis,
-    plot_energy_histograms,
-    plot_transform_examples,
     seed_table,
     shrink,
 )
+from ebmfast.evaluation.pictures import plot_energy_histograms, plot_transform_examples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -140,6 +139,7 @@ def test_ood_sets_have_matching_shapes_and_sizes(data):
 
 
 # ----------------------------------------------------------------------------------------------- on a trained model
+@pytest.mark.slow
 def test_briefly_trained_model_separates_noise_from_digits(trained, data):
     report = ood_analysis(trained, data.val_images, data.train_images, n=500, seed=0)
     s = report.summary
@@ -158,6 +158,7 @@ def test_briefly_trained_model_separates_noise_from_digits(trained, data):
     assert json_ready["sets"]["noise"]["n"] == 500
 
 
+@pytest.mark.slow
 def test_seed_table_matches_direct_evaluation(trained, data):
     gen = torch.Generator().manual_seed(3)
     table = seed_table(trained, data.train_images, data.val_images, generator=gen, noise_seed=5)
@@ -170,6 +171,7 @@ def test_seed_table_matches_direct_evaluation(trained, data):
         assert table["test_image_noisy"] == pytest.approx(float(trained(noisy)), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_energy_scores_batches_and_restores_training_mode(trained, data):
     trained.train()
     x = data.val_images[:37]
@@ -192,6 +194,7 @@ def test_non_finite_scores_are_reported_not_fatal(data):
     assert report.summary["noise"]["non_finite"] > 0
 
 
+@pytest.mark.slow
 def test_plots_are_written(trained, data, tmp_path):
     report = ood_analysis(trained, data.val_images, data.train_images, fashion=data.train_images[:40], n=60, seed=1)
     p = plot_energy_histograms(report.scores, tmp_path / "h.png", title="t")

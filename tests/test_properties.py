@@ -16,7 +16,8 @@ from torch import nn
 
 from ebmfast import LangevinSampler, ReplayBuffer, langevin_reference
 from ebmfast.cli import main
-from ebmfast.config import TrainConfig
+from ebmfast.sampler import BACKENDS, PRECISIONS
+from ebmfast.training.config import TrainConfig
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 FEW = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -75,8 +76,8 @@ SAMPLER_ORACLE = {
     "noise_std": lambda v: _is_real(v) and v >= 0,
     "grad_clip": lambda v: _is_real(v) and v > 0,
     "clamp": _valid_clamp,
-    "backend": lambda v: v in ("auto", "eager", "compiled", "fused", "graph"),
-    "precision": lambda v: v in ("fp32", "tf32", "bf16"),
+    "backend": lambda v: v in BACKENDS,
+    "precision": lambda v: v in PRECISIONS,
     "seed": lambda v: v is None or (_is_int(v) and 0 <= v < 2**62),
 }
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from ebmfast import CNNModel, LangevinSampler
-from ebmfast import quality as q
 from ebmfast.data import DataSplits, load_dataset
-from ebmfast.quality import (
+from ebmfast.evaluation import quality as q
+from ebmfast.evaluation.generate import generate_from_noise
+from ebmfast.evaluation.quality import (
     ClassifierConfig,
     QualityCallback,
     class_statistics,
     classifier_outputs,
     fd_baselines,
     frechet_distance,
-    generate_from_noise,
     load_or_train_classifier,
     sqrtm_psd,
 )
@@ -93,6 +93,7 @@ def test_frechet_distance_rejects_bad_shapes():
 
 
 # ----------------------------------------------------------------------------------------------- classifier
+@pytest.mark.slow
 def test_classifier_is_accurate_on_held_out_digits(clf_cache, data):
     _, clf, info = clf_cache
     assert info["cache"] == "trained"
@@ -100,6 +101,7 @@ def test_classifier_is_accurate_on_held_out_digits(clf_cache, data):
     assert q.evaluate_classifier(clf, data.val_images, data.val_labels) == pytest.approx(info["val_accuracy"])
 
 
+@pytest.mark.slow
 def test_real_vs_real_fd_is_far_below_real_vs_noise(clf_cache, data):
     _, clf, _ = clf_cache
     base = fd_baselines(clf, data, 256, generator=torch.Generator().manual_seed(0))
@@ -114,6 +116,7 @@ def test_real_vs_real_fd_is_far_below_real_vs_noise(clf_cache, data):
     assert base2["fd_real_vs_real"] < 0.1 * base2["fd_noise_vs_real"]
 
 
+@pytest.mark.slow
 def test_class_statistics_of_real_digits_and_of_one_class(clf_cache, data):
     _, clf, _ = clf_cache
     _, probs = classifier_outputs(clf, data.val_images)
@@ -131,6 +134,7 @@ def test_class_statistics_of_real_digits_and_of_one_class(clf_cache, data):
 
 
 # ----------------------------------------------------------------------------------------------- cache
+@pytest.mark.slow
 def test_cache_is_reused_without_training(clf_cache, data, monkeypatch):
     path, clf, info = clf_cache
 
@@ -145,6 +149,7 @@ def test_cache_is_reused_without_training(clf_cache, data, monkeypatch):
         torch.testing.assert_close(v, v2, rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_stale_cache_is_detected_and_rewritten(tmp_path, data):
     path = tmp_path / q.CLASSIFIER_FILENAME
     _, info = load_or_train_classifier(path, data, TINY_CFG, progress=False)
@@ -173,6 +178,7 @@ def test_stale_cache_is_detected_and_rewritten(tmp_path, data):
     assert info["cache"] == "retrained" and "version" in info["stale_reason"], info
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_and_leaves_global_rng_alone(data):
     torch.manual_seed(7)
     before = torch.random.get_rng_state()
@@ -200,6 +206,7 @@ def test_generate_from_noise_restores_the_sampler_stream():
     torch.testing.assert_close(after, ref.sample(x), rtol=0, atol=0)  # training draws what it would have drawn
 
 
+@pytest.mark.slow
 def test_quality_callback_every_n_epochs(clf_cache, data, tmp_path):
     path, _, _ = clf_cache
     model = CNNModel(hidden_features=8)
@@ -228,6 +235,7 @@ def test_quality_callback_every_n_epochs(clf_cache, data, tmp_path):
     assert out["quality_fid"] > 3 * out["quality_fid_real_baseline"]
 
 
+@pytest.mark.slow
 def test_quality_callback_on_cpu_leaves_a_compiled_training_sampler_alone(clf_cache, data, tmp_path):
     path, _, _ = clf_cache
     model = CNNModel(hidden_features=8)

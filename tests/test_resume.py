@@ -11,11 +11,11 @@ import pytest
 import torch
 from train_helpers import TINY_CLI, one_thread, small_data, tiny_config  # noqa: F401
 
-from ebmfast.checkpoint import load_checkpoint
 from ebmfast.cli import main
-from ebmfast.train import Trainer
+from ebmfast.training.checkpoint import load_checkpoint
+from ebmfast.training.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test here trains
 
 # 160 images / batch 16 = 10 iterations per epoch: stop at 7 (mid-epoch), compare at 17 (in the next epoch, after an
 # epoch end with validation, rand_out, grids, StepLR, checkpoints and snapshots). Snapshots every 4 iterations.
@@ -61,7 +61,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
     # Control: the comparison can fail. Resuming with the sampler's noise stream moved on gives other parameters.
     ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     ckpt["trainer"]["sampler"]["counters"] = {k: v + 1 for k, v in ckpt["trainer"]["sampler"]["counters"].items()}
-    from ebmfast.checkpoint import save_checkpoint
+    from ebmfast.training.checkpoint import save_checkpoint
 
     bad_path = tmp_path / "bad" / "checkpoints" / "last.pt"
     save_checkpoint(bad_path, {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})

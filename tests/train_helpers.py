@@ -11,8 +11,8 @@ import functools
 import pytest
 import torch
 
-from ebmfast.config import TrainConfig
 from ebmfast.data import DataSplits, load_mnist5k
+from ebmfast.training.config import TrainConfig
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -20,6 +20,8 @@ import copy
 import torch
 from torch import nn
 
+from ..reference import as_scores
+
 __all__ = ["count_step_flops", "flops_per_sample_step", "clear_cache"]
 
 _CACHE: dict = {}
@@ -43,12 +45,7 @@ def _count(model: nn.Module, x: torch.Tensor) -> int:
     # backward hooks that autograd.grad rejects in recent torch versions ("A leaf node was passed to
     # _will_engine_execute_node ..."); with frozen parameters the two compute the same input gradient.
     with FlopCounterMode(display=False) as counter:
-        out = model(xg)
-        if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"the energy model must return one score per sample, shape ({x.shape[0]},), "
-                f"got {tuple(getattr(out, 'shape', ()))}"
-            )
+        out = as_scores(model(xg), x.shape[0])  # (N,) or (N, 1); anything else is refused
         (-out.sum()).backward()
     return int(counter.get_total_flops())
 

@@ -2,10 +2,10 @@
 
 The seed warns that EBM training "often diverges" and that the fix is to reload an earlier checkpoint and continue
 with another seed by hand. ``DivergenceMonitor`` decides when that is needed; ``SnapshotRing`` keeps the last good
-training states in memory; ``derive_seed`` gives each retry its own seed. The trainer (``ebmfast.train``) wires them
-together: on detection it restores the latest good snapshot, reseeds the sampler, the replay buffer / noise
-generator and the data order, multiplies the learning rate by ``recovery_lr_factor``, logs the event and goes on,
-at most ``max_recoveries`` times per run; then it raises ``DivergenceError``.
+training states in memory; ``Rollback`` wires them into a run: on detection it restores the latest good snapshot,
+reseeds the sampler, the replay buffer / noise generator and the data order (``state.derive_seed`` with the retry
+number), multiplies the learning rate by ``recovery_lr_factor``, logs the event and goes on, at most
+``max_recoveries`` times per run; then it raises ``DivergenceError``.
 
 What counts as divergence (``f`` = model output = -energy; real = data batch, fake = Langevin samples, noise =
 a fixed batch of U(-1, 1) images):
@@ -30,14 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DivergenceError", "DivergenceEvent", "DivergenceMonitor", "SnapshotRing", "derive_seed", "REASON_CODES"]
+from ..errors import DivergenceError
+from .state import S_DATA, S_GEN, S_SAMPLER, derive_seed, restore_run_state, run_state
+
+__all__ = ["DivergenceEvent", "DivergenceMonitor", "SnapshotRing", "Rollback", "REASON_CODES", "params_finite"]
 
 # Numeric codes so that events fit the numeric metrics log (metric "divergence/event").
 REASON_CODES = {"non_finite": 1, "energy_explosion": 2, "gap_collapse": 3}
-
-
-class DivergenceError(RuntimeError):
-    """Training kept diverging after the allowed number of roll-backs."""
 
 
 @dataclass
@@ -48,15 +47,6 @@ class DivergenceEvent:
     @property
     def code(self) -> int:
         return REASON_CODES[self.reason]
-
-
-def derive_seed(seed: int, attempt: int, stream: int = 0) -> int:
-    """A distinct 62-bit seed per (run seed, retry attempt, stream) (splitmix64-style mixing)."""
-    v = (seed * 0x9E3779B97F4A7C15 + attempt * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
-    v ^= v >> 31
-    v = (v * 0xD6E8FEB86659FD93) & (2**64 - 1)
-    v ^= v >> 32
-    return v & (2**62 - 1)
 
 
 class DivergenceMonitor:
@@ -179,9 +169,6 @@ class SnapshotRing:
         self._ring.append((iteration, _to_cpu_copy(state)))
         self._used_newest = False
 
-    def newest_iteration(self) -> int | None:
-        return self._ring[-1][0] if self._ring else None
-
     def rollback_target(self) -> tuple[int, dict]:
         if not self._ring:
             raise DivergenceError("no good snapshot to roll back to")
@@ -202,3 +189,84 @@ def _to_cpu_copy(obj):
     if isinstance(obj, tuple):
         return tuple(_to_cpu_copy(v) for v in obj)
     return copy.deepcopy(obj)
+
+
+class Rollback:
+    """A run's divergence handling: the monitor, the ring of good snapshots, and the roll-back itself.
+
+    ``snapshot(trainer)`` keeps the trainer's current state when its weights are finite; ``recover(trainer, event)``
+    restores the newest good snapshot, reseeds the run's streams with the retry number, multiplies the learning rate
+    by ``recovery_lr_factor`` and logs what it did, or raises ``DivergenceError`` once ``max_recoveries`` is spent.
+    The retry count and lr scale live on the trainer (``recoveries``, ``lr_scale``): they are part of its state."""
+
+    def __init__(self, config):
+        self.config = config
+        self.monitor = DivergenceMonitor(
+            config.energy_limit,
+            config.collapse_check_every,
+            config.collapse_patience,
+            config.collapse_ratio,
+            config.collapse_min_gap,
+        )
+        self.snapshots = SnapshotRing(keep=2)
+
+    def snapshot(self, trainer) -> None:
+        if params_finite(trainer.model):
+            state = {"model": trainer.model.state_dict(), "trainer": run_state(trainer, include_global_rng=False)}
+            self.snapshots.take(trainer.iteration, state)
+
+    def recover(self, trainer, event: DivergenceEvent) -> None:
+        cfg = self.config
+        trainer.recoveries += 1
+        record = {
+            "iteration": trainer.iteration,
+            "epoch": trainer.epoch,
+            "reason": event.reason,
+            "detail": event.detail,
+        }
+        trainer.events.append(record)
+        trainer.metrics.log(
+            trainer.iteration,
+            trainer.epoch,
+            {"divergence/event": event.code, "divergence/recoveries": trainer.recoveries},
+        )
+        trainer.note(f"divergence detected ({event.reason}): {event.detail}", warn=True, echo=True)
+        if trainer.recoveries > cfg.max_recoveries:
+            where = trainer.checkpoint_path("last")
+            raise DivergenceError(
+                f"training diverged {trainer.recoveries} times (max_recoveries={cfg.max_recoveries}); last: "
+                f"{event.reason}: {event.detail}. Last good checkpoint: {where if where and where.exists() else 'none'}"
+                ". Try a lower --lr, another --seed or a larger alpha"
+            )
+        target_iter, state = self.snapshots.rollback_target()
+        recoveries, lr_scale = trainer.recoveries, trainer.lr_scale * cfg.recovery_lr_factor
+        trainer.model.load_state_dict(state["model"])
+        restore_run_state(trainer, state["trainer"], restore_global_rng=False)
+        trainer.recoveries = recoveries
+        set_lr_scale(trainer, lr_scale)
+        attempt = trainer.recoveries
+        trainer.sampler.manual_seed(derive_seed(cfg.seed, attempt, S_SAMPLER))
+        trainer.gen.manual_seed(derive_seed(cfg.seed, attempt, S_GEN))
+        trainer.batches.generator.manual_seed(derive_seed(cfg.seed, attempt, S_DATA))
+        self.monitor.reset()
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        trainer.note(
+            f"rolled back to iteration {target_iter} (epoch {trainer.epoch}), reseeded (attempt {attempt}), "
+            f"lr now {lr:.3g}; recovery {trainer.recoveries}/{cfg.max_recoveries}",
+            warn=True,
+            echo=True,
+        )
+        trainer.metrics.log(trainer.iteration, trainer.epoch, {"divergence/rollback_to": target_iter, "lr": lr})
+
+
+def set_lr_scale(trainer, new_scale: float) -> None:
+    """lr = config.lr * new_scale * lr_gamma ** (epochs stepped), recomputed from the schedule rather than taken from
+    the restored optimizer state (a spike that set the lr by hand must not survive the roll-back)."""
+    base = trainer.config.lr * new_scale
+    lr = base * trainer.config.lr_gamma**trainer.scheduler.last_epoch
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+        group["initial_lr"] = base
+    trainer.scheduler.base_lrs = [base for _ in trainer.optimizer.param_groups]
+    trainer.scheduler._last_lr = [lr for _ in trainer.optimizer.param_groups]
+    trainer.lr_scale = new_scale

@@ -1,7 +1,7 @@
 """Checkpoint files: atomic writes, a format marker and version, and clear errors for files we cannot use.
 
 Layout of a file written by ``save_checkpoint(path, state)``: ``torch.save`` of ``{"format": FORMAT,
-"format_version": FORMAT_VERSION, "ebmfast_version": ..., **state}``. Training checkpoints (``ebmfast.train``) put in
+"format_version": FORMAT_VERSION, "ebmfast_version": ..., **state}``. Training checkpoints (``ebmfast.training``) put in
 ``state``: ``model`` ({"class", "kwargs", "state_dict"}), ``config`` (TrainConfig as a dict) and ``trainer``
 (everything that determines the rest of the run: optimizer, scheduler, replay buffer, RNG states, epoch/iteration).
 
@@ -11,7 +11,8 @@ the old file or the new one, never a torn one (at worst a stray ``.NAME.*.tmp`` 
 ``remove_stale_temps``).
 
 Reading uses ``torch.load(weights_only=True)``: a file holding arbitrary pickled objects is refused rather than
-executed. Every problem raises ``CheckpointError``, a ``ValueError`` that the CLI reports in one line with exit 2.
+executed. Every problem raises ``CheckpointError`` (``ebmfast.errors``), a ``ValueError`` that the CLI reports in one
+line with exit 2.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .cli import UsageError
+from ..errors import CheckpointError
 
 __all__ = [
     "FORMAT",
@@ -40,10 +41,6 @@ __all__ = [
 
 FORMAT = "ebmfast.checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(UsageError, ValueError):
-    """A checkpoint file that is missing, truncated, not ours, from a newer ebmfast, or for another model."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -66,7 +63,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     reserved = {"format", "format_version"} & set(state)
     if reserved:
         raise ValueError(f"state must not set the reserved key(s) {sorted(reserved)}")
-    from . import __version__
+    from .. import __version__
 
     path = Path(path)
     if path.is_dir():
@@ -164,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
 
 def model_record(model: torch.nn.Module) -> dict[str, Any]:
     """What a checkpoint stores about a CNNModel: its class, constructor arguments and weights."""
-    from .models import CNNModel
+    from ..models import CNNModel
 
     if type(model) is not CNNModel:
         raise TypeError(f"model_record expects a CNNModel, got {type(model).__name__}")
@@ -181,7 +178,7 @@ def model_record(model: torch.nn.Module) -> dict[str, Any]:
 
 def build_model(record: Any, source: str = "checkpoint", map_location="cpu"):
     """A CNNModel from a ``model_record`` dict; ``CheckpointError`` if it does not describe one."""
-    from .models import CNNModel
+    from ..models import CNNModel
 
     if not isinstance(record, dict) or not {"class", "kwargs", "state_dict"} <= set(record):
         raise CheckpointError(f"{source} has no usable model record (expected keys class, kwargs, state_dict)")

@@ -2,9 +2,9 @@
 
 - :class:`DigitClassifier`: a two-convolution CNN (0.11 M parameters). Trained on the training digits of the
   evaluation data set (``mnist5k``: 4,500 images, 8 epochs of batch 128: 5.5 s on an idle 2-core CPU, 96.4% accuracy
-  on the 500 held-out digits, measured), and cached next to the checkpoint (:func:`load_or_train_classifier`). The cache stores a
-  fingerprint of the training data and the training settings; a cache that does not match (other data, other
-  settings, another classifier version, an unreadable file) is reported as stale and retrained.
+  on the 500 held-out digits, measured), and cached next to the checkpoint (:func:`load_or_train_classifier`). The
+  cache stores a fingerprint of the training data and the training settings; a cache that does not match (other
+  data, other settings, another classifier version, an unreadable file) is reported as stale and retrained.
 - For a batch of generated samples: the predicted class distribution, the mean max-softmax confidence and the
   entropy of the class histogram (:func:`class_statistics`): a model that generates every digit gives near-uniform
   fractions (entropy close to ln 10 = 2.30 nats) with high confidence; blobs give low confidence.
@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataSplits, load_dataset
+from ..data import DataSplits, load_dataset
+from ..sampler import LangevinSampler
+from ..training.config import config_value
+from .generate import generate_from_noise
 
 __all__ = [
     "CLASSIFIER_FORMAT",
@@ -52,7 +55,6 @@ __all__ = [
     "frechet_distance",
     "fd_baselines",
     "sample_quality",
-    "generate_from_noise",
     "QualityCallback",
 ]
 
@@ -416,14 +418,6 @@ def sample_quality(clf: DigitClassifier, samples: torch.Tensor, reference_feats:
 
 
 # ----------------------------------------------------------------------------------------------- training callback
-def _config_get(config, key, default=None):
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
 class QualityCallback:
     """Sample-quality numbers every ``every`` epochs of training (``ebmfast train --quality-every N``).
 
@@ -482,7 +476,7 @@ class QualityCallback:
                 self.data = d
             else:
                 cfg = getattr(trainer, "config", None)
-                self.data = load_dataset(_config_get(cfg, "data", "mnist5k"), _config_get(cfg, "data_root", None))
+                self.data = load_dataset(config_value(cfg, "data", "mnist5k"), config_value(cfg, "data_root", None))
         return self.data
 
     def _setup(self, trainer) -> None:
@@ -507,8 +501,6 @@ class QualityCallback:
         self._baselines = fd_baselines(self.classifier, data, self.n_samples, generator=gen)
 
     def _sampler(self, trainer):
-        from .sampler import LangevinSampler
-
         sampler = trainer.sampler
         device = torch.device(getattr(trainer, "device", "cpu"))
         if device.type != "cpu" or getattr(sampler, "backend", "eager") == "eager":
@@ -531,7 +523,7 @@ class QualityCallback:
         return (epoch + 1) % self.every == 0 or (total_epochs is not None and epoch + 1 == total_epochs)
 
     def on_epoch_end(self, trainer, epoch: int) -> dict[str, float] | None:
-        total = _config_get(getattr(trainer, "config", None), "epochs", None)
+        total = config_value(getattr(trainer, "config", None), "epochs", None)
         if not self.should_run(epoch, total if isinstance(total, int) else None):
             return None
         t0 = time.perf_counter()
@@ -552,24 +544,3 @@ class QualityCallback:
             "quality_fid_real_baseline": self._baselines["fd_real_vs_real"],
             "quality_seconds": time.perf_counter() - t0,
         }
-
-
-def generate_from_noise(
-    sampler, model: nn.Module, n: int, steps: int, seed: int, device=None, return_trajectory: bool = False
-):
-    """``n`` chains of ``steps`` steps from U(-1, 1) starts drawn with ``seed``, the sampler's noise stream set to
-    ``seed`` for the call and restored afterwards (so a training run's stream is not disturbed)."""
-    params = list(model.parameters())
-    if device is None:
-        device = params[0].device if params else torch.device("cpu")
-    dtype = params[0].dtype if params else torch.float32
-    shape = tuple(getattr(model, "input_shape", (1, 28, 28)))
-    x0 = torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed)).mul_(2).sub_(1)
-    x0 = x0.to(device=device, dtype=dtype)
-    saved = sampler.state_dict()
-    try:
-        sampler.manual_seed(seed)
-        out = sampler.sample(x0, steps=steps, return_trajectory=return_trajectory)
-    finally:
-        sampler.load_state_dict(saved)
-    return out

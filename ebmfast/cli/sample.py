@@ -1,56 +1,32 @@
-"""Draw samples from a trained checkpoint with Langevin dynamics and save them as a PNG grid
-(``ebmfast sample --checkpoint C --n 64 --steps 256 --out grid.png``).
+"""``ebmfast sample --checkpoint C --n 64 --steps 256 --out grid.png``: samples from a trained checkpoint as a PNG
+grid.
 
 Chains start from U(-1, 1) noise (the seed's generation from scratch) and use the sampler settings stored in the
-checkpoint's config (step size, noise, gradient clip); ``--steps`` sets the chain length (256 in the seed).
+checkpoint's config (step size, noise, gradient clip); ``--steps`` sets the chain length (256 in the seed). The work
+is ``ebmfast.evaluation.generate.generate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .cli import UsageError
-from .sampler import BACKENDS, LangevinSampler, resolve_backend
+from ..devices import resolve_device
+from ..errors import UsageError, require
+from ..evaluation.generate import generate
+from ..images import grid_image, save_image
+from ..reference import energy_scores
+from ..sampler import BACKENDS, resolve_backend
+from ..training.checkpoint import load_model
+from .outputs import output_file
 
-__all__ = ["generate", "add_arguments", "run", "IMAGE_SUFFIXES"]
+__all__ = ["add_arguments", "run", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_SAMPLER_FIELDS = {"sampler_step_size": "step_size", "sampler_noise_std": "noise_std", "sampler_grad_clip": "grad_clip"}
-
-
-def generate(
-    model: nn.Module,
-    n: int = 64,
-    steps: int = 256,
-    seed: int = 0,
-    backend: str = "auto",
-    config: dict | None = None,
-    device=None,
-) -> torch.Tensor:
-    """``n`` samples (n, 1, 28, 28) in [-1, 1]: ``steps`` Langevin steps from U(-1, 1), reproducible from ``seed``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    params = list(model.parameters())
-    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    kwargs = {}
-    for field, name in _SAMPLER_FIELDS.items():
-        if config and config.get(field) is not None:
-            kwargs[name] = float(config[field])
-    sampler = LangevinSampler(model, steps=steps, backend=backend, seed=seed, **kwargs)
-    shape = tuple(getattr(model, "input_shape", (1, 28, 28)))
-    start = torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed)).mul_(2).sub_(1).to(device)
-    return sampler.sample(start)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,22 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchvision.utils import save_image
-
-    from .checkpoint import load_model
-    from .train import resolve_device
-
     for name, lo, hi in (("n", 1, 100_000), ("steps", 1, 1_000_000), ("seed", 0, 2**62)):
         v = getattr(args, name)
         if not lo <= v <= hi:
             raise UsageError(f"--{name} must be in [{lo}, {hi}], got {v}")
     if args.nrow is not None and args.nrow < 1:
         raise UsageError(f"--nrow must be >= 1, got {args.nrow}")
-    out = Path(args.out)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UsageError(f"--out must name a {'/'.join(IMAGE_SUFFIXES)} file, got {str(out)!r}")
-    if out.exists() and out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'samples.png'}")
+    out = output_file(args.out, "--out", IMAGE_SUFFIXES)
+    require("PIL.Image", "ebmfast sample's picture", package="pillow")
     try:
         device = resolve_device(args.device)
         resolve_backend(args.backend, device)
@@ -112,12 +80,17 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        scores = model(samples).float()
+        scores = energy_scores(model, samples).float()
     nrow = args.nrow or max(1, math.ceil(math.sqrt(args.n)))
+    picture = grid_image(
+        samples,
+        nrow,
+        title=f"{args.n} samples from {Path(args.checkpoint).name}",
+        caption=f"{args.steps} Langevin steps from U(-1, 1) noise each, seed {args.seed}; mean f(x) "
+        f"{float(scores.mean()):.3f}",
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    save_image(samples.float().cpu(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=0.5)
-    os.replace(tmp, out)
+    save_image(picture, out)
     print(
         f"ebmfast sample: wrote {out}: {args.n} samples, {args.steps} steps each, backend "
         f"{args.backend} on {device}, {seconds:.1f} s; mean f(x) of the samples {float(scores.mean()):.3f}"

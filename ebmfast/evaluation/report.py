@@ -1,141 +1,52 @@
-"""``ebmfast evaluate``: what a trained energy model does, as a report with pictures and a JSON of every number.
+"""The ``ebmfast evaluate`` report: what a trained energy model does, with pictures and a JSON of every number.
 
 Sections (``OUT/report.md``, PNGs next to it, ``OUT/report.json``):
-1. Generation from scratch: chains from U(-1, 1) over ``--steps`` (256) Langevin steps; the seed's figure (every
+1. Generation from scratch: chains from U(-1, 1) over ``steps`` (256) Langevin steps; the seed's figure (every
    32nd step of 8 chains), f(x) along those chains, and a grid of final samples labelled by the classifier.
-2. Out-of-distribution: the seed's table (mean f(x) of random images and a training batch; f(x) of one test image,
-   noisy, flipped, shrunk), then the same transformations on many test images with AUROC of the test digits against
-   each set, against uniform noise, training digits and Fashion-MNIST (when on the machine), and histograms.
-3. Sample quality: class distribution and mean confidence of the generated samples under the project's MNIST
-   classifier (trained on first use, cached beside the checkpoint), and the Fréchet distance of their classifier
-   features to real digits, next to the real-vs-real and noise-vs-real baselines.
+2. Out-of-distribution (``ood.py``): the seed's table (mean f(x) of random images and a training batch; f(x) of one
+   test image, noisy, flipped, shrunk), then the same transformations on many test images with AUROC of the test
+   digits against each set, against uniform noise, training digits and Fashion-MNIST (when on the machine), and
+   histograms.
+3. Sample quality (``quality.py``): class distribution and mean confidence of the generated samples under the
+   project's MNIST classifier (trained on first use, cached beside the checkpoint), and the Fréchet distance of their
+   classifier features to real digits, next to the real-vs-real and noise-vs-real baselines.
 4. Health checks: the seed warns that energy models often diverge; the report flags the usual signs.
+
+The figures are drawn by ``pictures.py``; the command line is ``ebmfast.cli.evaluate``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data import DataNotFoundError, find_fashion_mnist, load_dataset, load_fashion_mnist
+from ..sampler import LangevinSampler
+from ..training.config import config_value
 from . import ood as _ood
 from . import quality as _q
-from .data import DATASETS, DataNotFoundError, find_fashion_mnist, load_dataset, load_fashion_mnist
-from .sampler import BACKENDS, LangevinSampler
+from .generate import generate_from_noise, noise_start, sampler_settings
+from .pictures import (
+    plot_chain_energy,
+    plot_class_distribution,
+    plot_energy_histograms,
+    plot_generation_steps,
+    plot_samples,
+    plot_transform_examples,
+)
 
-__all__ = ["add_arguments", "run", "evaluate_model", "write_report", "shown_steps", "check_n_samples"]
+__all__ = ["evaluate_model", "write_report", "shown_steps", "check_n_samples", "checkpoint_provenance"]
 
-SAMPLER_DEFAULTS = {"step_size": 10.0, "noise_std": 0.005, "grad_clip": 0.03}
 N_TRAJECTORY_CHAINS = 8  # the seed's figure: 8 chains
 N_SHOWN_SAMPLES = 64
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="C", help="checkpoint written by 'ebmfast train'")
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        default=None,
-        help="report folder (default: eval_<checkpoint name> next to the checkpoint)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'"
-    )
-    parser.add_argument(
-        "--n-samples",
-        type=int,
-        default=256,
-        metavar="N",
-        help="chains generated from noise for the sample-quality numbers (default 256)",
-    )
-    parser.add_argument(
-        "--steps", type=int, default=256, metavar="K", help="Langevin steps per chain from noise (default 256)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="seed of chain starts, sampler noise and data subsets"
-    )
-    parser.add_argument(
-        "--n-ood",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="images per out-of-distribution set (capped by the test split; default 1000)",
-    )
-    parser.add_argument(
-        "--fashion-root",
-        metavar="DIR",
-        default=None,
-        help="folder with Fashion-MNIST's t10k-images-idx3-ubyte[.gz] (default: search the usual "
-        "places, e.g. Debian's dataset-fashion-mnist); skipped with a note when absent",
-    )
-    parser.add_argument(
-        "--data",
-        choices=DATASETS,
-        default=None,
-        help="evaluation digits (default: the data set the checkpoint was trained on, else mnist5k)",
-    )
-    parser.add_argument("--data-root", metavar="DIR", default=None, help="torchvision MNIST root for --data mnist")
-    parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default=None,
-        help="sampler backend (default: 'auto' on CUDA; 'eager' on CPU, where compiling costs more "
-        "than it saves for one evaluation)",
-    )
-    parser.add_argument(
-        "--classifier",
-        metavar="PATH",
-        default=None,
-        help=f"classifier cache (default: {_q.CLASSIFIER_FILENAME} next to the checkpoint)",
-    )
-    parser.add_argument(
-        "--classifier-epochs",
-        type=int,
-        default=_q.ClassifierConfig.epochs,
-        metavar="E",
-        help=f"epochs when the classifier has to be trained (default {_q.ClassifierConfig.epochs})",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress messages")
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def _usage_error(msg: str) -> Exception:
-    from .cli import UsageError
-
-    return UsageError(msg)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise _usage_error(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise _usage_error(f"--device {name} asked for CUDA, but torch sees no CUDA device here; use --device cpu")
-    return device
-
-
-def _config_value(config, key, default=None):
-    """``config[key]``, also looked up one level down (e.g. ``config["sampler"]["step_size"]``)."""
-    if not isinstance(config, dict):
-        return default
-    if key in config:
-        return config[key]
-    for v in config.values():
-        if isinstance(v, dict) and key in v:
-            return v[key]
-    return default
 
 
 def _sha256(path: Path) -> str:
@@ -182,113 +93,6 @@ def check_n_samples(n_samples: int, data) -> str | None:
     return None
 
 
-class _Log:
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.t0 = time.perf_counter()
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(f"[evaluate {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- pictures
-def _figure(*args, **kwargs):
-    from matplotlib.figure import Figure
-
-    return Figure(*args, **kwargs)
-
-
-def plot_generation_steps(trajectory_images: torch.Tensor, steps_shown: list[int], path: Path) -> None:
-    """Rows: chains; columns: the state at each shown step (the seed's generation figure)."""
-    cols, rows = trajectory_images.shape[:2]  # (columns, chains, 1, 28, 28)
-    pad = 2
-    canvas = _canvas(trajectory_images.transpose(0, 1).reshape(-1, 1, 28, 28), cols, pad=pad)
-    fig = _figure(figsize=(0.75 * cols + 0.6, 0.75 * rows + 0.7))
-    ax = fig.add_axes((0.02, 0.12, 0.96, 0.8))
-    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_xticks([pad + c * (28 + pad) + 14 for c in range(cols)], [str(s) for s in steps_shown], fontsize=8)
-    ax.set_yticks([])
-    ax.set_xlabel("Langevin step (0 = U(-1, 1) start)", fontsize=8)
-    ax.set_title(f"Generation from noise: {rows} chains", fontsize=9)
-    fig.savefig(path, dpi=90)
-
-
-def plot_chain_energy(scores: np.ndarray, ref_lines: dict[str, float], path: Path) -> None:
-    """f(x) of each chain at every step (faint) and their mean, with reference levels of real data and noise."""
-    fig = _figure(figsize=(5.5, 3.2), layout="constrained")
-    ax = fig.subplots()
-    steps = np.arange(scores.shape[0])
-    for c in range(scores.shape[1]):
-        ax.plot(steps, scores[:, c], color="tab:gray", alpha=0.35, lw=0.8)
-    ax.plot(steps, scores.mean(1), color="tab:blue", lw=2, label="mean over chains")
-    colors = iter(["tab:green", "tab:red", "tab:orange"])
-    for name, v in ref_lines.items():
-        if v is not None and math.isfinite(v):
-            ax.axhline(v, ls="--", lw=1, color=next(colors), label=name)
-    ax.set_xlabel("Langevin step", fontsize=8)
-    ax.set_ylabel("f(x) = -E(x)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    ax.set_title("Score along chains from noise", fontsize=9)
-    fig.savefig(path, dpi=80)
-
-
-def _canvas(images: torch.Tensor, cols: int, pad: int = 2, label_h: int = 0) -> np.ndarray:
-    """Tile (N, 1, 28, 28) images in [-1, 1] into one array (white gaps, ``label_h`` pixels above each for text)."""
-    n = len(images)
-    rows = math.ceil(n / cols)
-    cell_h, cell_w = 28 + pad + label_h, 28 + pad
-    canvas = np.ones((rows * cell_h + pad, cols * cell_w + pad), dtype=np.float32)
-    imgs = images.detach().float().cpu().clamp(-1, 1).numpy()
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = pad + r * cell_h + label_h, pad + c * cell_w
-        canvas[y : y + 28, x : x + 28] = imgs[i, 0]
-    return canvas
-
-
-def plot_samples(samples: torch.Tensor, probs: torch.Tensor | None, path: Path, cols: int = 8) -> None:
-    """A grid of generated samples, each labelled with the classifier's digit and confidence (one image, so it
-    draws quickly however many samples it shows)."""
-    label_h = 9 if probs is not None else 0
-    canvas = _canvas(samples, cols, label_h=label_h)
-    rows = math.ceil(len(samples) / cols)
-    fig = _figure(figsize=(0.95 * cols, 0.95 * rows * (39 + label_h) / 39))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(canvas, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    if probs is not None:
-        for i in range(len(samples)):
-            r, c = divmod(i, cols)
-            p, k = probs[i].max(0)
-            ax.text(
-                2 + c * 30 + 14,
-                2 + r * (30 + label_h) + label_h / 2,
-                f"{int(k)} ({float(p):.2f})",
-                ha="center",
-                va="center",
-                fontsize=6.5,
-                color="black",
-            )
-    fig.savefig(path, dpi=80)
-
-
-def plot_class_distribution(fractions: list[float], confidence: float, path: Path) -> None:
-    fig = _figure(figsize=(4.5, 2.6), layout="constrained")
-    ax = fig.subplots()
-    ax.bar(range(len(fractions)), fractions, color="tab:blue")
-    ax.axhline(1.0 / len(fractions), ls="--", color="tab:gray", lw=1, label="uniform (real digits)")
-    ax.set_xticks(range(len(fractions)))
-    ax.set_xlabel("predicted digit", fontsize=8)
-    ax.set_ylabel("fraction of samples", fontsize=8)
-    ax.set_title(f"Generated samples by predicted class (mean confidence {confidence:.2f})", fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=80)
-
-
-# ----------------------------------------------------------------------------------------------- the evaluation
 def evaluate_model(
     model: torch.nn.Module,
     config: dict | None,
@@ -304,7 +108,7 @@ def evaluate_model(
     use_fashion: bool = True,
     backend: str | None = None,
     classifier_path=None,
-    classifier_config: _q.ClassifierConfig = _q.ClassifierConfig(),
+    classifier_config: _q.ClassifierConfig | None = None,
     checkpoint_info: dict | None = None,
     log=None,
     progress: bool = False,
@@ -315,6 +119,7 @@ def evaluate_model(
     ``buffer_images``: the replay buffer stored in a training checkpoint (persistent chains, which look much more
     like digits than short chains from noise early in training); when given, its quality is reported too."""
     log = log or (lambda msg: None)
+    classifier_config = classifier_config or _q.ClassifierConfig()
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +130,7 @@ def evaluate_model(
     model = model.to(device).eval()
 
     if data is None:
-        data = load_dataset(_config_value(config, "data", "mnist5k") or "mnist5k", _config_value(config, "data_root"))
+        data = load_dataset(config_value(config, "data", "mnist5k"), config_value(config, "data_root"))
     problem = check_n_samples(n_samples, data)
     if problem:
         raise ValueError(problem)
@@ -333,23 +138,20 @@ def evaluate_model(
     # ---- sampler, from the checkpoint's settings
     if backend is None:
         backend = "auto" if device.type == "cuda" else "eager"
-    sampler_kwargs = {
-        k: float(_config_value(config, f"sampler_{k}", _config_value(config, k, v)))
-        for k, v in SAMPLER_DEFAULTS.items()
-    }  # TrainConfig names them sampler_step_size, ...
+    sampler_kwargs = sampler_settings(config)
     sampler = LangevinSampler(model, steps=steps, backend=backend, seed=seed, **sampler_kwargs)
 
     # ---- 1. generation from scratch
     log(f"generating {N_TRAJECTORY_CHAINS} chains x {steps} steps (trajectory) and {n_samples} chains for quality")
     t0 = time.perf_counter()
-    _, traj = _q.generate_from_noise(
+    _, traj = generate_from_noise(
         sampler, model, N_TRAJECTORY_CHAINS, steps, seed, device=device, return_trajectory=True
     )
-    start = torch.rand((N_TRAJECTORY_CHAINS, 1, 28, 28), generator=torch.Generator().manual_seed(seed)).mul_(2).sub_(1)
-    traj = torch.cat([start.to(traj.device, traj.dtype)[None], traj])  # index t = state after t steps
+    start = noise_start(N_TRAJECTORY_CHAINS, (1, 28, 28), seed, device=traj.device, dtype=traj.dtype)
+    traj = torch.cat([start[None], traj])  # index t = state after t steps
     timings["trajectory_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    samples = _q.generate_from_noise(sampler, model, n_samples, steps, seed + 1, device=device)
+    samples = generate_from_noise(sampler, model, n_samples, steps, seed + 1, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["generation_s"] = time.perf_counter() - t0
@@ -382,10 +184,8 @@ def evaluate_model(
     ood = _ood.ood_analysis(model, data.val_images, data.train_images, fashion=fashion, n=n_ood, seed=seed)
     if fashion_note:
         ood.notes.append(fashion_note)
-    _ood.plot_energy_histograms(
-        ood.scores, out_dir / "ood_histograms.png", title="f(x) = -E(x): test digits vs each set"
-    )
-    _ood.plot_transform_examples(model, data.val_images[0], out_dir / "ood_transforms.png", noise_seed=seed)
+    plot_energy_histograms(ood.scores, out_dir / "ood_histograms.png", title="f(x) = -E(x): test digits vs each set")
+    plot_transform_examples(model, data.val_images[0], out_dir / "ood_transforms.png", noise_seed=seed)
     timings["ood_s"] = time.perf_counter() - t0
     plot_chain_energy(
         chain_scores,
@@ -429,10 +229,22 @@ def evaluate_model(
         buffer_q = _q.sample_quality(clf, buf, base["reference_feats"])
         buffer_q["score_mean"] = float(_ood.energy_scores(model, buf, device=device).mean())
         _, buf_probs = _q.classifier_outputs(clf, buf[:N_SHOWN_SAMPLES])
-        plot_samples(buf[:N_SHOWN_SAMPLES], buf_probs, out_dir / "buffer_samples.png")
+        plot_samples(
+            buf[:N_SHOWN_SAMPLES],
+            buf_probs,
+            out_dir / "buffer_samples.png",
+            title=f"Replay-buffer samples from the checkpoint ({min(n_samples, N_SHOWN_SAMPLES)} of "
+            f"{len(buffer_images)}), labelled by the classifier: digit (confidence)",
+        )
         images.append("buffer_samples.png")
     timings["quality_s"] = time.perf_counter() - t0
-    plot_samples(samples[:N_SHOWN_SAMPLES], sample_probs, out_dir / "samples.png")
+    plot_samples(
+        samples[:N_SHOWN_SAMPLES],
+        sample_probs,
+        out_dir / "samples.png",
+        title=f"Samples after {steps} Langevin steps from U(-1, 1) (the first {min(n_samples, N_SHOWN_SAMPLES)} of "
+        f"{n_samples}), labelled by the classifier: digit (confidence)",
+    )
     plot_class_distribution(gen_q["class_fractions"], gen_q["mean_confidence"], out_dir / "class_distribution.png")
 
     # ---- 4. health checks (the seed: "energy models ... often diverge if the hyperparameters are not well tuned")
@@ -628,6 +440,7 @@ def write_report(r: dict, path: Path) -> None:
     ]
 
     c, g, rh, b = q["classifier"], q["generated"], q["real_heldout"], q.get("replay_buffer")
+    accuracy = 100 * c["val_accuracy"] if c.get("val_accuracy") is not None else None
     cache = {
         "hit": "loaded from cache",
         "trained": "trained now (no cache)",
@@ -637,7 +450,7 @@ def write_report(r: dict, path: Path) -> None:
         "## 3. Sample quality",
         "",
         f"Classifier: the project's small MNIST CNN, {cache}; `{c.get('path')}`; trained on {c.get('n_train')} "
-        f"digits in {_f(c.get('train_seconds'), '.1f')} s; accuracy {_f(100 * c['val_accuracy'] if c.get('val_accuracy') is not None else None, '.1f')}% "
+        f"digits in {_f(c.get('train_seconds'), '.1f')} s; accuracy {_f(accuracy, '.1f')}% "
         f"on {c.get('n_val')} held-out digits.",
         "",
         "| | generated from noise | " + ("replay buffer | " if b else "") + "real (held-out) |",
@@ -689,29 +502,14 @@ def write_report(r: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-def run(args: argparse.Namespace) -> int:
-    log = _Log(args.quiet)
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        raise _usage_error(f"--checkpoint: no file at {str(ckpt)!r}")
-    for name in ("n_samples", "steps", "n_ood", "classifier_epochs"):
-        v = getattr(args, name)
-        if v <= 0:
-            raise _usage_error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if args.n_samples < 2:
-        raise _usage_error(f"--n-samples must be >= 2 (the Fréchet distance needs a covariance), got {args.n_samples}")
-    if args.seed < 0:
-        raise _usage_error(f"--seed must be a non-negative integer, got {args.seed}")
-    device = _resolve_device(args.device)
+def checkpoint_provenance(path) -> tuple[dict, torch.Tensor | None]:
+    """What the report says about a checkpoint file (path, sha256, epoch, iteration, last metrics, kind, ebmfast
+    version, device), and the replay-buffer images it stores (``None`` when it holds none of shape (N, 1, 28, 28))."""
+    from ..training.checkpoint import load_checkpoint
 
-    from .checkpoint import load_checkpoint, load_model
-
-    log(f"loading {ckpt}")
-    model, config = load_model(str(ckpt), map_location=device)  # CheckpointError is a UsageError: exit 2
-    info = {"path": str(ckpt.resolve()), "sha256": _sha256(ckpt)}
-    buffer_images = None
-    raw = load_checkpoint(str(ckpt))  # provenance and the replay buffer, when it is a training checkpoint
+    path = Path(path)
+    info = {"path": str(path.resolve()), "sha256": _sha256(path)}
+    raw = load_checkpoint(str(path))
     trainer_state = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
     for key in ("epoch", "iteration", "epoch_metrics"):
         if key in trainer_state:
@@ -719,38 +517,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("kind", "ebmfast_version", "device"):
         if key in raw:
             info[key] = raw[key]
-    storage = trainer_state.get("buffer", {}).get("storage") if isinstance(trainer_state.get("buffer"), dict) else None
+    buffer_state = trainer_state.get("buffer")
+    storage = buffer_state.get("storage") if isinstance(buffer_state, dict) else None
     if isinstance(storage, torch.Tensor) and storage.dim() == 4 and tuple(storage.shape[1:]) == (1, 28, 28):
-        buffer_images = storage
-    del raw, trainer_state
-    config = dict(config or {})
-    data_name = args.data or _config_value(config, "data", "mnist5k") or "mnist5k"
-    if data_name not in DATASETS:
-        raise _usage_error(f"the checkpoint's data set {data_name!r} is not one of {list(DATASETS)}; pass --data")
-    data = load_dataset(data_name, args.data_root or _config_value(config, "data_root"))
-    out = Path(args.out) if args.out else ckpt.parent / f"eval_{ckpt.stem}"
-    clf_path = (Path(args.classifier) if args.classifier else ckpt.parent / _q.CLASSIFIER_FILENAME).resolve()
-    problem = check_n_samples(args.n_samples, data)
-    if problem:
-        raise _usage_error(f"--n-samples: {problem}")
-    evaluate_model(
-        model,
-        config,
-        out,
-        data=data,
-        device=device,
-        n_samples=args.n_samples,
-        steps=args.steps,
-        seed=args.seed,
-        n_ood=args.n_ood,
-        fashion_root=args.fashion_root,
-        backend=args.backend,
-        classifier_path=clf_path,
-        classifier_config=_q.ClassifierConfig(epochs=args.classifier_epochs),
-        checkpoint_info=info,
-        log=log,
-        progress=not args.quiet,
-        buffer_images=buffer_images,
-    )
-    print(out / "report.md")
-    return 0
+        return info, storage
+    return info, None

@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import require
+
 __all__ = ["MetricsLogger", "read_metrics", "RunLog"]
 
 CSV_FIELDS = ("step", "epoch", "metric", "value", "wall_time")
@@ -35,6 +37,10 @@ class MetricsLogger:
         self._rows_since_flush = 0
         if self.out_dir is None:
             return
+        summary_writer = None
+        if tensorboard:  # checked before any file is written
+            purpose = "TensorBoard logging (TrainConfig.tensorboard; ebmfast train --no-tensorboard turns it off)"
+            summary_writer = require("torch.utils.tensorboard", purpose, package="tensorboard").SummaryWriter
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "metrics.csv"
         if purge_step is not None:
@@ -44,10 +50,8 @@ class MetricsLogger:
         self._writer = csv.writer(self._csv)
         if new:
             self._writer.writerow(CSV_FIELDS)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge_step)
+        if summary_writer is not None:
+            self._tb = summary_writer(str(self.out_dir / "tb"), purge_step=purge_step)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of metrics.csv with a step greater than ``step`` (atomically rewritten)."""

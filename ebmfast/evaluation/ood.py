@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .. import reference
 
 __all__ = [
     "NOISE_STD",
@@ -31,8 +32,6 @@ __all__ = [
     "seed_table",
     "build_ood_sets",
     "ood_analysis",
-    "plot_energy_histograms",
-    "plot_transform_examples",
 ]
 
 NOISE_STD = 0.3  # the seed's "test image + noise": x + N(0, 0.3^2), clamped to [-1, 1]
@@ -112,14 +111,18 @@ def shrink(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def energy_scores(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device=None) -> torch.Tensor:
-    """f(x) = -E(x) for every image, in eval mode, as a float32 CPU tensor of shape (N,)."""
+    """f(x) = -E(x) for every image, in eval mode and batches of ``batch_size``, as a float32 CPU tensor of shape (N,)
+    (models returning (N,) or (N, 1) scores: ``reference.as_scores``)."""
     if device is None:
         params = list(model.parameters())
         device = params[0].device if params else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
-        out = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+        out = [
+            reference.energy_scores(model, x[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -226,70 +229,3 @@ def ood_analysis(
             report.notes.append(f"{SET_LABELS[key]}: {row['non_finite']} of {row['n']} scores are not finite")
         report.summary[key] = row
     return report
-
-
-# ----------------------------------------------------------------------------------------------- pictures
-def plot_energy_histograms(scores: dict[str, torch.Tensor], path, title: str = "") -> Path:
-    """One panel per set: a histogram of f(x) over the test digits' histogram (the reference), AUROC in the title."""
-    from matplotlib.figure import Figure
-
-    keys = [k for k in scores if k != "test"]
-    ref = scores["test"].double().numpy()
-    ref = ref[np.isfinite(ref)]
-    ncols = 3
-    nrows = max(1, math.ceil(len(keys) / ncols))
-    fig = Figure(figsize=(4.0 * ncols, 2.9 * nrows))
-    # fixed margins: constrained layout would cost more than the drawing itself
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.22 / nrows, top=1 - 0.24 / nrows, wspace=0.2, hspace=0.62)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        other = scores[key].double().numpy()
-        other = other[np.isfinite(other)]
-        both = np.concatenate([ref, other])
-        if both.size == 0:
-            ax.set_axis_off()
-            continue
-        lo, hi = np.percentile(both, [0.5, 99.5])
-        if not hi > lo:
-            lo, hi = both.min() - 0.5, both.max() + 0.5
-        bins = np.linspace(lo, hi, 50)
-        ax.hist(np.clip(ref, lo, hi), bins=bins, alpha=0.55, density=True, label=SET_LABELS["test"], color="tab:blue")
-        ax.hist(
-            np.clip(other, lo, hi), bins=bins, alpha=0.55, density=True, label=SET_LABELS.get(key, key), color="tab:red"
-        )
-        try:
-            a = f"AUROC {auroc(scores['test'], scores[key]):.3f}"
-        except ValueError:
-            a = "AUROC n/a"
-        ax.set_title(f"{SET_LABELS.get(key, key)}\n{a}", fontsize=9)
-        ax.set_xlabel("f(x) = -E(x)  (clipped to the 0.5-99.5 percentile range)", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    return path
-
-
-def plot_transform_examples(model: nn.Module, image: torch.Tensor, path, noise_seed: int = 0) -> Path:
-    """The seed's image-to-image comparison: one test image, noisy, flipped, shrunk, each titled with its f(x)
-    (the same noise draw as :func:`seed_table` with the same ``noise_seed``)."""
-    from matplotlib.figure import Figure
-
-    img = image.reshape(1, *image.shape[-3:])
-    noisy = add_gaussian_noise(img, generator=torch.Generator().manual_seed(noise_seed))
-    variants = [("test image", img), ("+ N(0, 0.3²)", noisy), ("flipped", flip(img)), ("shrunk ×2", shrink(img))]
-    batch = torch.cat([v for _, v in variants])
-    s = energy_scores(model, batch)
-    fig = Figure(figsize=(2.0 * len(variants), 2.4), layout="constrained")
-    axes = fig.subplots(1, len(variants))
-    for ax, (name, _), x, score in zip(axes, variants, batch, s):
-        ax.imshow(x[0].cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(f"{name}\nf(x) = {float(score):.2f}", fontsize=9)
-        ax.set_axis_off()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    return path

@@ -19,12 +19,10 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any
 
-__all__ = ["TrainConfig", "PRESETS", "preset_names"]
+from ..data import DATASETS
+from ..sampler import BACKENDS, PRECISIONS
 
-# Kept here (not imported from sampler/data) so that reading a config never imports torch-heavy modules.
-_BACKENDS = ("auto", "eager", "compiled", "fused", "graph")
-_PRECISIONS = ("fp32", "tf32", "bf16")
-_DATASETS = ("mnist5k", "mnist")
+__all__ = ["TrainConfig", "PRESETS", "config_value"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class TrainConfig:
     gen_show_every: int = 32  # ... showing every N-th step (256 / 32 = 8 columns)
     buffer_grid_images: int = 32  # buffer grid: this many random replay-buffer images
     tensorboard: bool = True
-    # ---- divergence detection and recovery (ebmfast.divergence)
+    # ---- divergence detection and recovery (ebmfast.training.divergence)
     divergence_check: bool = True
     max_recoveries: int = 3  # roll-backs allowed in one run before giving up
     recovery_lr_factor: float = 0.5  # lr multiplier applied at each roll-back (1.0 keeps the lr)
@@ -146,10 +144,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The seed tutorial's run, field for field (TrainConfig's defaults).
     "tutorial": {},
     # Shortened for a 2-core CPU, <= 10 minutes (docs/quick_preset.md has the measurements): 12 epochs of the
-    # embedded subset's 4,500 training images = 420 iterations, at twice the seed's lr (at the seed's lr, ~760
-    # iterations were needed for digits in the replay buffer, FINDINGS.md). One epoch here is 35 iterations, 1/13 of a full-MNIST
-    # epoch (468), so the per-epoch StepLR factor is 0.97^(35/468) = 0.9977: the lr decays per iteration as in the
-    # seed's run. Everything else is the seed's.
+    # embedded subset's 4,500 training images = 420 iterations, at twice the seed's lr (at the seed's lr, a run on
+    # this project's 2-core CPU held recognisable digits in the replay buffer after 760 iterations; see
+    # docs/quick_preset.md). One epoch here is 35 iterations, 1/13 of a full-MNIST epoch (468), so the per-epoch
+    # StepLR factor is 0.97^(35/468) = 0.9977: the lr decays per iteration as in the seed's run. Everything else is
+    # the seed's.
     "quick": {
         "data": "mnist5k",
         "epochs": 12,
@@ -160,8 +159,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names() -> list[str]:
-    return sorted(PRESETS)
+def config_value(config, key: str, default=None):
+    """``key`` of a training config given as a ``TrainConfig``, any object with that attribute, or a dict (as stored
+    in a checkpoint; also looked up one level down, e.g. ``config["sampler"]["step_size"]``); ``default`` when it
+    is absent or ``None``."""
+    if config is None:
+        return default
+    if isinstance(config, dict):
+        if key in config:
+            value = config[key]
+        else:
+            value = next((v[key] for v in config.values() if isinstance(v, dict) and key in v), None)
+    else:
+        value = getattr(config, key, None)
+    return default if value is None else value
 
 
 # -------------------------------------------------------------------------------------------------- validation
@@ -207,7 +218,7 @@ def _bool(cfg, name):
 
 
 def _validate(cfg: TrainConfig) -> None:
-    _choice(cfg, "data", _DATASETS)
+    _choice(cfg, "data", DATASETS)
     _int(cfg, "hidden_features", lo=2, hi=4096)
     if cfg.hidden_features % 2:
         raise ValueError(
@@ -232,8 +243,8 @@ def _validate(cfg: TrainConfig) -> None:
     _float(cfg, "sampler_step_size", lo=0.0, lo_open=True)
     _float(cfg, "sampler_noise_std", lo=0.0)
     _float(cfg, "sampler_grad_clip", lo=0.0, lo_open=True)
-    _choice(cfg, "sampler_backend", _BACKENDS)
-    _choice(cfg, "sampler_precision", _PRECISIONS)
+    _choice(cfg, "sampler_backend", BACKENDS)
+    _choice(cfg, "sampler_precision", PRECISIONS)
     _int(cfg, "buffer_size", lo=1)
     if cfg.batch_size > cfg.buffer_size:
         raise ValueError(

@@ -1,0 +1,232 @@
+"""How ``ebmfast bench`` reports: the environment recorded with every result, the two tables, and the long-format
+CSV history (one measurement per row, in the style of Liger-Kernel's benchmark history)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+
+import torch
+
+from .throughput import SamplerResult
+from .training import TrainResult
+
+__all__ = [
+    "environment",
+    "fmt",
+    "format_table",
+    "format_train_table",
+    "CSV_FIELDS",
+    "csv_rows",
+    "check_csv_history",
+    "write_csv_history",
+]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and device facts recorded with every result."""
+    from .. import __version__
+
+    env = {
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ebmfast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        pass
+    try:  # shapes compiled after the first are dynamic by default (and remembered across processes by PGO)
+        import torch._dynamo.config as dcfg
+
+        env["dynamo_automatic_dynamic_shapes"] = getattr(dcfg, "automatic_dynamic_shapes", None)
+        env["dynamo_automatic_dynamic_local_pgo"] = getattr(dcfg, "automatic_dynamic_local_pgo", None)
+    except Exception:
+        pass
+    if device.type == "cuda":
+        from .telemetry import device_info
+
+        props = torch.cuda.get_device_properties(device)
+        env["device_name"] = props.name
+        env["sm_count"] = props.multi_processor_count
+        env["capability"] = f"{props.major}.{props.minor}"
+        env["gpu_memory_gib"] = props.total_memory / 2**30
+        env["nvml"] = device_info(device.index if device.index is not None else torch.cuda.current_device())
+        env["driver"] = env["nvml"].get("driver")
+    else:
+        env["device_name"] = env["cpu"]
+    return env
+
+
+def fmt(v, spec: str, none: str = "n/a") -> str:
+    return none if v is None else format(v, spec)
+
+
+def format_table(results: list[SamplerResult]) -> str:
+    head = (
+        f"{'backend':<9} {'batch':>6} {'steps':>5} {'sample-steps/s':>15} {'x eager':>8} {'ms/chain':>10} "
+        f"{'TFLOP/s':>8} {'%fp32pk':>8} {'%tf32pk':>8} {'peak MB':>9} {'first s':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.skipped:
+            lines.append(f"{r.backend:<9} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
+            continue
+        mem = fmt(r.peak_mem_mb, ".1f")
+        if r.peak_mem_mb is not None and not r.device.startswith("cuda"):
+            mem = f"rss+{r.peak_mem_mb:.0f}"
+        lines.append(
+            f"{r.backend:<9} {r.batch:>6} {r.steps:>5} {fmt(r.sample_steps_per_s, ',.0f'):>15} "
+            f"{fmt(r.ratio_to_eager, '.2f'):>8} {fmt(r.ms_per_chain, '.2f'):>10} {fmt(r.tflops, '.3f'):>8} "
+            f"{fmt(None if r.frac_fp32_peak is None else 100 * r.frac_fp32_peak, '.1f'):>8} "
+            f"{fmt(None if r.frac_tf32_peak is None else 100 * r.frac_tf32_peak, '.1f'):>8} "
+            f"{mem:>9} {fmt(r.first_call_s, '.2f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def format_train_table(results: list[TrainResult]) -> str:
+    head = (
+        f"{'backend':<9} {'batch':>6} {'steps':>5} {'CD it/s':>9} {'x eager':>8} {'ms/it':>9} {'60 ep (min)':>12} "
+        f"{'first s':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.skipped:
+            lines.append(f"{r.backend:<9} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
+            continue
+        lines.append(
+            f"{r.backend:<9} {r.batch:>6} {r.steps:>5} {fmt(r.iters_per_s, '.2f'):>9} "
+            f"{fmt(r.ratio_to_eager, '.2f'):>8} "
+            f"{fmt(None if r.median_s is None else r.median_s * 1e3, '.1f'):>9} "
+            f"{fmt(r.projected_60_epochs_min, '.1f'):>12} {fmt(r.first_iter_s, '.2f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+CSV_FIELDS = (
+    "kernel",
+    "provider",
+    "metric",
+    "unit",
+    "x_name",
+    "x_value",
+    "y_50",
+    "y_20",
+    "y_80",
+    "extra_benchmark_config_str",
+    "device_name",
+    "timestamp",
+    "ebmfast_version",
+    "torch_version",
+    "triton_version",
+)
+
+
+def csv_rows(env: dict, sampler: list[SamplerResult], train: list[TrainResult], precision: str) -> list[dict]:
+    """Long-format rows (one measurement per row), in the style of Liger-Kernel's benchmark history."""
+    common = {
+        "device_name": env.get("device_name"),
+        "timestamp": env.get("time"),
+        "ebmfast_version": env.get("ebmfast"),
+        "torch_version": env.get("torch"),
+        "triton_version": env.get("triton"),
+    }
+    rows = []
+    for r in sampler:
+        if r.skipped or r.median_s is None:
+            continue
+        cfg = json.dumps({"steps": r.steps, "precision": precision, "timer": r.timer, "rounds": len(r.times_s)})
+        base = dict(
+            common,
+            kernel="langevin_sample",
+            provider=r.backend,
+            x_name="batch",
+            x_value=r.batch,
+            extra_benchmark_config_str=cfg,
+        )
+        n = r.batch * r.steps
+        rows.append(
+            dict(
+                base,
+                metric="throughput",
+                unit="sample-steps/s",
+                y_50=n / r.median_s,
+                y_20=n / r.q80_s,
+                y_80=n / r.q20_s,
+            )
+        )
+        rows.append(dict(base, metric="time", unit="ms", y_50=r.median_s * 1e3, y_20=r.q20_s * 1e3, y_80=r.q80_s * 1e3))
+        rows.append(
+            dict(base, metric="first_call", unit="s", y_50=r.first_call_s, y_20=r.first_call_s, y_80=r.first_call_s)
+        )
+        if r.peak_mem_mb is not None:
+            unit = "MB" if r.device.startswith("cuda") else "MB (RSS growth)"
+            rows.append(
+                dict(base, metric="memory", unit=unit, y_50=r.peak_mem_mb, y_20=r.peak_mem_mb, y_80=r.peak_mem_mb)
+            )
+    for r in train:
+        if r.skipped or r.median_s is None:
+            continue
+        cfg = json.dumps({"steps": r.steps, "precision": precision, "timer": r.timer, "iters": len(r.times_s)})
+        base = dict(
+            common,
+            kernel="cd_iteration",
+            provider=r.backend,
+            x_name="batch",
+            x_value=r.batch,
+            extra_benchmark_config_str=cfg,
+        )
+        rows.append(
+            dict(
+                base, metric="throughput", unit="iterations/s", y_50=1 / r.median_s, y_20=1 / r.q80_s, y_80=1 / r.q20_s
+            )
+        )
+    return rows
+
+
+def check_csv_history(path) -> bool:
+    """True when ``path`` is new or empty (a header is due); ``ValueError`` when it holds another CSV's columns."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return True
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), None)
+    if header != list(CSV_FIELDS):
+        raise ValueError(f"{path} exists with columns {header}, expected {list(CSV_FIELDS)}: use a new file")
+    return False
+
+
+def write_csv_history(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new or empty)."""
+    new = check_csv_history(path)
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in CSV_FIELDS})

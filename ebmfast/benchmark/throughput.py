@@ -1,0 +1,223 @@
+"""Sampler throughput per backend (``ebmfast bench``'s first table).
+
+For each (batch, steps) cell, every backend runs the same chains from the same start. The first call
+(torch.compile, CUDA-graph capture) is timed apart from the steady state. Steady-state calls are interleaved across
+backends round by round (order rotated each round), so a slow phase of a noisy machine hits every backend alike;
+medians (and 20/80 % quantiles) over rounds are reported: sample-steps/s (= batch x steps / time), ratio to the eager
+backend measured in the same run, ms per chain (one call: ``steps`` steps of the whole batch), achieved TFLOP/s from
+the analytic count (``flops.py``) and its fraction of the measured fp32 and TF32 matmul peak, peak memory
+(``timing.py``). Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..devices import resolve_device
+from ..sampler import BACKENDS, LangevinSampler, resolve_backend
+from .flops import flops_per_sample_step
+from .timing import (
+    Memory,
+    progress_bar,
+    quantile,
+    record_failure,
+    rotations,
+    telemetry_for,
+    time_call,
+    uniform,
+    wall_call,
+)
+
+__all__ = ["CONCRETE_BACKENDS", "available_backends", "SamplerResult", "bench_sampler"]
+
+CONCRETE_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
+
+
+def available_backends(device: torch.device, requested=None) -> tuple[list[str], dict[str, str]]:
+    """(usable backends in ``CONCRETE_BACKENDS`` order, {unusable backend: reason}) on ``device``.
+
+    ``requested``: a subset to check (default: all of them); ``auto`` is resolved to its concrete backend."""
+    names = list(requested) if requested else list(CONCRETE_BACKENDS)
+    usable, unusable = [], {}
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+        try:
+            concrete = resolve_backend(name, device)
+        except (RuntimeError, ValueError) as exc:
+            unusable[name] = str(exc)
+            continue
+        if concrete not in usable:
+            usable.append(concrete)
+    usable.sort(key=lambda b: CONCRETE_BACKENDS.index(b) if b in CONCRETE_BACKENDS else len(CONCRETE_BACKENDS))
+    return usable, unusable
+
+
+@dataclass
+class SamplerResult:
+    backend: str
+    batch: int
+    steps: int
+    device: str
+    timer: str  # "cuda-events" or "perf_counter"
+    times_s: list = field(default_factory=list)  # steady-state seconds per call (one per round)
+    first_call_s: float | None = None  # compile / capture + one chain, wall clock with device sync
+    median_s: float | None = None
+    q20_s: float | None = None
+    q80_s: float | None = None
+    sample_steps_per_s: float | None = None
+    ratio_to_eager: float | None = None
+    ms_per_chain: float | None = None
+    flop_per_sample_step: float | None = None
+    tflops: float | None = None
+    frac_fp32_peak: float | None = None
+    frac_tf32_peak: float | None = None
+    peak_mem_mb: float | None = None  # CUDA: allocator peak in a steady call above the pre-sampler baseline
+    first_call_mem_mb: float | None = None  # same, during the first call (compile / capture)
+    mem_kind: str = ""
+    last_backend: str | None = None  # what the sampler reported it ran
+    skipped: str | None = None
+    telemetry: dict | None = None
+
+    def finish(self, flop_per_sample_step: float | None, peak: dict | None) -> None:
+        if not self.times_s:
+            return
+        self.median_s = statistics.median(self.times_s)
+        self.q20_s = quantile(self.times_s, 0.2)
+        self.q80_s = quantile(self.times_s, 0.8)
+        self.sample_steps_per_s = self.batch * self.steps / self.median_s
+        self.ms_per_chain = self.median_s * 1e3
+        if flop_per_sample_step:
+            self.flop_per_sample_step = flop_per_sample_step
+            self.tflops = flop_per_sample_step * self.sample_steps_per_s / 1e12
+            if peak:
+                if peak.get("fp32_tflops"):
+                    self.frac_fp32_peak = self.tflops / peak["fp32_tflops"]
+                if peak.get("tf32_tflops"):
+                    self.frac_tf32_peak = self.tflops / peak["tf32_tflops"]
+
+
+def bench_sampler(
+    model: nn.Module,
+    device,
+    backends,
+    batches,
+    steps_list,
+    rounds: int = 5,
+    precision: str = "fp32",
+    sample_shape=None,
+    peak: dict | None = None,
+    seed: int = 0,
+    max_call_s: float | None = None,
+    time_budget_s: float | None = None,
+    telemetry: bool = True,
+    progress: bool = True,
+    compile_kwargs: dict | None = None,
+) -> list[SamplerResult]:
+    """Measure every backend at every (batch, steps) cell; see the module docstring for the method.
+
+    ``max_call_s``: skip a (backend, cell) whose estimated steady call (from the same backend and batch at fewer
+    steps, measured earlier in this run) exceeds it. ``time_budget_s``: cells not started within this many seconds
+    are reported as skipped. Returns one ``SamplerResult`` per (cell, backend), eager first."""
+    device = resolve_device(device)
+    model = model.to(device)
+    if sample_shape is None:
+        sample_shape = getattr(model, "input_shape", None)
+        if sample_shape is None:
+            raise ValueError("sample_shape is needed for a model without an input_shape attribute")
+    sample_shape = tuple(sample_shape)
+    backends = list(backends)
+    if not backends:
+        raise ValueError("no backend to measure")
+    try:
+        fpss = flops_per_sample_step(model, sample_shape)
+    except Exception as exc:  # a model FlopCounterMode cannot follow: report throughput without FLOP/s
+        print(f"ebmfast bench: FLOP count unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        fpss = None
+    cells = [(b, s) for b in batches for s in sorted(steps_list)]
+    timer = "cuda-events" if device.type == "cuda" else "perf_counter"
+    results: list[SamplerResult] = []
+    per_step_s: dict[tuple[str, int], float] = {}  # (backend, batch) -> steady seconds per step, for max_call_s
+    bar = progress_bar(len(cells) * len(backends) * (rounds + 1), "sampler", progress)
+    t_start = time.perf_counter()
+    for batch, steps in cells:
+        rows = {b: SamplerResult(b, batch, steps, str(device), timer) for b in backends}
+        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            for b in backends:
+                rows[b].skipped = f"time budget {time_budget_s:.0f} s spent"
+            results.extend(rows.values())
+            bar.update(len(backends) * (rounds + 1))
+            continue
+        x = uniform((batch, *sample_shape), device, seed + batch)
+        samplers, sampler, s = {}, None, None
+        with telemetry_for(device, telemetry) as tel:
+            # Phase 1, per backend: first call (compile / capture), then one steady call for memory.
+            for b in backends:
+                est = per_step_s.get((b, batch))
+                if max_call_s is not None and est is not None and est * steps > max_call_s:
+                    rows[b].skipped = f"estimated {est * steps:.1f} s per call > max_call_s={max_call_s:g}"
+                    bar.update(rounds + 1)
+                    continue
+                try:
+                    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+                    sampler = LangevinSampler(
+                        model, steps=steps, backend=b, precision=precision, seed=seed, compile_kwargs=compile_kwargs
+                    )
+                    with Memory(device, base) as mem_first:
+                        rows[b].first_call_s = wall_call(partial(sampler.sample, x, steps), device)
+                    with Memory(device, base) as mem:
+                        t = time_call(partial(sampler.sample, x, steps), device)
+                except Exception as exc:  # one broken backend must not lose the other measurements
+                    record_failure(rows[b], exc)
+                    bar.update(rounds + 1)
+                    continue
+                rows[b].first_call_mem_mb, rows[b].peak_mem_mb = mem_first.mb, mem.mb
+                rows[b].mem_kind = (
+                    "cuda max_memory_allocated above pre-sampler baseline"
+                    if device.type == "cuda"
+                    else "process RSS growth during the call (rough)"
+                )
+                rows[b].last_backend = sampler.last_backend
+                per_step_s[(b, batch)] = t / steps
+                samplers[b] = sampler
+                bar.update(1)
+            # Phase 2: steady state, backends interleaved, order rotated each round.
+            for order in rotations([b for b in backends if b in samplers], rounds):
+                for b in order:
+                    if b not in samplers:
+                        continue
+                    s = samplers[b]
+                    try:
+                        rows[b].times_s.append(time_call(partial(s.sample, x, steps), device))
+                    except Exception as exc:
+                        record_failure(rows[b], exc)
+                        del samplers[b]
+                    bar.update(1)
+                bar.set_postfix_str(f"batch {batch} steps {steps}")
+            active = [b for b in backends if b in samplers]
+        summary = tel.summary() if device.type == "cuda" else None
+        for b in active:
+            rows[b].finish(fpss, peak)
+            rows[b].telemetry = summary
+            per_step_s[(b, batch)] = rows[b].median_s / steps
+        eager = rows.get("eager")
+        if eager is not None and eager.sample_steps_per_s:
+            for row in rows.values():
+                if row.sample_steps_per_s:
+                    row.ratio_to_eager = row.sample_steps_per_s / eager.sample_steps_per_s
+        results.extend(rows.values())
+        # Free this cell's samplers (CUDA-graph pools included) before the next cell measures its baseline.
+        samplers = sampler = s = x = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return results

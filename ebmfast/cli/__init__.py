@@ -1,0 +1,67 @@
+"""The ``ebmfast`` command: ``train``, ``sample``, ``evaluate``, ``bench``.
+
+Each subcommand is a module of this package (``ebmfast.cli.train``, ...) with ``add_arguments(parser)`` and
+``run(args) -> int``; the work itself is done by the library (``ebmfast.training``, ``ebmfast.evaluation``,
+``ebmfast.benchmark``), which never imports from here. Errors the user can fix (``ebmfast.errors.UsageError``: bad
+values, missing data or checkpoints, unwritable outputs) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import UsageError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS = {
+    "train": ("ebmfast.cli.train", "train an energy model by contrastive divergence (the seed's recipe)"),
+    "sample": ("ebmfast.cli.sample", "draw samples from a checkpoint with Langevin dynamics, save a PNG grid"),
+    "evaluate": ("ebmfast.cli.evaluate", "out-of-distribution scores, sample quality and a report for a checkpoint"),
+    "bench": ("ebmfast.cli.bench", "measure sampler throughput per backend"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported like every other usage error: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = _Parser(prog="ebmfast", description="Fast Langevin sampling for deep energy-based models")
+    parser.add_argument("--version", action="version", version=f"ebmfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except UsageError as exc:
+        print(f"ebmfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ebmfast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

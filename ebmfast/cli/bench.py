@@ -1,0 +1,315 @@
+"""``ebmfast bench``: sampler and training throughput per backend, as tables, JSON and a long-format CSV history.
+
+The measurement is ``ebmfast.benchmark`` (``throughput.py``, ``training.py``, ``report.py``); judging it against the
+project's targets is the GPU check's job (``bench/device_summary.py``). ``python -m ebmfast.cli.bench`` is the same
+command without building the other subcommands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+
+from ..benchmark.flops import flops_per_sample_step
+from ..benchmark.report import (
+    check_csv_history,
+    csv_rows,
+    environment,
+    fmt,
+    format_table,
+    format_train_table,
+    write_csv_history,
+)
+from ..benchmark.throughput import available_backends, bench_sampler
+from ..benchmark.timing import measure_matmul_peak
+from ..benchmark.training import SEED_EPOCHS, SEED_ITERS_PER_EPOCH, bench_train
+from ..devices import resolve_device
+from ..errors import UsageError
+from ..models import CNNModel
+from ..sampler import PRECISIONS
+from .outputs import output_file
+
+__all__ = ["GPU_BATCHES", "CPU_BATCHES", "DEFAULT_STEPS", "add_arguments", "run", "main"]
+
+GPU_BATCHES = (1, 128, 1024, 16384)
+CPU_BATCHES = (1, 128)
+DEFAULT_STEPS = (60, 256)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to measure (auto: cuda when available)"
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="backends to measure (default: every backend available on the device; "
+        "eager is always added as the reference)",
+    )
+    parser.add_argument(
+        "--batch",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"batch sizes (default: {' '.join(map(str, GPU_BATCHES))} on cuda, "
+        f"{' '.join(map(str, CPU_BATCHES))} on cpu)",
+    )
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"chain lengths (default: {' '.join(map(str, DEFAULT_STEPS))})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed steady-state calls per backend and cell, interleaved (default: 10 cuda, 5 cpu)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="sampler precision (fp32 is the parity target)",
+    )
+    parser.add_argument("--hidden-features", type=int, default=32, help="width of the seed CNN (default 32)")
+    parser.add_argument(
+        "--no-train", dest="train", action="store_false", help="skip the contrastive-divergence training measurement"
+    )
+    parser.add_argument("--train-batch", type=int, default=128, help="CD batch size (the seed's: 128)")
+    parser.add_argument("--train-steps", type=int, default=60, help="Langevin steps per CD iteration (seed: 60)")
+    parser.add_argument(
+        "--train-iters", type=int, default=None, help="timed CD iterations per backend (default: 20 cuda, 5 cpu)"
+    )
+    parser.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="compile the energy gradient with dynamic=False (a static graph per batch size) instead of "
+        "torch.compile's default automatic-dynamic shapes",
+    )
+    parser.add_argument(
+        "--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement (no %%-of-peak columns)"
+    )
+    parser.add_argument(
+        "--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 cuda, 1024 cpu)"
+    )
+    parser.add_argument(
+        "--max-call-s",
+        type=float,
+        default=None,
+        help="skip a backend at a cell whose estimated call time exceeds this many seconds",
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="sampler cells not started within this many seconds are reported as skipped",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (torch.set_num_threads); default: torch's own choice",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the model, inputs and chains")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write all results as JSON to FILE")
+    parser.add_argument(
+        "--csv",
+        default=None,
+        metavar="FILE",
+        help="append long-format rows (kernel, provider, metric, unit, x, y50/y20/y80, ...) to FILE",
+    )
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    parser.add_argument(
+        "--no-telemetry", dest="telemetry", action="store_false", help="do not sample GPU telemetry through NVML"
+    )
+
+
+def run(args) -> int:
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    cuda = device.type == "cuda"
+    try:
+        backends, unusable = available_backends(device, args.backends)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.backends and unusable:
+        name, why = next(iter(unusable.items()))
+        raise UsageError(f"backend {name!r} is not available on {device}: {why}")
+    if "eager" not in backends:
+        backends.insert(0, "eager")  # the reference every ratio is taken against
+    batches = args.batch or list(GPU_BATCHES if cuda else CPU_BATCHES)
+    steps_list = args.steps or list(DEFAULT_STEPS)
+    for name, values in (("--batch", batches), ("--steps", steps_list)):
+        if any(v <= 0 for v in values):
+            raise UsageError(f"{name} values must be positive integers, got {values}")
+    rounds = args.rounds if args.rounds is not None else (10 if cuda else 5)
+    iters = args.train_iters if args.train_iters is not None else (20 if cuda else 5)
+    if rounds < 1 or iters < 1:
+        raise UsageError(f"--rounds and --train-iters must be >= 1, got {rounds} and {iters}")
+    for flag, value, ok, wanted in (
+        ("--train-batch", args.train_batch, args.train_batch >= 1, "a positive integer"),
+        ("--train-steps", args.train_steps, args.train_steps >= 1, "a positive integer"),
+        (
+            "--hidden-features",
+            args.hidden_features,
+            args.hidden_features >= 2 and args.hidden_features % 2 == 0,
+            "an even integer >= 2",
+        ),
+        ("--peak-n", args.peak_n, args.peak_n is None or args.peak_n >= 1, "a positive integer"),
+        ("--max-call-s", args.max_call_s, args.max_call_s is None or args.max_call_s > 0, "> 0"),
+        ("--time-budget-s", args.time_budget_s, args.time_budget_s is None or args.time_budget_s >= 0, ">= 0"),
+        ("--threads", args.threads, args.threads is None or args.threads >= 1, "a positive integer"),
+        ("--seed", args.seed, args.seed >= 0, "a non-negative integer"),
+    ):
+        if not ok:
+            raise UsageError(f"{flag} must be {wanted}, got {value}")
+    # the output files, before any measurement
+    if args.json:
+        output_file(args.json, "--json")
+    if args.csv:
+        csv_path = output_file(args.csv, "--csv")
+        try:
+            check_csv_history(csv_path)
+        except ValueError as exc:  # a CSV with other columns: refused now, not after the measurements
+            raise UsageError(f"--csv {exc}") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = CNNModel(hidden_features=args.hidden_features).to(device)
+    env = environment(device)
+    print(
+        f"ebmfast bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}; "
+        f"backends {', '.join(backends)}" + (f"; unavailable: {', '.join(unusable)}" if unusable else ""),
+        flush=True,
+    )
+    if not cuda:
+        print(
+            f"cpu: {env['cpu_count']} cores, {env['torch_threads']} torch threads, load average (1 min) "
+            f"{fmt(env['loadavg_1m'], '.2f')} at start",
+            flush=True,
+        )
+    peak = None
+    if args.peak:
+        peak = measure_matmul_peak(device, n=args.peak_n)
+        tf32 = f", tf32 {peak['tf32_tflops']:.2f}" if peak["tf32_tflops"] else ""
+        print(f"measured matmul peak (n={peak['n']}): fp32 {peak['fp32_tflops']:.3f} TFLOP/s{tf32}", flush=True)
+    fpss = flops_per_sample_step(model, model.input_shape)
+    print(f"work per sample-step (forward + input gradient): {fpss / 1e6:.3f} MFLOP", flush=True)
+
+    compile_kwargs = {"dynamic": False} if args.compile_static else None
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
+        "device": str(device),
+        "backends": backends,
+        "batch": batches,
+        "steps": steps_list,
+        "rounds": rounds,
+        "train_iters": iters,
+    }
+
+    def document(sampler_results, train_results, complete):
+        return {
+            "complete": complete,  # False: written after the sampler part, training still to come
+            "environment": env,
+            "config": config,
+            "matmul_peak": peak,
+            "flop_per_sample_step": fpss,
+            "sampler": [asdict(r) for r in sampler_results],
+            "train": [asdict(r) for r in train_results],
+        }
+
+    def write_json(doc):
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh, indent=2, default=str)
+            os.replace(tmp, args.json)
+
+    sampler_results = bench_sampler(
+        model,
+        device,
+        backends,
+        batches,
+        steps_list,
+        rounds=rounds,
+        precision=args.precision,
+        peak=peak,
+        seed=args.seed,
+        max_call_s=args.max_call_s,
+        time_budget_s=args.time_budget_s,
+        telemetry=args.telemetry,
+        progress=args.progress,
+        compile_kwargs=compile_kwargs,
+    )
+    # Written now as well, so a run killed during training (e.g. by a stage timeout) keeps its sampler figures.
+    write_json(document(sampler_results, [], complete=not args.train))
+    train_results = []
+    if args.train:
+        train_results = bench_train(
+            model,
+            device,
+            backends,
+            batch=args.train_batch,
+            steps=args.train_steps,
+            iters=iters,
+            precision=args.precision,
+            seed=args.seed,
+            telemetry=args.telemetry,
+            progress=args.progress,
+            compile_kwargs=compile_kwargs,
+        )
+
+    env["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print()
+    if not cuda:
+        print(f"load average (1 min) at end {fmt(env['loadavg_1m_end'], '.2f')}")
+    print(f"Sampler ({args.precision}, {rounds} interleaved rounds, median; {sampler_results[0].timer})")
+    print(format_table(sampler_results))
+    if train_results:
+        print()
+        print(
+            f"Contrastive-divergence training (batch {args.train_batch}, {args.train_steps} steps, {iters} "
+            f"iterations, median); 60 ep = projected {SEED_EPOCHS} x {SEED_ITERS_PER_EPOCH} iterations"
+        )
+        print(format_train_table(train_results))
+    doc = document(sampler_results, train_results, complete=True)
+    if args.json:
+        write_json(doc)
+        print(f"\nwrote {args.json}")
+    if args.csv:
+        write_csv_history(args.csv, csv_rows(env, sampler_results, train_results, args.precision))
+        print(f"appended to {args.csv}")
+    failed = [r for r in sampler_results + train_results if (r.skipped or "").startswith("failed")]
+    if failed:
+        print(f"ebmfast bench: {len(failed)} measurement(s) failed (tracebacks above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ebmfast.cli.bench``: the same as ``ebmfast bench``, without loading the other subcommands."""
+    from . import _one_line, _Parser
+
+    parser = _Parser(prog="python -m ebmfast.cli.bench", description="measure sampler throughput")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"ebmfast bench: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Output paths of the commands, checked before any work starts: a path that cannot be written is an
+``OutputPathError`` (one line, exit 2), not a traceback after minutes of sampling.
+
+A check creates nothing that stays: it finds the nearest folder that exists on the way to the path and writes (and
+removes) a temporary file there, which is the only test that root, read-only mounts and pseudo file systems such as
+``/proc`` all answer truthfully.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import OutputPathError
+
+__all__ = ["output_file", "output_dir"]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _probe(folder: Path, flag: str, target: Path) -> None:
+    """``folder`` (or, where it does not exist yet, its nearest existing parent) must be a folder we can write in."""
+    existing = folder
+    while not _exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{flag} {target}: {existing} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ebmfast-write-check-", dir=existing)
+    except OSError as exc:
+        raise OutputPathError(f"{flag} {target}: cannot write in {existing} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def output_file(path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """A file the command will write (replacing it if it exists); ``suffixes``: the allowed endings."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputPathError(f"{flag} must name a {'/'.join(suffixes)} file, got {str(path)!r}")
+    if path.is_dir():
+        example = path / f"out{suffixes[0] if suffixes else ''}"
+        raise OutputPathError(f"{flag} {path} is a folder; give a file name such as {example}")
+    if _exists(path) and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{flag} {path}: the file exists and is not writable")
+    _probe(path.parent, flag, path)
+    return path
+
+
+def output_dir(path, flag: str) -> Path:
+    """A folder the command will create (if needed) and write files into."""
+    path = Path(path)
+    if _exists(path) and not path.is_dir():
+        raise OutputPathError(f"{flag} {path} exists and is not a folder")
+    _probe(path, flag, path)
+    return path

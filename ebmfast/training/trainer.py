@@ -1,0 +1,523 @@
+"""``Trainer``: contrastive-divergence training of an energy model (the seed's recipe) as a plain PyTorch loop.
+
+Each iteration is ``step.train_step`` (the seed's ``DeepEnergyModel.training_step``). Every epoch: validation
+(held-out images vs U(-1, 1) noise), rand_out (mean score of 1,024 noise images), StepLR, checkpoints (best by
+val_contrastive_divergence, and last), callbacks; every ``sample_every`` epochs PNG grids of chains from noise and of
+buffer images (``pictures.py``).
+
+Output layout under ``out_dir``::
+
+    config.json            the TrainConfig
+    metrics.csv            step,epoch,metric,value,wall_time (long format; runlog.py)
+    train.log              the run's text log (events: resume, roll-backs, interruptions)
+    tb/                    TensorBoard scalars and grids
+    checkpoints/last.pt    resumable: model, optimizer, scheduler, buffer, sampler, data order, RNG states
+    checkpoints/best.pt    the same, at the epoch with the lowest val_contrastive_divergence
+    samples/generation_epochNNN.png   rows = chains from noise, columns = every gen_show_every-th step
+    samples/buffer_epochNNN.png       random replay-buffer images
+
+The trainer's concerns each have their own module: the step (``step.py``), divergence roll-back (``divergence.py``),
+what is saved and resumed (``state.py``, atomic files in ``checkpoint.py``), signals (``signals.py``), pictures
+(``pictures.py``), run records (``runlog.py``). ``--resume`` continues bit-exactly on CPU: every random stream the run
+uses is in the checkpoint, and epoch-end work uses its own seeded generators so it never disturbs the training
+streams.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..buffer import ReplayBuffer
+from ..data import DataSplits, load_dataset
+from ..devices import resolve_device
+from ..errors import DivergenceError
+from ..models import CNNModel
+from ..reference import energy_scores
+from ..sampler import LangevinSampler, resolve_backend
+from .batches import TensorBatches
+from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
+from .config import TrainConfig
+from .divergence import Rollback
+from .pictures import TrainingPictures
+from .runlog import MetricsLogger, RunLog
+from .signals import StopSignals
+from .state import (
+    S_DATA,
+    S_GEN,
+    S_MONITOR,
+    S_RANDOUT,
+    S_SAMPLER,
+    S_VAL,
+    checkpoint_payload,
+    derive_seed,
+    restore_run_state,
+    resume_from,
+    run_state,
+)
+from .step import STEP_METRICS, train_step
+
+__all__ = ["Trainer", "FitResult", "STEP_METRICS", "VAL_METRICS"]
+
+VAL_METRICS = ("val_contrastive_divergence", "val_real_out", "val_fake_out")
+IMAGE_SHAPE = (1, 28, 28)
+
+
+@dataclass
+class FitResult:
+    status: str  # "completed" | "max_iterations" | "interrupted"
+    epoch: int  # epochs fully done
+    iteration: int  # training iterations done
+    wall_time_s: float
+    recoveries: int
+    signal: str | None = None
+    last_checkpoint: Path | None = None
+    best_val: float | None = None
+    metrics: dict = field(default_factory=dict)  # the latest epoch-level metrics
+
+
+class Trainer:
+    """Train ``CNNModel`` by contrastive divergence with a Langevin sampler and a replay buffer.
+
+    Args:
+        config: a ``TrainConfig``.
+        data: ``DataSplits`` (images (N, 1, 28, 28) in [-1, 1]); default: ``load_dataset(config.data, data_root,
+            download)``.
+        device: "auto"/None (CUDA if available), "cpu", "cuda[:N]" or a torch.device.
+        out_dir: where the run's files go (see the module docstring); ``None`` writes nothing.
+        callbacks: objects with ``on_epoch_end(trainer, epoch) -> dict | None`` (returned metrics are logged) and
+            optionally ``on_step_end(trainer, iteration, metrics) -> dict | None`` (called after each iteration).
+        resume: path of a checkpoint written by a Trainer: continue that run exactly where it stopped.
+        overwrite: allow ``out_dir`` to hold an earlier run (its files get replaced/appended).
+        progress: show tqdm bars.
+
+    Like the seed's ``seed_everything``, construction seeds torch's, Python's and NumPy's global generators with
+    ``config.seed`` (the model's initial weights come from torch's); a resume restores them from the checkpoint.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: DataSplits | None = None,
+        device=None,
+        out_dir: str | Path | None = "runs/ebmfast",
+        *,
+        callbacks=(),
+        data_root: str | Path | None = None,
+        download: bool = False,
+        resume: str | Path | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        cfg = self.config = config
+        self.device = resolve_device(device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = bool(progress)
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not callable(getattr(cb, "on_epoch_end", None)) and not callable(getattr(cb, "on_step_end", None)):
+                raise TypeError(f"callback {cb!r} has neither on_epoch_end(trainer, epoch) nor on_step_end(...)")
+        if self.out_dir is not None and resume is None and not overwrite:
+            existing = self.out_dir / "checkpoints" / "last.pt"
+            if existing.exists():
+                raise FileExistsError(
+                    f"{self.out_dir} already holds a run ({existing}); continue it with "
+                    f"--resume {existing}, pick another --out, or pass --overwrite"
+                )
+        ckpt = load_checkpoint(resume) if resume is not None else None  # fail before anything is written
+
+        # ---- data, on the device as single tensors
+        if data is None:
+            data = load_dataset(cfg.data, root=data_root, download=download)
+        self.data = data
+        train_images = _check_images(data.train_images, "data.train_images")
+        val_images = _check_images(data.val_images, "data.val_images", allow_empty=True)
+        if cfg.batch_size > len(train_images):
+            raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images")
+        self.val_images = val_images.to(self.device)
+
+        # ---- model, optimizer, schedule (seed_everything(seed) then build, as the seed does)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.model = CNNModel(**cfg.model_kwargs()).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=cfg.lr_gamma)
+
+        # ---- random streams and the sampling machinery
+        self.gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_GEN))
+        self.buffer = ReplayBuffer(
+            IMAGE_SHAPE,
+            capacity=cfg.buffer_size,
+            fresh_prob=cfg.buffer_fresh_prob,
+            device=self.device,
+            generator=self.gen,
+        )
+        sampler_kw = dict(
+            step_size=cfg.sampler_step_size,
+            noise_std=cfg.sampler_noise_std,
+            grad_clip=cfg.sampler_grad_clip,
+            precision=cfg.sampler_precision,
+        )
+        try:
+            resolve_backend(cfg.sampler_backend, self.device)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+        self.sampler = LangevinSampler(
+            self.model,
+            steps=cfg.sampler_steps,
+            backend=cfg.sampler_backend,
+            seed=derive_seed(cfg.seed, 0, S_SAMPLER),
+            **sampler_kw,
+        )
+        self.pictures = TrainingPictures(self.model, cfg, self.device, **sampler_kw)
+        self.batches = TensorBatches(
+            train_images.to(self.device), cfg.batch_size, seed=derive_seed(cfg.seed, 0, S_DATA)
+        )
+        self.rollback = Rollback(cfg)
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_MONITOR))
+        self._monitor_noise = torch.rand((64, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
+        self.signals = StopSignals()
+
+        # ---- progress counters
+        self.epoch = 0  # epochs completed (= index of the epoch in progress)
+        self.iteration = 0  # training iterations completed
+        self.best_val = math.inf
+        self.recoveries = 0
+        self.lr_scale = 1.0
+        self.epoch_metrics: dict[str, float] = {}
+        self.events: list[dict] = []
+        self._fit_start: float | None = None
+        if ckpt is not None:
+            resume_from(self, ckpt, str(resume))
+
+        # ---- files (only now: every check above has passed)
+        self.metrics = MetricsLogger(
+            self.out_dir, tensorboard=cfg.tensorboard, purge_step=self.iteration if ckpt is not None else None
+        )
+        self.log = RunLog(self.out_dir)
+        if self.out_dir is not None:
+            self.ckpt_dir = self.out_dir / "checkpoints"
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.ckpt_dir)
+            (self.out_dir / "samples").mkdir(exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        else:
+            self.ckpt_dir = None
+        if ckpt is not None:
+            self.note(f"resumed from {resume} at epoch {self.epoch}, iteration {self.iteration}")
+        else:
+            self.note(
+                f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                f"{len(train_images)} training images, {len(self.batches)} iterations per epoch"
+            )
+
+    # ================================================================================================ training
+    def train_step(self, real: torch.Tensor) -> dict[str, float]:
+        """One contrastive-divergence iteration (``step.train_step``) on a batch of real images; returns the step's
+        metrics."""
+        if not isinstance(real, torch.Tensor) or real.dim() != 4 or tuple(real.shape[1:]) != IMAGE_SHAPE:
+            raise ValueError(
+                f"real must be a batch of images (B, 1, 28, 28), got "
+                f"{tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__}"
+            )
+        cfg = self.config
+        return train_step(
+            self.model,
+            self.optimizer,
+            self.sampler,
+            self.buffer,
+            real.to(self.device, torch.float32),
+            generator=self.gen,
+            alpha=cfg.alpha,
+            real_noise_std=cfg.real_noise_std,
+            grad_norm_clip=cfg.grad_norm_clip,
+        )
+
+    @torch.no_grad()
+    def validate(self, epoch: int | None = None) -> dict[str, float]:
+        """Held-out images vs U(-1, 1) noise (the seed's validation_step), averaged over all validation images."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.val_images)
+        if n == 0:
+            return {}
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, 0, S_VAL + epoch))
+        real_sum = fake_sum = 0.0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, n, self.config.val_batch_size):
+                real = self.val_images[i : i + self.config.val_batch_size]
+                fake = torch.rand(real.shape, generator=g, device=self.device).mul_(2).sub_(1)
+                real_out, fake_out = energy_scores(self.model, torch.cat([real, fake])).chunk(2)
+                real_sum += float(real_out.double().sum())
+                fake_sum += float(fake_out.double().sum())
+        finally:
+            self.model.train(was_training)
+        return {
+            "val_contrastive_divergence": (fake_sum - real_sum) / n,
+            "val_real_out": real_sum / n,
+            "val_fake_out": fake_sum / n,
+        }
+
+    @torch.no_grad()
+    def rand_out(self, epoch: int | None = None) -> float:
+        """Mean score of ``rand_out_images`` U(-1, 1) images (the seed's OutlierCallback)."""
+        epoch = self.epoch if epoch is None else epoch
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, 0, S_RANDOUT + epoch))
+        x = torch.rand((self.config.rand_out_images, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
+        return float(self._score(x).double().mean())
+
+    @torch.no_grad()
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return torch.cat([energy_scores(self.model, c) for c in x.split(self.config.val_batch_size)])
+        finally:
+            self.model.train(was_training)
+
+    def _noise_out(self) -> float:
+        """Mean score of a fixed batch of noise images (the divergence monitor's gap check)."""
+        return float(self._score(self._monitor_noise).double().mean())
+
+    def save_grids(self, epoch: int | None = None) -> list[Path]:
+        """The seed's GenerateCallback and SamplerCallback pictures: chains from noise, and buffer images."""
+        epoch = self.epoch if epoch is None else epoch
+        return self.pictures.save(epoch, self.iteration, self.buffer, self.metrics, self.out_dir)
+
+    # ================================================================================================ the loop
+    def fit(self) -> FitResult:
+        """Train until ``config.epochs`` (or ``config.max_iterations``), a signal, or too many divergences."""
+        self._fit_start = time.time()
+        status = "completed"
+        try:
+            with self.signals:
+                if len(self.rollback.snapshots) == 0:
+                    self.rollback.snapshot(self)
+                while True:
+                    if self.signals.requested:
+                        status = self._stop("interrupted")
+                        break
+                    if self._limit_reached():
+                        status = self._stop("max_iterations")
+                        break
+                    if self.epoch >= self.config.epochs:
+                        break
+                    outcome = self._run_epoch()
+                    if outcome in ("interrupted", "max_iterations"):
+                        status = self._stop(outcome)
+                        break
+        except DivergenceError as exc:
+            self.note(f"giving up: {exc}", warn=True)
+            raise
+        finally:
+            self.metrics.flush()
+        result = FitResult(
+            status=status,
+            epoch=self.epoch,
+            iteration=self.iteration,
+            wall_time_s=time.time() - self._fit_start,
+            recoveries=self.recoveries,
+            last_checkpoint=self.checkpoint_path("last"),
+            signal=self.signals.name,
+            best_val=self.best_val if math.isfinite(self.best_val) else None,
+            metrics=dict(self.epoch_metrics),
+        )
+        if status == "completed":
+            self.note(f"finished {self.epoch} epochs, {self.iteration} iterations in {result.wall_time_s:.0f} s")
+        return result
+
+    def _limit_reached(self) -> bool:
+        return self.config.max_iterations is not None and self.iteration >= self.config.max_iterations
+
+    def _run_epoch(self) -> str:
+        """One epoch (or the rest of one, after a resume). Returns "done", "rollback", "interrupted" or
+        "max_iterations"."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        total = len(self.batches)
+        done = self.batches.pos // cfg.batch_size if self.batches.perm is not None else 0
+        t0 = time.time()
+        if done < total:
+            bar = tqdm(
+                total=total,
+                initial=done,
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                unit="it",
+                disable=not self.progress,
+                dynamic_ncols=True,
+                leave=False,
+            )
+            try:
+                for real in self.batches:
+                    metrics = self.train_step(real)
+                    self.iteration += 1
+                    logged = dict(metrics)
+                    for cb in self.callbacks:
+                        hook = getattr(cb, "on_step_end", None)
+                        if hook is not None:
+                            logged.update(hook(self, self.iteration, metrics) or {})
+                    event = None
+                    if cfg.divergence_check:
+                        monitor = self.rollback.monitor
+                        event = monitor.check_step(self.iteration, metrics, noise_out=self._noise_out)
+                        if self.iteration % cfg.collapse_check_every == 0:
+                            logged.update(monitor.last_gap_metrics)
+                    self.metrics.log(self.iteration, self.epoch, logged)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.3f}",
+                        real=f"{metrics['metrics_avg_real']:.3f}",
+                        fake=f"{metrics['metrics_avg_fake']:.3f}",
+                        refresh=False,
+                    )
+                    if event is not None:
+                        self.rollback.recover(self, event)
+                        return "rollback"
+                    if self.iteration % cfg.snapshot_every == 0:
+                        self.rollback.snapshot(self)
+                    if self.signals.requested:
+                        return "interrupted"
+                    if self._limit_reached():
+                        return "max_iterations"
+            finally:
+                bar.close()
+        return self._end_epoch(time.time() - t0)
+
+    def _end_epoch(self, seconds: float) -> str:
+        cfg = self.config
+        epoch = self.epoch
+        metrics = self.validate(epoch)
+        metrics["rand_out"] = self.rand_out(epoch)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["epoch_seconds"] = seconds
+        self.scheduler.step()
+        last = epoch + 1 >= cfg.epochs
+        if cfg.sample_every and (epoch % cfg.sample_every == 0 or last):
+            self.save_grids(epoch)
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_epoch_end", None)
+            if hook is not None:
+                extra = hook(self, epoch)
+                if extra:
+                    metrics.update({k: float(v) for k, v in extra.items()})
+        self.metrics.log(self.iteration, epoch, metrics)
+        if cfg.divergence_check:
+            checked = {k: metrics[k] for k in (*VAL_METRICS, "rand_out") if k in metrics}
+            event = self.rollback.monitor.check_epoch(epoch, checked)
+            if event is not None:
+                self.rollback.recover(self, event)
+                return "rollback"
+        self.epoch += 1
+        self.epoch_metrics = metrics
+        val = metrics.get("val_contrastive_divergence")
+        improved = val is not None and val < self.best_val
+        if improved:
+            self.best_val = val
+        self._save("last")
+        if improved:
+            self._save("best")
+        self.rollback.snapshot(self)
+        summary = ", ".join(
+            f"{k} {metrics[k]:.4g}" for k in ("val_contrastive_divergence", "val_real_out", "rand_out") if k in metrics
+        )
+        self.note(
+            f"epoch {epoch + 1}/{cfg.epochs} ({self.iteration} it, {seconds:.1f} s): {summary}", echo=self.progress
+        )
+        return "done"
+
+    def _stop(self, why: str) -> str:
+        """Stop mid-run: a report that changes no training state (so resuming reproduces the run), then a
+        resumable checkpoint."""
+        if why == "max_iterations":
+            metrics = self.validate(self.epoch)
+            metrics["rand_out"] = self.rand_out(self.epoch)
+            self.metrics.log(self.iteration, self.epoch, metrics)
+            self.epoch_metrics = metrics
+            if self.config.sample_every:
+                self.save_grids(self.epoch)
+        path = self._save("last")
+        if why == "interrupted":
+            where = f"saved a resumable checkpoint: {path}" if path else "no --out folder, nothing saved"
+            msg = f"{self.signals.name} at epoch {self.epoch}, iteration {self.iteration}: {where}"
+            if path:
+                msg += f". Resume with: ebmfast train --resume {path}"
+            self.note(msg, warn=True, echo=True)
+            self.metrics.log(self.iteration, self.epoch, {"interrupted": float(self.signals.signum)})
+        else:
+            self.note(
+                f"reached max_iterations={self.config.max_iterations} (epoch {self.epoch}); saved {path}",
+                echo=self.progress,
+            )
+        return why
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Ask ``fit`` to stop after the current iteration and save a resumable checkpoint (what SIGINT does)."""
+        self.signals.request(signum)
+
+    # =========================================================================================== state / files
+    def state_dict(self, include_global_rng: bool = True) -> dict:
+        """Everything besides the model weights that determines the rest of the run (``state.run_state``)."""
+        return run_state(self, include_global_rng)
+
+    def load_state_dict(self, state: dict, restore_global_rng: bool = True) -> None:
+        restore_run_state(self, state, restore_global_rng)
+
+    def checkpoint_state(self) -> dict:
+        """What a training checkpoint holds (``state.checkpoint_payload``)."""
+        return checkpoint_payload(self)
+
+    def checkpoint_path(self, name: str) -> Path | None:
+        """``OUT/checkpoints/NAME.pt`` (``None`` without an ``out_dir``)."""
+        return self.ckpt_dir / f"{name}.pt" if self.ckpt_dir is not None else None
+
+    def _save(self, name: str) -> Path | None:
+        path = self.checkpoint_path(name)
+        if path is None:
+            return None
+        self.metrics.flush()
+        save_checkpoint(path, self.checkpoint_state())
+        return path
+
+    def note(self, msg: str, warn: bool = False, echo: bool = False) -> None:
+        """A line in the run's log (``train.log`` and the ``ebmfast.train`` logger); ``echo`` also prints it."""
+        (self.log.warning if warn else self.log.info)(msg)
+        if echo:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[ebmfast] {msg}")
+
+    def close(self) -> None:
+        """Flush and close the run's files (the trainer can still be used in memory)."""
+        self.metrics.close()
+        self.log.close()
+
+
+def _check_images(x, name: str, allow_empty: bool = False) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+        raise ValueError(f"{name} must have shape (N, 1, 28, 28), got {tuple(x.shape)}")
+    if len(x) == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point in [-1, 1], got {x.dtype}")
+    if len(x):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} holds non-finite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+            raise ValueError(f"{name} must lie in [-1, 1] (ToTensor + Normalize(0.5, 0.5)), got [{lo:.3g}, {hi:.3g}]")
+    return x.float()

@@ -1,0 +1,147 @@
+"""Every mistake a user can make on the command line ends the same way: exit code 2, exactly one line on stderr
+saying what is wrong, no traceback, and no output written. One table of bad invocations of every command, run
+in-process through ``ebmfast.cli.main`` (argparse's own errors raise SystemExit(2)); one of them also as a real
+``python -m ebmfast`` process, for the exit code a shell sees."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebmfast.cli import main
+
+_ENOENT = os.strerror(errno.ENOENT)
+CKPT = str(Path(__file__).parent / "data" / "checkpoint_v1.pt")  # a real training checkpoint (hidden_features=2)
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """Placeholders used in the table: OUT (a folder nothing may be written to), MISSING, FOREIGN (a torch file that
+    is not an ebmfast checkpoint), FILE (a plain file), OTHER_CSV (a CSV with other columns)."""
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    return {
+        "OUT": tmp_path / "out",
+        "MISSING": tmp_path / "missing.pt",
+        "FOREIGN": tmp_path / "foreign.pt",
+        "FILE": tmp_path / "file.txt",
+        "OTHER_CSV": tmp_path / "other.csv",
+    }
+
+
+TRAIN = ["train", "--out", "OUT", "--device", "cpu"]
+SAMPLE = ["sample", "--checkpoint", CKPT, "--out", "OUT/grid.png", "--device", "cpu"]
+EVALUATE = ["evaluate", "--checkpoint", CKPT, "--out", "OUT", "--device", "cpu", "--quiet"]
+BENCH = ["bench", "--device", "cpu", "--no-progress", "--json", "OUT/b.json"]
+
+# (argv, a piece of the message)
+BAD = [
+    # the command itself
+    ([], "required: COMMAND"),
+    (["frobnicate"], "invalid choice"),
+    # train: counts, choices, values, device, data, checkpoints, outputs
+    ([*TRAIN, "--epochs", "0"], "epochs must be >= 1"),
+    ([*TRAIN, "--batch-size", "-4"], "batch_size must be >= 1"),
+    ([*TRAIN, "--sampler-steps", "0"], "sampler_steps must be >= 1"),
+    ([*TRAIN, "--lr", "-1"], "lr must be > 0"),
+    ([*TRAIN, "--epochs", "many"], "invalid int value"),
+    ([*TRAIN, "--preset", "fast"], "invalid choice"),
+    ([*TRAIN, "--sampler-backend", "turbo"], "invalid choice"),
+    ([*TRAIN, "--data", "cifar"], "invalid choice"),
+    ([*TRAIN, "--set", "nope=1"], "unknown TrainConfig field"),
+    ([*TRAIN, "--threads", "0"], "--threads"),
+    ([*TRAIN, "--quality-every", "-1"], "--quality-every"),
+    ([*TRAIN, "--sampler-backend", "graph"], "graph"),
+    (["train", "--out", "OUT", "--device", "tpu"], "device must be"),
+    pytest.param(["train", "--out", "OUT", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
+    ([*TRAIN, "--data", "mnist", "--data-root", "MISSING"], "MNIST not found"),
+    ([*TRAIN, "--resume", "MISSING"], "no checkpoint at"),
+    ([*TRAIN, "--resume", "FOREIGN"], "not an ebmfast checkpoint"),
+    (["train", "--device", "cpu", "--out", "FILE"], "exists and is not a folder"),
+    (["train", "--device", "cpu", "--out", "/proc/ebmfast-run"], "cannot write in /proc"),
+    # sample
+    ([*SAMPLE, "--n", "0"], "--n must be in"),
+    ([*SAMPLE, "--steps", "-1"], "--steps must be in"),
+    ([*SAMPLE, "--seed", "-1"], "--seed must be in"),
+    ([*SAMPLE, "--nrow", "0"], "--nrow"),
+    ([*SAMPLE, "--backend", "turbo"], "invalid choice"),
+    ([*SAMPLE, "--backend", "graph"], "graph"),
+    pytest.param(["sample", "--checkpoint", CKPT, "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
+    (["sample", "--out", "OUT/grid.png"], "required: --checkpoint"),
+    (["sample", "--checkpoint", "MISSING", "--out", "OUT/grid.png"], "no checkpoint at"),
+    (["sample", "--checkpoint", "FOREIGN", "--out", "OUT/grid.png"], "not an ebmfast checkpoint"),
+    (["sample", "--checkpoint", CKPT, "--out", "/proc/x.png"], "cannot write in /proc"),
+    (["sample", "--checkpoint", CKPT, "--out", "OUT/grid.txt"], ".png"),
+    (["sample", "--checkpoint", CKPT, "--out", "FILE/grid.png"], "is not a folder"),
+    # evaluate
+    ([*EVALUATE, "--n-samples", "1"], "--n-samples must be >= 2"),
+    ([*EVALUATE, "--n-samples", "5000"], "too large"),
+    ([*EVALUATE, "--steps", "0"], "--steps must be a positive integer"),
+    ([*EVALUATE, "--n-ood", "-5"], "--n-ood must be a positive integer"),
+    ([*EVALUATE, "--classifier-epochs", "0"], "--classifier-epochs"),
+    ([*EVALUATE, "--seed", "-1"], "--seed"),
+    ([*EVALUATE, "--data", "cifar"], "invalid choice"),
+    ([*EVALUATE, "--backend", "graph"], "graph"),
+    ([*EVALUATE, "--data", "mnist", "--data-root", "MISSING"], "MNIST not found"),
+    pytest.param(["evaluate", "--checkpoint", CKPT, "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
+    (["evaluate", "--checkpoint", "MISSING", "--out", "OUT"], "no file at"),
+    (["evaluate", "--checkpoint", "FOREIGN", "--out", "OUT"], "not an ebmfast checkpoint"),
+    (["evaluate", "--checkpoint", CKPT, "--out", "/proc/report"], "cannot write in /proc"),
+    (["evaluate", "--checkpoint", CKPT, "--out", "FILE"], "exists and is not a folder"),
+    # bench
+    ([*BENCH, "--batch", "0"], "--batch values must be positive"),
+    ([*BENCH, "--steps", "-2"], "--steps values must be positive"),
+    ([*BENCH, "--rounds", "0"], "--rounds"),
+    ([*BENCH, "--train-iters", "0"], "--train-iters"),
+    ([*BENCH, "--train-batch", "0"], "--train-batch"),
+    ([*BENCH, "--hidden-features", "3"], "--hidden-features must be an even integer"),
+    ([*BENCH, "--backends", "turbo"], "backend must be one of"),
+    ([*BENCH, "--backends", "graph"], "not available on cpu"),
+    ([*BENCH, "--precision", "fp8"], "invalid choice"),
+    (["bench", "--device", "tpu"], "invalid choice"),
+    pytest.param(["bench", "--device", "cuda"], "no CUDA device", marks=NO_CUDA),
+    (["bench", "--device", "cpu", "--json", "/proc/b.json"], "cannot write in /proc"),
+    (["bench", "--device", "cpu", "--csv", "/proc/b.csv"], "cannot write in /proc"),
+    (["bench", "--device", "cpu", "--csv", "OTHER_CSV"], "expected"),
+]
+
+
+def _argv(argv, paths):
+    out = []
+    for a in argv:
+        head, sep, tail = a.partition("/")
+        out.append(str(paths[head] / tail) if head in paths and sep else str(paths.get(a, a)))
+    return out
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_invocation_exits_2_with_one_line(argv, message, paths, capsys):
+    try:
+        rc = main(_argv(argv, paths))
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert rc == 2, captured.err
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{captured.err}"
+    assert "Traceback" not in captured.err
+    assert message in lines[0], lines[0]
+    assert lines[0].startswith("ebmfast"), lines[0]
+    assert not paths["OUT"].exists(), "a refused command wrote output"
+
+
+def test_bad_invocation_in_a_real_process():
+    """What a shell sees from ``python -m ebmfast``: exit code 2, one line on stderr, nothing on stdout."""
+    argv = ["sample", "--checkpoint", CKPT, "--out", "/proc/x.png", "--device", "cpu"]
+    res = subprocess.run([sys.executable, "-m", "ebmfast", *argv], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [f"ebmfast sample: error: --out /proc/x.png: cannot write in /proc ({_ENOENT})"]
+    assert res.stdout == ""

@@ -1,0 +1,62 @@
+"""Energy models written the common way, with an ``nn.Linear(k, 1)`` head (scores of shape (N, 1)), work through
+the outer layers as they do through the sampler: the training step, OOD scores, generation, the FLOP count and the
+benchmark's CD iteration. Other output shapes are refused with the sampler's message."""
+
+import pytest
+import torch
+from torch import nn
+
+from ebmfast import LangevinSampler, ReplayBuffer
+from ebmfast.benchmark.flops import count_step_flops, flops_per_sample_step
+from ebmfast.benchmark.training import CDIteration
+from ebmfast.evaluation.generate import generate
+from ebmfast.evaluation.ood import energy_scores
+from ebmfast.training.step import STEP_METRICS, train_step
+
+SHAPE = (1, 28, 28)
+
+
+def mlp(out: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.SiLU(), nn.Linear(16, out))
+    model.input_shape = SHAPE  # what generate() and the benchmarks read when no sample shape is given
+    return model
+
+
+@pytest.mark.slow
+def test_train_step_with_an_n_by_1_model():
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    buffer = ReplayBuffer(SHAPE, capacity=16, generator=gen)
+    sampler = LangevinSampler(model, steps=2, backend="eager", seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    real = torch.rand(4, *SHAPE) * 2 - 1
+    metrics = train_step(
+        model, optimizer, sampler, buffer, real, generator=gen, alpha=0.1, real_noise_std=0.005, grad_norm_clip=0.1
+    )
+    assert set(STEP_METRICS) <= set(metrics)
+    assert metrics["loss"] == pytest.approx(metrics["loss_regularization"] + metrics["loss_contrastive_divergence"])
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_scores_generation_flops_and_benchmark_with_an_n_by_1_model():
+    model = mlp()
+    x = torch.rand(5, *SHAPE) * 2 - 1
+    scores = energy_scores(model, x, batch_size=2)
+    assert scores.shape == (5,)
+    assert torch.allclose(scores, model(x).reshape(5))
+    samples = generate(model, n=3, steps=2, backend="eager", device="cpu")
+    assert samples.shape == (3, *SHAPE) and bool(((samples >= -1) & (samples <= 1)).all())
+    assert flops_per_sample_step(model, SHAPE) == 2 * (2 * 784 * 16 + 2 * 16 * 1)
+    loss = CDIteration(model, "eager", batch=4, steps=2, device="cpu")(torch.rand(4, *SHAPE) * 2 - 1)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_other_output_shapes_are_refused():
+    model = mlp(out=2)
+    with pytest.raises(ValueError, match=r"shape \(N,\) or \(N, 1\)"):
+        energy_scores(model, torch.rand(3, *SHAPE))
+    with pytest.raises(ValueError, match=r"shape \(N,\) or \(N, 1\)"):
+        count_step_flops(model, (2, *SHAPE))
