@@ -42,9 +42,7 @@ def _act_code(layer: nn.Module) -> int | None:
     return None
 
 
-def _structure(model: nn.Module) -> tuple[list[nn.Module], list[int]] | str:
-    """The affine layers (Conv2d / Linear, final Linear(k, 1) last) and the activation code after each, or the reason
-    the model is not a chain these kernels run. Shape-independent checks only."""
+def _chain(model: nn.Module) -> list[nn.Module] | str:
     layers = chain_layers(model)
     if layers is None:
         return (
@@ -52,6 +50,12 @@ def _structure(model: nn.Module) -> tuple[list[nn.Module], list[int]] | str:
             "(groups 1, dilation 1, zero padding) / Linear / Flatten / Swish / SiLU / Tanh / Identity ending in "
             "Linear(k, 1))"
         )
+    return layers
+
+
+def _structure(layers: list[nn.Module]) -> tuple[list[nn.Module], list[int]] | str:
+    """The affine layers (Conv2d / Linear, final Linear(k, 1) last) and the activation code after each, or the reason
+    the chain is not one these kernels run. Shape-independent checks only."""
     affine: list[nn.Module] = []
     acts: list[int] = []
     pending: int | None = None
@@ -84,16 +88,27 @@ def _structure(model: nn.Module) -> tuple[list[nn.Module], list[int]] | str:
     return affine, acts
 
 
+def _fixed_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    return tuple(model.input_shape) if type(model) is CNNModel else None
+
+
 def plan_layers(model: nn.Module, sample_shape: tuple[int, ...]) -> list[LayerSpec] | str:
     """The layer specs for inputs of shape (N, *sample_shape), or the reason they cannot run."""
-    found = _structure(model)
+    layers = _chain(model)
+    if isinstance(layers, str):
+        return layers
+    return _plan(layers, tuple(int(v) for v in sample_shape), _fixed_input_shape(model))
+
+
+def _plan(
+    layers: list[nn.Module], sample_shape: tuple[int, ...], fixed: tuple[int, ...] | None
+) -> list[LayerSpec] | str:
+    found = _structure(layers)
     if isinstance(found, str):
         return found
-    affine, acts = found
-    layers = chain_layers(model)
-    sample_shape = tuple(int(v) for v in sample_shape)
-    if type(model) is CNNModel and sample_shape != tuple(model.input_shape):
-        return f"CNNModel takes inputs (N, {', '.join(map(str, model.input_shape))}), got (N, {sample_shape})"
+    _, acts = found
+    if fixed is not None and sample_shape != fixed:
+        return f"CNNModel takes inputs (N, {', '.join(map(str, fixed))}), got (N, {sample_shape})"
     if len(sample_shape) == 3:
         shape: tuple[int, ...] = sample_shape  # (C, H, W) map
     elif len(sample_shape) == 1:
@@ -143,17 +158,25 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
         return f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return "x must be a batch tensor (N, C, H, W) or (N, D)"
+    layers = _chain(model)
+    if isinstance(layers, str):
+        return layers
+    return _reason(layers, _fixed_input_shape(model), x) or ops.layer_kernels_unavailable_reason(x.device)
+
+
+def _reason(layers: list[nn.Module], fixed: tuple[int, ...] | None, x: torch.Tensor) -> str | None:
     if x.dtype != torch.float32:
         return f"the chain state must be float32, got {x.dtype}"
-    specs = plan_layers(model, tuple(x.shape[1:]))
+    specs = _plan(layers, tuple(x.shape[1:]), fixed)
     if isinstance(specs, str):
         return specs
-    for p in model.parameters():
-        if p.device != x.device:
-            return f"x is on {x.device} but the model's parameters are on {p.device}"
+    for layer in layers:
+        for p in layer.parameters():
+            if p.device != x.device:
+                return f"x is on {x.device} but the model's parameters are on {p.device}"
     if x.shape[0] * max(s.d_out for s in specs[:-1]) >= 2**31 or x.numel() >= 2**31:
-        return "batch too large for the kernels' 32-bit grid (more than 2**31 elements in one layer)"
-    return ops.layer_kernels_unavailable_reason(x.device)
+        return "batch too large: more than 2**31 elements in one layer's activation"
+    return None
 
 
 class _Plan:
@@ -172,10 +195,12 @@ class LayerProgram:
     def __init__(self, model: nn.Module, precision: str = "fp32"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        found = _structure(model)
+        layers = _chain(model)
+        found = _structure(layers) if not isinstance(layers, str) else layers
         if isinstance(found, str):
             raise ValueError(f"the layer kernels cannot run this model: {found}")
-        self._model_ref = weakref.ref(model)
+        self._layers = layers  # the model's own submodules (no reference to the model: the cache stays weak)
+        self._fixed = _fixed_input_shape(model)
         self._affine = found[0]
         self.precision = precision
         self._prec = PRECISIONS[precision]
@@ -191,13 +216,13 @@ class LayerProgram:
         key = (tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None:
-            model = self._model_ref()
-            if model is None:
-                raise RuntimeError("the model of this layer program no longer exists")
-            reason = unsupported_reason(model, x, self.precision)
+            reason = _reason(self._layers, self._fixed, x)
             if reason is not None:
                 raise ValueError(f"the layer kernels cannot run this model on x {tuple(x.shape)}: {reason}")
-            plan = self._plans[key] = _Plan(plan_layers(model, tuple(x.shape[1:])), x)
+            reason = ops.layer_kernels_unavailable_reason(x.device)
+            if reason is not None:
+                raise RuntimeError(reason)
+            plan = self._plans[key] = _Plan(_plan(self._layers, tuple(x.shape[1:]), self._fixed), x)
         return plan
 
     def prepare(self, x: torch.Tensor) -> None:

@@ -656,7 +656,8 @@ def tile_settings(spec: LayerSpec, batch: int, kind: str, interpreted: bool | No
     if interpreted:
         bn, bk = min(_pow2(n), 128), min(_pow2(k_red), 1024)
         use_dot = bn >= 16 and bk >= 16
-        bm = max(16, min(_pow2(m), 1024, (1 << 21) // (bk * bn)))
+        cap = (1 << 20) // (bk * bn if not use_dot else max(bk, bn))  # Triton's largest tensor: 2**20 elements
+        bm = max(16, min(_pow2(m), 1024, cap))
         return TileSettings(bm, bn, bk, 4, use_dot, flat)
     bn = min(_pow2(n), 64)
     bk = min(_pow2(k_red), 32)
