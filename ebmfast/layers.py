@@ -27,7 +27,16 @@ from torch import nn
 
 from . import ops
 from .energy_grad import chain_layers
-from .kernels.geometry import ACT_NAMES, ACT_NONE, ACT_SWISH, ACT_TANH, PRECISIONS, LayerSpec, encode_geometry
+from .kernels.geometry import (
+    ACT_NAMES,
+    ACT_NONE,
+    ACT_SWISH,
+    ACT_TANH,
+    HEAD_MAX_OUT,
+    PRECISIONS,
+    LayerSpec,
+    encode_geometry,
+)
 from .models import CNNModel, Swish
 
 __all__ = ["LayerProgram", "layer_program", "unsupported_reason", "plan_layers"]
@@ -209,8 +218,12 @@ class LayerProgram:
     @property
     def launches_per_step(self) -> int:
         """Kernel launches of one ``step_`` (or ``energy_grad``): forward and input gradient of every layer before
-        the final Linear(k, 1), which needs neither."""
-        return 2 * (len(self._affine) - 1)
+        the final Linear(k, 1) (which needs neither), one fewer when the layer before it is a Linear with at most
+        ``HEAD_MAX_OUT`` outputs (the fused head). Seed CNN: 4 convs x 2 + 1 = 9. Same as
+        ``kernels.geometry.launches_per_step(specs)``."""
+        head = self._affine[-2]
+        fused = isinstance(head, nn.Linear) and head.out_features <= HEAD_MAX_OUT
+        return 2 * (len(self._affine) - 1) - int(fused)
 
     def _plan(self, x: torch.Tensor) -> _Plan:
         key = (tuple(x.shape), x.dtype, x.device)

@@ -23,12 +23,16 @@ __all__ = [
     "LayerSpec",
     "encode_geometry",
     "decode_geometry",
+    "HEAD_MAX_OUT",
+    "fused_head",
+    "launches_per_step",
 ]
 
 ACT_NONE, ACT_SWISH, ACT_TANH = 0, 1, 2  # activation codes (Swish and SiLU are the same function)
 ACT_NAMES = {ACT_NONE: "identity", ACT_SWISH: "swish", ACT_TANH: "tanh"}
 PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}  # the kernels' PREC constexpr
 GEOMETRY_VERSION = 1
+HEAD_MAX_OUT = 128  # a Linear before the final Linear(k, 1) with at most this many outputs runs as one fused launch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -113,3 +117,15 @@ def _decode(geometry: tuple[int, ...]) -> tuple[LayerSpec, ...]:
 def decode_geometry(geometry) -> tuple[LayerSpec, ...]:
     """Inverse of ``encode_geometry`` (cached: the ops decode it on every call)."""
     return _decode(tuple(int(v) for v in geometry))
+
+
+def fused_head(specs) -> bool:
+    """Whether the layer before the final Linear(k, 1) runs as the fused head (forward, dz and input gradient in one
+    launch): it must be a Linear whose outputs fit one tile."""
+    return len(specs) >= 2 and bool(specs[-2].dense) and specs[-2].c_out <= HEAD_MAX_OUT
+
+
+def launches_per_step(specs) -> int:
+    """Kernel launches of one step: forward and input gradient of every layer before the final Linear(k, 1), one
+    launch fewer with the fused head."""
+    return 2 * (len(specs) - 1) - (1 if fused_head(specs) else 0)

@@ -10,7 +10,10 @@ A_i, A_{m-1} = Linear(k, 1). With h_0 = x, z_i = A_i(h_i), h_{i+1} = act_i(z_i),
     input gradient, i = m-2 .. 1 dz_{i-1} = (A_i^T dz_i) * act'_{i-1}(z_{i-1})   (in place over z_{i-1})
     input gradient, i = 0        g = A_0^T dz_0, then the Langevin update of x (or g written out)
 
-so a step is 2 (m - 1) launches and one scratch buffer per layer (z_i, later overwritten by dz_i). Layouts:
+so a step is 2 (m - 1) launches and one scratch buffer per layer (z_i, later overwritten by dz_i). When A_{m-2} is
+a Linear with at most HEAD_MAX_OUT outputs (the seed CNN's 256 -> 64), ``layer_head_kernel`` fuses its forward, dz
+and input gradient into one launch (its dz never leaves registers): 2 (m - 1) - 1 launches, 9 for the seed CNN, and
+a single launch per step for a one-hidden-layer MLP (the head is then also the first layer). Layouts:
 activations are NHWC (N, OH, OW, C) from the first layer to the last; x stays in the user's layout (contiguous NCHW,
 or (N, D)): the first layer's gather reads it through NCHW strides and its input-gradient epilogue writes x at NCHW
 positions. A Linear after a Flatten reads the NHWC activation in storage order and indexes the weight column in
@@ -29,9 +32,14 @@ state and scratch stay fp32). Under the interpreter, bf16 operands are rounded t
 in fp32 (the interpreter neither rounds nor multiplies bf16 correctly); the products are the same numbers.
 
 The tile computations are ``@triton.jit`` device functions (``conv_fwd_tile``, ``dense_fwd_tile``,
-``conv_dgrad_tile``, ``dense_dgrad_tile``, ``fwd_epilogue``, ``dgrad_dz_epilogue``, ``langevin_epilogue``,
-``activation``, ``activation_grad``) taking tile coordinates and compile-time geometry; ``layer_fwd_kernel`` and
-``layer_dgrad_kernel`` only map program ids to tiles, so a persistent kernel can call the same functions.
+``conv_dgrad_tile``, ``dense_dgrad_tile``, ``head_dz_tile``, ``head_dgrad_tile``, ``fwd_epilogue``,
+``dgrad_dz_epilogue``, ``langevin_epilogue``, ``activation``, ``activation_grad``, ``mma``) taking tile coordinates
+and compile-time geometry; ``layer_fwd_kernel``, ``layer_dgrad_kernel`` and ``layer_head_kernel`` only map program
+ids to tiles, so a persistent kernel can call the same functions. All addressing is relative to the base pointers
+and the batch size passed in (rows n = 0 .. NB-1), so a program that owns a block of samples can run a layer on its
+block by passing pointers advanced to the block's first sample, NB / M of the block, and the block's first element
+index of x as ``langevin_epilogue``'s ``noise_offset`` (keeps the Philox stream). Tile counts per layer:
+cdiv(M, BM) x cdiv(columns, BN) (x SH * SW phases for a conv input gradient), M and columns from ``gemm_shape``.
 """
 
 from __future__ import annotations
@@ -42,16 +50,18 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry
+from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry, fused_head
 from .langevin import _philox_normal
 
 __all__ = [
     "layer_fwd_kernel",
     "layer_dgrad_kernel",
+    "layer_head_kernel",
     "TileSettings",
     "tile_settings",
     "fwd_call",
     "dgrad_call",
+    "head_call",
     "step_calls",
     "launch_energy_grad",
     "launch_step",
@@ -438,6 +448,74 @@ def dense_dgrad_tile(
 
 
 @triton.jit
+def head_dz_tile(
+    IN,  # pointer to the layer input, (N, C_IN * HW) in storage order
+    WT,  # pointer to the weight (C_OUT, D), columns in torch's NCHW flatten order
+    BIAS,  # pointer to the bias (C_OUT,), read if HAS_BIAS
+    WLAST,  # pointer to the final Linear(C_OUT, 1)'s weight (C_OUT,)
+    pid_m,  # row tile: samples pid_m * BM .. + BM
+    M,  # batch size
+    C_IN: tl.constexpr,
+    HW: tl.constexpr,
+    C_OUT: tl.constexpr,  # <= BN: one tile holds every output
+    IN_NCHW: tl.constexpr,
+    IN_ACT: tl.constexpr,
+    OUT_ACT: tl.constexpr,  # activation between this layer and the final Linear
+    HAS_BIAS: tl.constexpr,
+    PREC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The linear head's dz tile [BM, BN], kept in registers: z = this layer's forward (all outputs), then
+    dz = -w_last * act'(z); zero outside the batch and beyond C_OUT. Returns (dz, offs_m, mask_m)."""
+    acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(
+        IN, WT, BIAS, pid_m, 0, M, C_IN, HW, C_OUT, IN_NCHW, IN_ACT, HAS_BIAS, PREC, USE_DOT, BM, BN, BK
+    )
+    wl = tl.load(WLAST + offs_n, mask=mask_n, other=0.0)
+    dz = acc * 0.0 - wl[None, :]
+    if OUT_ACT != 0:
+        dz = dz * activation_grad(acc, OUT_ACT)
+    dz = tl.where(mask_m[:, None] & mask_n[None, :], dz, 0.0)
+    return dz, offs_m, mask_m
+
+
+@triton.jit
+def head_dgrad_tile(
+    dz,  # the head's dz tile [BM, BN] (head_dz_tile)
+    WT,  # pointer to the head's weight (C_OUT, D)
+    offs_m,  # the tile's samples (int64)
+    mask_m,  # samples in range
+    pid_j,  # column tile: input elements j (storage order) pid_j * BJ .. + BJ
+    C_IN: tl.constexpr,
+    HW: tl.constexpr,
+    C_OUT: tl.constexpr,
+    IN_NCHW: tl.constexpr,
+    PREC: tl.constexpr,
+    USE_DOT: tl.constexpr,  # tl.dot for dz @ W (BN, BJ >= 16)
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    """Input-gradient tile [BM, BJ] of the linear head from its dz in registers: dz @ W[:, d(j)]. Returns
+    (acc, addr, mask) like dense_dgrad_tile."""
+    D: tl.constexpr = C_IN * HW
+    co = tl.arange(0, BN)
+    j = pid_j * BJ + tl.arange(0, BJ)
+    mask_j = j < D
+    if IN_NCHW:
+        col = j
+    else:
+        col = (j % C_IN) * HW + j // C_IN
+    b = tl.load(WT + (co[:, None] * D + col[None, :]), mask=(co < C_OUT)[:, None] & mask_j[None, :], other=0.0)
+    acc = mma(tl.zeros((BM, BJ), dtype=tl.float32), dz, b, USE_DOT, PREC)
+    addr = offs_m[:, None] * D + j[None, :]
+    mask = mask_m[:, None] & mask_j[None, :]
+    return acc, addr, mask
+
+
+@triton.jit
 def dgrad_dz_epilogue(
     OUT,  # pointer to the layer below's scratch: holds z there, receives dz (same positions, in place)
     acc,  # input-gradient tile d sum(-f) / d act(z)
@@ -458,8 +536,9 @@ def langevin_epilogue(
     Z,  # pointer to supplied standard-normal noise shaped like x (read if NOISE_FROM_INPUT)
     RNG,  # pointer to int64[2] on the device: (philox seed, stream counter)
     g,  # energy-gradient tile g = d sum(-f) / dx, fp32
-    addr,  # element indices of the tile in x (int64), also the Philox element index
+    addr,  # element indices of the tile relative to X (int64)
     mask,  # elements in range
+    noise_offset,  # index of X[0] in the whole chain state: the Philox element index is noise_offset + addr
     step_size,  # gradient step size (fp32)
     grad_clip,  # gradient clip bound (fp32)
     noise_std,  # standard deviation of the added noise (fp32)
@@ -469,7 +548,9 @@ def langevin_epilogue(
     ADD_NOISE: tl.constexpr,  # then add the next step's noise and clamp
     NOISE_FROM_INPUT: tl.constexpr,  # take z from Z instead of generating it
 ):
-    """``langevin_step_kernel``'s arithmetic on one tile: clip, step, clamp, then noise and clamp."""
+    """``langevin_step_kernel``'s arithmetic on one tile: clip, step, clamp, then noise and clamp. A caller that
+    runs a block of samples with X advanced to the block passes the block's first element index as noise_offset
+    (the per-layer kernels pass 0), so the noise stays the published stream."""
     x = tl.load(X + addr, mask=mask, other=0.0).to(tl.float32)
     g = tl.minimum(tl.maximum(g, -grad_clip), grad_clip)
     x = x - step_size * g
@@ -480,7 +561,7 @@ def langevin_epilogue(
         else:
             seed = tl.load(RNG)
             counter = tl.load(RNG + 1) + noise_index
-            z = _philox_normal(seed, counter, addr)
+            z = _philox_normal(seed, counter, addr + noise_offset)
         x = x + noise_std * z
         x = tl.minimum(tl.maximum(x, lo), hi)
     tl.store(X + addr, x.to(X.dtype.element_ty), mask=mask)
@@ -591,9 +672,67 @@ def layer_dgrad_kernel(
         tl.store(OUT + addr, acc, mask=mask)
     else:
         langevin_epilogue(
-            X, Z, RNG, acc, addr, mask, step_size, grad_clip, noise_std, lo, hi, noise_index, ADD_NOISE,
+            X, Z, RNG, acc, addr, mask, 0, step_size, grad_clip, noise_std, lo, hi, noise_index, ADD_NOISE,
             NOISE_FROM_INPUT,
         )  # fmt: skip
+
+
+@triton.jit
+def layer_head_kernel(
+    IN,  # pointer to the head's input: the previous layer's z (NHWC), or x for a one-layer chain
+    WT,  # pointer to the head's weight (C_OUT, D), torch layout
+    BIAS,  # pointer to the head's bias (read if HAS_BIAS)
+    WLAST,  # pointer to the final Linear(C_OUT, 1)'s weight
+    OUT,  # pointer to the result: the layer below's scratch (MODE_DZ, in place over its z) or g (MODE_GRAD)
+    X,  # pointer to the chain state x, updated in place (MODE_STEP)
+    Z,  # pointer to supplied noise shaped like x (MODE_STEP with NOISE_FROM_INPUT)
+    RNG,  # pointer to int64[2] (seed, counter) on the device (MODE_STEP with generated noise)
+    NB,  # batch size
+    step_size,  # gradient step size (fp32, MODE_STEP)
+    grad_clip,  # gradient clip bound (fp32, MODE_STEP)
+    noise_std,  # noise standard deviation (fp32, MODE_STEP)
+    lo,  # lower clamp bound (fp32, MODE_STEP)
+    hi,  # upper clamp bound (fp32, MODE_STEP)
+    noise_index,  # stream counter offset: RNG[1] + noise_index (MODE_STEP)
+    C_IN: tl.constexpr,  # channels of the flattened input map (D for a 2-D input)
+    H: tl.constexpr,  # height of the flattened map (1 for 2-D)
+    W: tl.constexpr,  # width of the flattened map (1 for 2-D)
+    C_OUT: tl.constexpr,  # the head's outputs (<= BN)
+    IN_NCHW: tl.constexpr,  # the input is in torch's flatten order (x, or a 1x1 map)
+    IN_ACT: tl.constexpr,  # activation on the head's input: applied on load, its derivative on the result
+    OUT_ACT: tl.constexpr,  # activation between the head and the final Linear
+    HAS_BIAS: tl.constexpr,  # add the bias
+    MODE: tl.constexpr,  # 0 dz of the layer below, 1 write g, 2 Langevin update of X
+    ADD_NOISE: tl.constexpr,  # MODE_STEP: add the next step's noise and clamp
+    NOISE_FROM_INPUT: tl.constexpr,  # MODE_STEP: noise from Z instead of the Philox stream
+    PREC: tl.constexpr,  # 0 fp32 (ieee), 1 tf32, 2 bf16 operands
+    USE_DOT: tl.constexpr,  # forward product with tl.dot (BN, BK >= 16)
+    USE_DOT_B: tl.constexpr,  # backward product with tl.dot (BN, BJ >= 16)
+    BM: tl.constexpr,  # samples per program
+    BN: tl.constexpr,  # the head's outputs, padded to a power of two
+    BK: tl.constexpr,  # forward reduction block
+    BJ: tl.constexpr,  # backward column block
+):
+    """The layer before the final Linear(k, 1), when it is a Linear: its forward, dz, and its input gradient in one
+    launch (each program owns BM samples and loops over the input's column tiles)."""
+    pid_m = tl.program_id(0)
+    dz, offs_m, mask_m = head_dz_tile(
+        IN, WT, BIAS, WLAST, pid_m, NB, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, OUT_ACT, HAS_BIAS, PREC, USE_DOT,
+        BM, BN, BK,
+    )  # fmt: skip
+    for pid_j in range(0, (C_IN * H * W + BJ - 1) // BJ):
+        acc, addr, mask = head_dgrad_tile(
+            dz, WT, offs_m, mask_m, pid_j, C_IN, H * W, C_OUT, IN_NCHW, PREC, USE_DOT_B, BM, BN, BJ
+        )
+        if MODE == 0:
+            dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT)
+        elif MODE == 1:
+            tl.store(OUT + addr, acc, mask=mask)
+        else:
+            langevin_epilogue(
+                X, Z, RNG, acc, addr, mask, 0, step_size, grad_clip, noise_std, lo, hi, noise_index, ADD_NOISE,
+                NOISE_FROM_INPUT,
+            )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- launch settings
@@ -604,6 +743,8 @@ class TileSettings(NamedTuple):
     num_warps: int
     use_dot: bool  # tl.dot (every dimension >= 16) or multiply-and-sum
     flat: bool  # conv: one (tap, channel) reduction loop instead of taps x channel blocks
+    bj: int = 0  # head: input-gradient column block
+    use_dot_b: bool = False  # head: tl.dot for the input-gradient product
 
 
 TARGET_PROGRAMS = 264  # two programs per SM of an H100/H200 (132 SMs): rows shrink to 16 before going below this
@@ -620,7 +761,7 @@ def gemm_shape(spec: LayerSpec, batch: int, kind: str) -> tuple[int, int, int, i
     input-gradient ("dgrad") GEMM. Dense layers: one "tap" whose channels are all of D (forward) or C_OUT. Input
     gradient: the taps of the largest stride phase."""
     if spec.dense:
-        if kind == "fwd":
+        if kind in ("fwd", "head"):
             return batch, spec.c_out, spec.d_in, 1, 1
         return batch, spec.d_in, spec.c_out, 1, 1
     if kind == "fwd":
@@ -650,6 +791,8 @@ def tile_settings(spec: LayerSpec, batch: int, kind: str, interpreted: bool | No
     """
     if interpreted is None:
         interpreted = bool(_INTERPRETED)
+    if kind == "head":
+        return _head_settings(spec, batch, interpreted)
     m, n, k, taps, phases = gemm_shape(spec, batch, kind)
     flat = not spec.dense and (interpreted or k < FLAT_BELOW)
     k_red = k * taps if flat else k
@@ -668,6 +811,24 @@ def tile_settings(spec: LayerSpec, batch: int, kind: str, interpreted: bool | No
         bm //= 2
     warps = 8 if bm * bn >= 64 * 64 else 4
     return TileSettings(bm, bn, bk, warps, use_dot, flat)
+
+
+def _head_settings(spec: LayerSpec, batch: int, interpreted: bool) -> TileSettings:
+    """The fused head: BN holds every output (<= HEAD_MAX_OUT); BK blocks its forward over D, BJ its input gradient
+    over D (64 compiled). Rows as for the other kernels, counting programs = row tiles."""
+    bn = _pow2(spec.c_out)
+    cap_k, cap_j = (1024, 1024) if interpreted else (32, 64)
+    bk, bj = min(_pow2(spec.d_in), cap_k), min(_pow2(spec.d_in), cap_j)
+    use_dot, use_dot_b = bn >= 16 and bk >= 16, bn >= 16 and bj >= 16
+    prod = max(bk * bn if not use_dot else 0, bn * bj if not use_dot_b else 0, 1)
+    if interpreted:
+        bm = max(16, min(_pow2(batch), 1024, (1 << 20) // max(prod, bn, bk, bj)))
+        return TileSettings(bm, bn, bk, 4, use_dot, False, bj, use_dot_b)
+    bm = 64 if use_dot and use_dot_b else max(16, min(64, SUM_TILE_ELEMENTS // prod))
+    while bm > 16 and cdiv(batch, bm) < TARGET_PROGRAMS:
+        bm //= 2
+    warps = 8 if bm * max(bn, bj) >= 64 * 64 else 4
+    return TileSettings(bm, bn, bk, warps, use_dot, False, bj, use_dot_b)
 
 
 # ----------------------------------------------------------------------------------------------- launches
@@ -719,38 +880,69 @@ def dgrad_call(
     return KernelCall(layer_dgrad_kernel, (cdiv(m, st.bm), cdiv(n, st.bn), phases), args, st.num_warps)
 
 
+def head_call(
+    spec, batch, inp, weight, bias, wlast, out, mode, precision, *, x=None, z=None, rng=None, step_size=0.0,
+    grad_clip=0.0, noise_std=0.0, lo=0.0, hi=0.0, noise_index=0, add_noise=False, interpreted=None,
+) -> KernelCall:  # fmt: skip
+    """The fused head's launch (a Linear before the final Linear(k, 1)): its forward from ``inp``, dz, and the
+    input gradient into ``out`` (MODE_DZ / MODE_GRAD) or the Langevin update of ``x`` (MODE_STEP)."""
+    st = tile_settings(spec, batch, "head", interpreted)
+    anchor = out if out is not None else x
+    step = mode == MODE_STEP
+    args = dict(
+        IN=inp, WT=weight, BIAS=bias if bias is not None else weight, WLAST=wlast, OUT=anchor,
+        X=x if x is not None else anchor, Z=z if z is not None else anchor, RNG=rng if rng is not None else anchor,
+        NB=batch, step_size=float(step_size), grad_clip=float(grad_clip), noise_std=float(noise_std), lo=float(lo),
+        hi=float(hi), noise_index=int(noise_index), C_IN=spec.c_in, H=spec.h, W=spec.w, C_OUT=spec.c_out,
+        IN_NCHW=bool(spec.in_nchw), IN_ACT=spec.in_act, OUT_ACT=spec.out_act, HAS_BIAS=bias is not None,
+        MODE=int(mode), ADD_NOISE=bool(step and add_noise), NOISE_FROM_INPUT=bool(step and add_noise and z is not None),
+        PREC=int(precision), USE_DOT=st.use_dot, USE_DOT_B=st.use_dot_b, BM=st.bm, BN=st.bn, BK=st.bk, BJ=st.bj,
+    )  # fmt: skip
+    return KernelCall(layer_head_kernel, (cdiv(batch, st.bm), 1, 1), args, st.num_warps)
+
+
 def step_calls(
     specs, x, weights, biases, scratch, precision, mode, *, g=None, z=None, rng=None, step_size=0.0, grad_clip=0.0,
-    noise_std=0.0, lo=0.0, hi=0.0, noise_index=0, add_noise=False, interpreted=None,
+    noise_std=0.0, lo=0.0, hi=0.0, noise_index=0, add_noise=False, interpreted=None, fuse_head=None,
 ) -> list[KernelCall]:  # fmt: skip
     """Every launch of one energy gradient (``mode=MODE_GRAD``, into ``g``) or one Langevin step
     (``mode=MODE_STEP``, on ``x`` in place), in order. ``weights``/``biases``: one per affine layer, the final
     Linear(k, 1) last (its bias unused; read only where ``spec.has_bias``); ``scratch``: one buffer per layer but the
-    last, ``scratch[i]`` holding ``batch * spec.d_out`` fp32 values."""
+    last, ``scratch[i]`` holding ``batch * spec.d_out`` fp32 values. ``fuse_head`` (default: where
+    ``geometry.fused_head``) runs the Linear before the final one as one launch (``layer_head_kernel``)."""
     batch = x.shape[0]
     m = len(specs)
-    calls = []
-    for i in range(m - 1):
-        inp = x if i == 0 else scratch[i - 1]
-        bias = biases[i] if specs[i].has_bias else None
-        calls.append(
-            fwd_call(specs[i], batch, inp, weights[i], bias, scratch[i], weights[m - 1], i == m - 2, precision,
-                     interpreted)
-        )  # fmt: skip
-    for i in range(m - 2, 0, -1):
-        calls.append(
-            dgrad_call(specs[i], batch, scratch[i], weights[i], scratch[i - 1], MODE_DZ, precision,
-                       interpreted=interpreted)
-        )  # fmt: skip
-    common = dict(interpreted=interpreted)
+    last = m - 2  # the layer before the final Linear(k, 1)
+    head = fused_head(specs) if fuse_head is None else bool(fuse_head) and fused_head(specs)
+    wlast = weights[m - 1]
+
+    def bias(i):
+        return biases[i] if specs[i].has_bias else None
+
+    final = dict(interpreted=interpreted)  # the launch that ends the step: update of x, or g
     if mode == MODE_STEP:
-        common.update(
+        final.update(
             x=x, z=z, rng=rng, step_size=step_size, grad_clip=grad_clip, noise_std=noise_std, lo=lo, hi=hi,
             noise_index=noise_index, add_noise=add_noise,
         )  # fmt: skip
-        calls.append(dgrad_call(specs[0], batch, scratch[0], weights[0], None, MODE_STEP, precision, **common))
-    else:
-        calls.append(dgrad_call(specs[0], batch, scratch[0], weights[0], g, MODE_GRAD, precision, **common))
+    final_out = g if mode == MODE_GRAD else None
+    calls = []
+    for i in range(last if head else last + 1):
+        inp = x if i == 0 else scratch[i - 1]
+        calls.append(fwd_call(specs[i], batch, inp, weights[i], bias(i), scratch[i], wlast, i == last, precision,
+                              interpreted))  # fmt: skip
+    if head:
+        inp = x if last == 0 else scratch[last - 1]
+        if last == 0:
+            calls.append(head_call(specs[0], batch, inp, weights[0], bias(0), wlast, final_out, mode, precision,
+                                   **final))  # fmt: skip
+            return calls
+        calls.append(head_call(specs[last], batch, inp, weights[last], bias(last), wlast, scratch[last - 1], MODE_DZ,
+                               precision, interpreted=interpreted))  # fmt: skip
+    for i in range(last - 1 if head else last, 0, -1):
+        calls.append(dgrad_call(specs[i], batch, scratch[i], weights[i], scratch[i - 1], MODE_DZ, precision,
+                                interpreted=interpreted))  # fmt: skip
+    calls.append(dgrad_call(specs[0], batch, scratch[0], weights[0], final_out, mode, precision, **final))
     return calls
 
 

@@ -363,6 +363,12 @@ def mlp_chain():
     return nn.Sequential(nn.Linear(23, 40), nn.Tanh(), nn.Linear(40, 19), nn.Linear(19, 1))
 
 
+def mlp1_chain():
+    """One hidden layer on a flattened image: the fused head is the first layer (one launch per step)."""
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 5 * 7, 70), nn.SiLU(), nn.Linear(70, 1))
+
+
 @pytest.fixture(scope="module")
 def seed_cnns():
     """The seed CNN at random init and after 12 brief CD iterations on digits (eager sampler, 5 steps)."""
@@ -419,10 +425,10 @@ def test_seed_cnn_energy_grad(device, seed_cnns, weights, batch):
 
 @pytest.mark.device
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("arch", ["second", "mlp"])
+@pytest.mark.parametrize("arch", ["second", "mlp", "mlp1"])
 def test_other_chains_energy_grad(device, arch, batch):
-    model = frozen(second_chain() if arch == "second" else mlp_chain(), device)
-    shape = (3, 32, 32) if arch == "second" else (23,)
+    model = frozen({"second": second_chain, "mlp": mlp_chain, "mlp1": mlp1_chain}[arch](), device)
+    shape = {"second": (3, 32, 32), "mlp": (23,), "mlp1": (3, 5, 7)}[arch]
     x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch)) * 2 - 1).to(device)
     check_energy_grad(model, x, f"{arch} chain b{batch}")
 
@@ -443,6 +449,52 @@ def test_reduced_precision_energy_grad_deviation(device, seed_cnns, precision):
     assert rel_max < 0.05
     if precision == "tf32" and not CUDA:
         assert rel_max < 1e-5  # no TF32 in the interpreter
+
+
+def program_calls(model, x, mode, **kw):
+    """Run one gradient (MODE_GRAD, returns g) or step (MODE_STEP on x) with explicit launch options."""
+    program = LayerProgram(model)
+    plan = program._plan(x)
+    w, b = program._params()
+    g = torch.full_like(x, float("nan")) if mode == L.MODE_GRAD else None
+    L.run_calls(L.step_calls(plan.specs, x, w, b, plan.scratch, 0, mode, g=g, **kw))
+    return g
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("arch", ["seed", "mlp1"])
+def test_fused_head_equals_separate_launches(device, seed_cnns, arch):
+    """The fused head (forward, dz, input gradient in one launch) against the separate forward (emitting dz) and
+    input-gradient launches; and as the first layer, with the Langevin update as its epilogue."""
+    if arch == "seed":
+        model, shape = frozen(copy.deepcopy(seed_cnns["trained"]), device), (1, 28, 28)
+    else:
+        model, shape = frozen(mlp1_chain(), device), (3, 5, 7)
+    x = (torch.rand(3, *shape, generator=torch.Generator().manual_seed(13)) * 2 - 1).to(device)
+    fused = program_calls(model, x, L.MODE_GRAD, fuse_head=True)
+    separate = program_calls(model, x, L.MODE_GRAD, fuse_head=False)
+    assert_close_verbose(fused, separate, atol=1e-9, what="fused head vs separate launches")
+    rng = torch.tensor([77, 5], dtype=torch.int64, device=device)
+    a, b = x.clone(), x.clone()
+    step = dict(rng=rng, add_noise=True, noise_index=3, **STEP)
+    program_calls(model, a, L.MODE_STEP, fuse_head=True, **step)
+    program_calls(model, b, L.MODE_STEP, fuse_head=False, **step)
+    assert_close_verbose(a, b, atol=1e-7, what="step with fused head vs separate")
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("arch", ["seed", "second", "mlp1"])
+def test_whole_program_with_compiled_settings(device, arch):
+    """Every launch of a step with the GPU's tile settings (under the interpreter on CPU), against the chain rule."""
+    model, shape, batch = {  # a narrower seed CNN: the GPU settings make many small programs for the interpreter
+        "seed": (lambda: CNNModel(hidden_features=16), (1, 28, 28), 2),
+        "second": (second_chain, (3, 32, 32), 1),
+        "mlp1": (mlp1_chain, (3, 5, 7), 3),
+    }[arch]
+    model = frozen(model(), device)
+    x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(14)) * 2 - 1).to(device)
+    g = program_calls(model, x, L.MODE_GRAD, interpreted=False)
+    assert_close_verbose(g, chain_energy_grad(chain_layers(model), x), atol=1e-7, what=f"{arch} compiled settings")
 
 
 def run_chain(model, x, steps, device, seed=11, noise=None):
@@ -506,6 +558,15 @@ def test_supplied_noise_and_second_chain(device):
 
 
 @pytest.mark.device
+def test_one_launch_chain_trajectory_parity(device):
+    """A one-hidden-layer chain: every step is one launch (the head with the update as its epilogue); 60 steps."""
+    model = frozen(mlp1_chain(), device)
+    x = (torch.rand(3, 3, 5, 7, generator=torch.Generator().manual_seed(15)) * 2 - 1).to(device)
+    got, want = run_chain(model, x, 60, device)
+    assert_close_verbose(got, want, atol=CHAIN_ATOL[device], what="60-step one-launch chain")
+
+
+@pytest.mark.device
 def test_step_equals_fused_step_of_the_gradient(device, seed_cnns):
     """step_ == ops.fused_step_(x, grad(x), ...) for generated noise, with values at the clamp bounds."""
     model = frozen(copy.deepcopy(seed_cnns["trained"]), device)
@@ -538,12 +599,15 @@ def test_in_place_weight_updates_are_seen(device):
 # ------------------------------------------------------------------------------------------------ API and checks
 def test_launches_per_step_on_the_seed_cnn():
     program = LayerProgram(CNNModel())
-    assert program.launches_per_step == 10  # 5 forward + 5 input-gradient launches; the final Linear needs none
+    assert program.launches_per_step == 9  # 4 convs x (forward + input gradient) + the fused linear head
     specs = plan_layers(CNNModel(), (1, 28, 28))
     meta = torch.empty((128, 1, 28, 28), device="meta")
     w = [torch.empty(1, device="meta")] * len(specs)
-    calls = L.step_calls(specs, meta, w, w, w[:-1], 0, L.MODE_STEP, rng=w[0], add_noise=True, interpreted=False)
-    assert len(calls) == program.launches_per_step
+    for fuse, launches in ((None, 9), (False, 10)):
+        calls = L.step_calls(specs, meta, w, w, w[:-1], 0, L.MODE_STEP, rng=w[0], add_noise=True, fuse_head=fuse)
+        assert len(calls) == launches
+    assert [c.kernel.__name__ for c in calls[-6:]] == ["layer_fwd_kernel"] + ["layer_dgrad_kernel"] * 5
+    assert LayerProgram(mlp1_chain()).launches_per_step == 1  # one hidden layer: the whole step is the head
 
 
 def test_geometry_round_trip():
@@ -711,6 +775,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 add(L.step_calls(specs, x, w, w, w[:-1], prec, L.MODE_STEP, z=x, add_noise=True, **common)[-1])
                 add(L.step_calls(specs, x, w, w, w[:-1], prec, L.MODE_STEP, add_noise=False, **common)[-1])
                 add(L.step_calls(specs, x, w, w, w[:-1], prec, L.MODE_GRAD, g=x, interpreted=False)[-1])
+                for call in L.step_calls(specs, x, w, w, w[:-1], prec, L.MODE_STEP, add_noise=True, fuse_head=False,
+                                         **common):
+                    add(call)
     for spec in decode_geometry(job["layers"]):  # the test geometries, forward and input gradient, at batch 17
         for prec in job["precisions"]:
             add(L.fwd_call(spec, 17, one, one, one, one, one, False, prec, False))
@@ -731,16 +798,19 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_hopper_compile():
-    """Every kernel specialisation of the seed CNN (batch 1 / 128 / 16384), the second and MLP chains and the test
-    geometries compiles for sm_90 (PTX and cubin), fp32 and tf32, without a GPU: a subprocess with TRITON_INTERPRET
-    unset. fp32 must compile to FMAs (exact products), not tensor-core instructions."""
+    """Every kernel specialisation of the seed CNN (batch 1 / 128 / 16384; fused head and separate launches), the
+    second and MLP chains and the test geometries compiles for sm_90 (PTX and cubin), fp32 and tf32, without a GPU:
+    a subprocess with TRITON_INTERPRET unset. fp32 must compile to FMAs (exact products), not tensor-core
+    instructions."""
     import json
 
     chains = [
         (CNNModel(), (1, 28, 28), [1, 128, 16384]),
         (second_chain(), (3, 32, 32), [3, 1024]),
         (mlp_chain(), (23,), [2, 4096]),
+        (mlp1_chain(), (3, 5, 7), [3, 16384]),
     ]
+
     job = {
         "chains": [[encode_geometry(plan_layers(m, shape)), shape, batches] for m, shape, batches in chains],
         "layers": encode_geometry(list(ALL.values())),
