@@ -11,8 +11,10 @@ A step is ``program.launches_per_step`` kernel launches (two per Conv2d/Linear b
 update being the epilogue of the last one. Parameters are read from the model at every call (in-place optimizer
 updates are seen; a replaced parameter is used from the next call on). Scratch buffers (one per layer, fp32, the
 layer's output per sample) are allocated once per (input shape, dtype, device) on the first call with that shape
-(``program.prepare(x)`` does it ahead of a CUDA-graph capture); ``step_`` itself allocates nothing, never
-synchronises with the host and launches a fixed sequence for a given shape, so it can be captured.
+(``program.prepare(x)`` does it ahead of a CUDA-graph capture) and kept until ``program.release()``; ``step_``
+itself allocates nothing, never synchronises with the host and launches a fixed sequence for a given shape, so it
+can be captured (a captured graph should hold ``program.scratch(x)``). Programs are cached per (model, precision)
+by ``layer_program``, so samplers on one model share the scratch: replay their graphs on one stream.
 
 Runs on CUDA with Triton, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` with
 ``EBMFAST_TRITON_ON_CPU=1``: how the tests run it).
@@ -244,6 +246,16 @@ class LayerProgram:
 
     def specs(self, x: torch.Tensor) -> list[LayerSpec]:
         return list(self._plan(x).specs)
+
+    def scratch(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The scratch buffers ``step_`` uses for inputs like ``x`` (planned now if needed). A CUDA graph captured
+        over ``step_`` bakes their addresses in: keep this list with the graph so they outlive it."""
+        return list(self._plan(x).scratch)
+
+    def release(self) -> None:
+        """Drop every plan and its scratch (plans are otherwise kept for the program's life: nothing is evicted
+        behind a captured graph's back). Graphs captured before must hold ``scratch(x)`` themselves."""
+        self._plans.clear()
 
     def _params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         weights, biases = [], []
