@@ -8,19 +8,19 @@ to 16, taps x channel blocks, several programs per phase) under the interpreter 
 compiles every specialisation the seed CNN and the test geometries use for sm_90, without a GPU.
 
 Tolerances. References are computed in float64 from the same fp32 inputs. A kernel output is a sum of K fp32
-products accumulated in fp32, plus an activation evaluated in fp32 (a few ulp, relative; the kernels' tanh is
-(1 - e) / (1 + e) with e = exp(-2|z|), an absolute error ~1 ulp of 1). Its error is bounded by (few + K) * eps * S, where S is the
-accumulated magnitude: the same sum over |terms| (for the activation's absolute error, |h| + 1 in place of |h|);
-rounding errors of a sum of K terms of random sign grow like sqrt(K) in practice. The tests allow
-8 * eps * sqrt(K) * S elementwise (eps = 2**-23; K = taps x channels). Measured under the interpreter: at most
-0.75 * eps * sqrt(K) * S over every geometry and batch here, i.e. ~10x headroom. tf32 / bf16 operands (fp32
-accumulation): each product is off by at most two operand roundings, so the sum by at most eps * S with
-eps = 2**-10 (tf32, compiled only; the interpreter has none) or 2**-8 (bf16); allowed 2 * eps * S, measured
-<= 0.33 of that bound for bf16. Whole chains (energy gradient, 60-step trajectories): the sampler's tolerances,
-1e-5 on CPU and 1e-4 on CUDA (tests/test_sampler.py explains them). Measured: seed CNN gradients within 7e-11
-(random init, |g| <= 1.3e-4) and 1.6e-9 (briefly trained, |g| <= 6.4e-3) of the float64 chain rule; 60-step
-trajectories within 1.2e-7 (random) and 3.0e-7 (trained) of the reference fed the same Philox draws; the whole
-program in bf16 deviates from fp32 by 0.3 % of max |g|.
+products accumulated in fp32, plus an activation evaluated in fp32 (a few ulp, relative; the kernels' tanh is (1 -
+e) / (1 + e) with e = exp(-2|z|), an absolute error ~1 ulp of 1). Its error is bounded by (few + K) * eps * S, where
+S is the accumulated magnitude: the same sum over |terms| (for the activation's absolute error, |h| + 1 in place of
+|h|); rounding errors of a sum of K terms of random sign grow like sqrt(K) in practice. The tests allow 8 * eps *
+sqrt(K) * S elementwise (eps = 2**-23; K = taps x channels). Measured under the interpreter: at most 0.75 * eps *
+sqrt(K) * S over every geometry and batch here, i.e. ~10x headroom. tf32 / bf16 operands (fp32 accumulation): each
+product is off by at most two operand roundings, so the sum by at most eps * S with eps = 2**-10 (tf32, compiled
+only; the interpreter has none) or 2**-8 (bf16); allowed 2 * eps * S, measured <= 0.33 of that bound for bf16. Whole
+chains (energy gradient, 60-step trajectories): the sampler's tolerances, 1e-5 on CPU and 1e-4 on CUDA
+(tests/test_sampler.py explains them). Measured: seed CNN gradients within 7e-11 (random init, |g| <= 1.3e-4) and
+1.6e-9 (briefly trained, |g| <= 6.4e-3) of the float64 chain rule; 60-step trajectories within 1.2e-7 (random) and
+3.0e-7 (trained) of the reference fed the same Philox draws; the whole program in bf16 deviates from fp32 by 0.3 %
+of max |g|.
 """
 
 from __future__ import annotations
