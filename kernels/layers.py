@@ -20,10 +20,12 @@ positions. A Linear after a Flatten reads the NHWC activation in storage order a
 torch's NCHW flatten order (d = c * H * W + p), so weights are used as they are (in-place updates seen).
 
 Convolution forward: implicit GEMM, rows = output pixels (n, oh, ow), columns = output channels, reduction = taps
-(kh, kw) x input-channel blocks, gathered with masks (zero padding). Input gradient: the transposed convolution as
-a gather, split by stride phase: input row ih only receives taps kh = ph + SH * j with ph = (ih + PH) mod SH, from
-output row oh = (ih + PH - kh) / SH, so each program takes one phase (ph, pw), its rows, and loops over exactly that
-phase's taps; no product with an inserted zero is formed. Dense layers are plain GEMMs (reduction over D or C_OUT).
+(kh, kw) x input-channel blocks, gathered with masks (zero padding); with fewer than 16 channels per tap (``FLAT``,
+e.g. the seed CNN's first conv: 1 channel, 25 taps) one loop over (tap, channel) pairs instead. Input gradient: the
+transposed convolution as a gather, split by stride phase: input row ih only receives taps kh = ph + SH * j with
+ph = (ih + PH) mod SH, from output row oh = (ih + PH - kh) / SH, so each program takes one phase (ph, pw), its rows,
+and loops over exactly that phase's taps (a runtime count: phases of a 5-tap kernel at stride 2 have 3 and 2 taps);
+no product with an inserted zero is formed. Dense layers are plain GEMMs (reduction over D or C_OUT).
 
 Products: ``tl.dot`` when both the column and reduction blocks are >= 16 (compiled ``tl.dot`` needs every dimension
 >= 16), else a broadcast multiply + ``tl.sum`` (e.g. the first conv's 1 input channel). ``PREC``: 0 fp32 with exact
