@@ -785,7 +785,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 for call in L.step_calls(specs, x, w, w, w[:-1], prec, L.MODE_STEP, add_noise=True, fuse_head=False,
                                          **common):
                     add(call)
-    for spec in decode_geometry(job["layers"]):  # the test geometries, forward and input gradient, at batch 17
+    for spec in decode_geometry(job["layers"]):  # more test geometries, forward and input gradient, batch 17
         for prec in job["precisions"]:
             add(L.fwd_call(spec, 17, one, one, one, one, one, False, prec, False))
             mode = L.MODE_GRAD if spec.in_nchw else L.MODE_DZ
@@ -803,24 +803,37 @@ _COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
+# A few test geometries beyond the chains' layers: no taps in some phases, kernel < stride, a wide padded kernel,
+# a non-square kernel and stride, a first layer on a non-square input, a Linear on 2-D input, a wide Linear.
+COMPILE_GEOMETRIES = [
+    "k1-s2-p0 (taps only in phase 0)",
+    "k2-s3-p1 (kernel < stride)",
+    "k7-s2-p4",
+    "k3x5-s1x2-p2x0",
+    "k5-s2-p2 20x36 first",
+    "Linear on 2-D (37 -> 20)",
+    "Linear after 5x3x7 map (105 -> 70)",
+]
+
+
 @pytest.mark.slow
 def test_hopper_compile():
     """Every kernel specialisation of the seed CNN (batch 1 / 128 / 16384; fused head and separate launches), the
-    second and MLP chains and the test geometries compiles for sm_90 (PTX and cubin), fp32 and tf32, without a GPU:
-    a subprocess with TRITON_INTERPRET unset. fp32 must compile to FMAs (exact products), not tensor-core
+    second and MLP chains and a few more test geometries compiles for sm_90 (PTX and cubin), fp32 and tf32, without
+    a GPU: a subprocess with TRITON_INTERPRET unset. fp32 must compile to FMAs (exact products), not tensor-core
     instructions."""
     import json
 
     chains = [
         (CNNModel(), (1, 28, 28), [1, 128, 16384]),
-        (second_chain(), (3, 32, 32), [3, 1024]),
-        (mlp_chain(), (23,), [2, 4096]),
-        (mlp1_chain(), (3, 5, 7), [3, 16384]),
+        (second_chain(), (3, 32, 32), [3]),
+        (mlp_chain(), (23,), [2]),
+        (mlp1_chain(), (3, 5, 7), [3]),
     ]
 
     job = {
         "chains": [[encode_geometry(plan_layers(m, shape)), shape, batches] for m, shape, batches in chains],
-        "layers": encode_geometry(list(ALL.values())),
+        "layers": encode_geometry([ALL[name] for name in COMPILE_GEOMETRIES]),
         "precisions": [0, 1],
     }
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
