@@ -256,3 +256,88 @@ if not USES_TRITON_OP:
     @replay_push_.register_fake
     def _(storage, samples, ptr):
         return None
+
+
+# ================================================================================ layer program (kernels/layers.py)
+# ``ebmfast::layers_step_(x, z, rng, weights, biases, scratch, geometry, precision, step_size, grad_clip, noise_std,
+# lo, hi, noise_index, add_noise)``: one Langevin step tail of a chain model on x in place, the energy gradient formed
+# by the layer kernels and the update fused into the last of them (= fused_step_(x, grad(x), rng, ...)).
+# ``ebmfast::layers_energy_grad(x, weights, biases, scratch, geometry, precision) -> g``: the gradient alone.
+# ``weights``/``biases``: one per Conv2d/Linear, the final Linear(k, 1) last (a bias entry is read only where the
+# geometry says the layer has one); ``scratch``: the plan's buffers (mutated); ``geometry``: kernels/geometry.py's
+# int encoding; ``precision``: 0 fp32, 1 tf32, 2 bf16. Built and called by ``ebmfast.layers.LayerProgram``.
+# CUDA with Triton, or CPU tensors under the interpreter with EBMFAST_TRITON_ON_CPU=1; elsewhere a clear error.
+try:
+    from ebmfast.kernels import layers as _layer_kernels
+except Exception:  # same cause as above: no usable Triton
+    _layer_kernels = None
+
+
+def layer_kernels_unavailable_reason(device) -> str | None:
+    """None if the layer kernels run on ``device``, else why not."""
+    device = torch.device(device)
+    if _layer_kernels is None:
+        return f"the layer kernels need Triton: {triton_unavailable_reason() or 'kernels/layers.py failed to import'}"
+    if device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu()):
+        return None
+    return (
+        f"the layer kernels run on CUDA devices (or on CPU only under the Triton interpreter, TRITON_INTERPRET=1 with "
+        f"EBMFAST_TRITON_ON_CPU=1), got tensors on {device}"
+    )
+
+
+def _require_layers(device) -> None:
+    reason = layer_kernels_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+@_define_op("ebmfast::layers_step_", mutates_args={"x", "scratch"})
+def layers_step_(
+    x: torch.Tensor,
+    z: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation)
+    rng: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    scratch: list[torch.Tensor],
+    geometry: list[int],
+    precision: int,
+    step_size: float,
+    grad_clip: float,
+    noise_std: float,
+    lo: float,
+    hi: float,
+    noise_index: int,
+    add_noise: bool,
+) -> None:
+    _require_layers(x.device)
+    _layer_kernels.launch_step(
+        x, z, rng, weights, biases, scratch, geometry, precision, step_size, grad_clip, noise_std, lo, hi,
+        noise_index, add_noise, wrap=_wrap,
+    )  # fmt: skip
+
+
+@_define_op("ebmfast::layers_energy_grad", mutates_args={"scratch"})
+def layers_energy_grad(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    scratch: list[torch.Tensor],
+    geometry: list[int],
+    precision: int,
+) -> torch.Tensor:
+    g = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _require_layers(x.device)
+    _layer_kernels.launch_energy_grad(x, g, weights, biases, scratch, geometry, precision, wrap=_wrap)
+    return g
+
+
+if not USES_TRITON_OP:
+
+    @layers_step_.register_fake
+    def _(x, z, rng, weights, biases, scratch, geometry, precision, *rest):
+        return None
+
+    @layers_energy_grad.register_fake
+    def _(x, weights, biases, scratch, geometry, precision):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

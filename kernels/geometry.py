@@ -1,0 +1,131 @@
+"""Layer geometry of a chain program, as plain Python (no Triton import): shared by the planner
+(``ebmfast/layers.py``), the torch ops (which carry it as an ``int[]``) and the kernel launchers
+(``kernels/layers.py``).
+
+A chain is a list of affine layers A_0 .. A_{m-1} (Conv2d or Linear) with an optional activation between two of them;
+A_{m-1} is the final ``Linear(k, 1)``. Every affine layer is described by one ``LayerSpec``. A ``Linear`` is a
+"dense" layer: a convolution whose kernel covers its whole input map (C_IN x H x W, with H = W = 1 for a 2-D input),
+so its input features are numbered in torch's NCHW flatten order d = c * H * W + h * W + w, whatever the storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+__all__ = [
+    "ACT_NONE",
+    "ACT_SWISH",
+    "ACT_TANH",
+    "ACT_NAMES",
+    "PRECISIONS",
+    "GEOMETRY_VERSION",
+    "LayerSpec",
+    "encode_geometry",
+    "decode_geometry",
+    "HEAD_MAX_OUT",
+    "fused_head",
+    "launches_per_step",
+]
+
+ACT_NONE, ACT_SWISH, ACT_TANH = 0, 1, 2  # activation codes (Swish and SiLU are the same function)
+ACT_NAMES = {ACT_NONE: "identity", ACT_SWISH: "swish", ACT_TANH: "tanh"}
+PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}  # the kernels' PREC constexpr
+GEOMETRY_VERSION = 1
+HEAD_MAX_OUT = 128  # a Linear before the final Linear(k, 1) with at most this many outputs runs as one fused launch
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One affine layer: input map C_IN x H x W -> output map C_OUT x OH x OW (dense: OH = OW = 1).
+
+    ``in_act``: activation applied to this layer's input (the one after the previous layer; ACT_NONE for the first).
+    ``out_act``: activation after this layer. ``in_nchw``: the input is the chain state x in the user's layout
+    (contiguous NCHW, or (N, D)); otherwise it is the previous layer's NHWC output."""
+
+    dense: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    oh: int
+    ow: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    in_act: int
+    out_act: int
+    has_bias: int
+    in_nchw: int
+
+    @property
+    def d_in(self) -> int:
+        """Input elements per sample."""
+        return self.c_in * self.h * self.w
+
+    @property
+    def d_out(self) -> int:
+        """Output elements per sample."""
+        return self.c_out * self.oh * self.ow
+
+    @property
+    def phase_rows(self) -> tuple[int, int]:
+        """Input rows / columns per stride phase (the largest phase), for the input-gradient grid."""
+        return cdiv(self.h, self.sh), cdiv(self.w, self.sw)
+
+    def flops_per_sample(self) -> int:
+        """Multiply-adds x 2 of the forward (the input gradient costs the same)."""
+        return 2 * self.d_out * self.c_in * self.kh * self.kw
+
+    def describe(self) -> str:
+        if self.dense:
+            return f"Linear({self.d_in} -> {self.c_out})"
+        return (
+            f"Conv2d({self.c_in}x{self.h}x{self.w} -> {self.c_out}x{self.oh}x{self.ow}, k={self.kh}x{self.kw}, "
+            f"s={self.sh}x{self.sw}, p={self.ph}x{self.pw})"
+        )
+
+
+_FIELDS = [f.name for f in dataclasses.fields(LayerSpec)]
+
+
+def encode_geometry(specs) -> list[int]:
+    """The int list the torch ops carry: version, number of layers, then each layer's fields in order."""
+    out = [GEOMETRY_VERSION, len(specs)]
+    for s in specs:
+        out.extend(int(getattr(s, f)) for f in _FIELDS)
+    return out
+
+
+@lru_cache(maxsize=256)
+def _decode(geometry: tuple[int, ...]) -> tuple[LayerSpec, ...]:
+    if len(geometry) < 2 or geometry[0] != GEOMETRY_VERSION:
+        raise ValueError(f"layer geometry: expected version {GEOMETRY_VERSION}, got {geometry[:1]}")
+    n, k = geometry[1], len(_FIELDS)
+    if len(geometry) != 2 + n * k:
+        raise ValueError(f"layer geometry: {n} layers need {2 + n * k} ints, got {len(geometry)}")
+    return tuple(LayerSpec(*geometry[2 + i * k : 2 + (i + 1) * k]) for i in range(n))
+
+
+def decode_geometry(geometry) -> tuple[LayerSpec, ...]:
+    """Inverse of ``encode_geometry`` (cached: the ops decode it on every call)."""
+    return _decode(tuple(int(v) for v in geometry))
+
+
+def fused_head(specs) -> bool:
+    """Whether the layer before the final Linear(k, 1) runs as the fused head (forward, dz and input gradient in one
+    launch): it must be a Linear whose outputs fit one tile."""
+    return len(specs) >= 2 and bool(specs[-2].dense) and specs[-2].c_out <= HEAD_MAX_OUT
+
+
+def launches_per_step(specs) -> int:
+    """Kernel launches of one step: forward and input gradient of every layer before the final Linear(k, 1), one
+    launch fewer with the fused head."""
+    return 2 * (len(specs) - 1) - (1 if fused_head(specs) else 0)
