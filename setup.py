@@ -38,6 +38,7 @@ setup(
         "ebmfast.kernels",
     ],
     package_dir={"ebmfast": "ebmfast", "ebmfast.kernels": "kernels"},
+    package_data={"ebmfast": ["backend_table.json"]},  # measured backend timings that backend="auto" reads
     install_requires=[
         "torch>=2.6",
         "numpy",

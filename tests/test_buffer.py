@@ -142,6 +142,7 @@ def test_fused_draw_rows_are_stored_rows_or_fresh(fused_device, shape):
     assert slots[kept].max() < cap
 
 
+@pytest.mark.slow
 @pytest.mark.device
 def test_fused_draw_statistics_stream_and_state(fused_device):
     torch.manual_seed(8)

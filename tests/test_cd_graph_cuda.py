@@ -17,9 +17,7 @@ def _run(seed=0, batch=16, steps=6):
     dev = torch.device("cuda")
     torch.manual_seed(seed)
     model = CNNModel(hidden_features=16).to(dev)
-    opt = torch.optim.Adam(
-        model.parameters(), lr=torch.tensor(1e-3, device=dev), betas=(0.0, 0.999), capturable=True
-    )
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device=dev), betas=(0.0, 0.999), capturable=True)
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     buffer = ReplayBuffer((1, 28, 28), capacity=64, device=dev, generator=gen)
     sampler = LangevinSampler(model, steps=steps, backend="fused", seed=seed + 2, check_finite=False)

@@ -137,7 +137,9 @@ def test_second_architecture_flat_vectors_odd_batches(batch):
     assert model.training  # restored (BatchNorm/Dropout made eval mode matter during the chain)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=pytest.mark.slow) if b == "compiled" else b for b in CPU_BACKENDS]
+)
 def test_seeded_reproducible_and_calls_draw_new_noise(backend):
     model = Quadratic(torch.zeros(6), 0.5)
     x = torch.rand(4, 6) * 2 - 1
