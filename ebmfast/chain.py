@@ -24,7 +24,7 @@ import torch
 
 from . import ops
 
-__all__ = ["StepSettings", "Stepper", "FusedStepper", "run_chain_"]
+__all__ = ["StepSettings", "Stepper", "FusedStepper", "LayerStepper", "run_chain_"]
 
 
 @dataclass(frozen=True)
@@ -55,19 +55,38 @@ class Stepper(Protocol):
         """x <- clamp(x - s clamp(g(x))), then with ``add_noise`` the head of the next step (draw ``noise_index``)."""
 
 
-class FusedStepper:
+class _NoiseHead:
+    """The head shared by every stepper: noise only, through the fused update op (no gradient)."""
+
+    settings: StepSettings
+
+    def head_(self, x, rng, noise_index, z) -> None:
+        ops.fused_step_(x, None, rng, noise_index=noise_index, add_noise=True, z=z, **self.settings.as_kwargs())
+
+
+class FusedStepper(_NoiseHead):
     """Gradient from a function (compiled or eager), then one fused update op (``ops.fused_step_``)."""
 
     def __init__(self, grad: Callable[[torch.Tensor], torch.Tensor], settings: StepSettings):
         self.grad = grad
         self.settings = settings
 
-    def head_(self, x, rng, noise_index, z) -> None:
-        ops.fused_step_(x, None, rng, noise_index=noise_index, add_noise=True, z=z, **self.settings.as_kwargs())
-
     def tail_(self, x, rng, noise_index, add_noise, z) -> None:
         g = self.grad(x).contiguous()
         ops.fused_step_(x, g, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
+
+
+class LayerStepper(_NoiseHead):
+    """The tail on our layer kernels (``ebmfast.layers``): forward, input gradient and update, the update being the
+    epilogue of the last launch. ``keep``: buffers a captured graph reads (the program's scratch for this shape)."""
+
+    def __init__(self, program, settings: StepSettings, keep: list[torch.Tensor] | None = None):
+        self.program = program
+        self.settings = settings
+        self.keep = keep
+
+    def tail_(self, x, rng, noise_index, add_noise, z) -> None:
+        self.program.step_(x, None, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
 
 
 @torch.no_grad()

@@ -330,16 +330,12 @@ class LayerProgram:
         hi: float,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """A whole K-step chain on ``x`` in place, like the sampler's fused chain: the first noise (the existing
-        update op, no gradient), then ``steps`` fused steps; draws k = 0 .. steps-1 at ``rng[1] + k`` (or
-        ``noise[k]``). Does not advance ``rng``. Returns ``x``."""
-        common = dict(step_size=step_size, grad_clip=grad_clip, noise_std=noise_std, lo=lo, hi=hi)
-        ops.fused_step_(x, None, rng, noise_index=0, add_noise=True, z=None if noise is None else noise[0], **common)
-        for k in range(steps):
-            last = k == steps - 1
-            z = None if (noise is None or last) else noise[k + 1]
-            self.step_(x, None, rng, noise_index=k + 1, add_noise=not last, z=z, **common)
-        return x
+        """A whole K-step chain on ``x`` in place: ``ebmfast.chain.run_chain_`` with this program's steps; draws
+        k = 0 .. steps-1 at ``rng[1] + k`` (or ``noise[k]``). Does not advance ``rng``. Returns ``x``."""
+        from .chain import LayerStepper, StepSettings, run_chain_
+
+        settings = StepSettings(step_size, grad_clip, noise_std, lo, hi)
+        return run_chain_(x, steps, rng, LayerStepper(self, settings), noise)[0]
 
 
 _PROGRAMS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()

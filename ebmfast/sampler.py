@@ -7,7 +7,13 @@ Backends (``backend=``):
   step k's clipped gradient step and clamp together with step k+1's noise and clamp, so a K-step chain is one
   noise launch + K gradients + K fused updates.
 - ``graph`` (CUDA only): the whole ``fused`` chain captured once in a CUDA graph and replayed (``ebmfast.graph``).
-- ``auto``: ``graph`` on CUDA (``compiled`` when Triton is missing), ``compiled`` on CPU (the fastest measured there).
+- ``triton``: the energy gradient on our own Triton layer kernels (``ebmfast.layers``), the update being the epilogue
+  of the last launch; on CUDA the K-step chain is captured in a CUDA graph like ``graph``. For models that are a
+  plain layer chain (``ebmfast.layers.unsupported_reason`` says why another is not); runs on CPU only under the
+  Triton interpreter (how the tests run it).
+- ``auto``: on CUDA the fastest measured of ``graph`` and the kernel backends the model supports
+  (``ebmfast.autotune``; ``graph`` where nothing was measured, ``compiled`` when Triton is missing); ``compiled`` on
+  CPU (the fastest measured there). ``sampler.explain(x)`` says what runs and why.
 
 Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a pure function of the sampler's seed,
 a device-side counter and the element index (Philox in the kernel on CUDA; a seeded CPU generator on CPU); each call
@@ -28,7 +34,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .chain import FusedStepper, StepSettings, run_chain_
+from .chain import FusedStepper, LayerStepper, Stepper, StepSettings, run_chain_
 from .energy_grad import compiled_energy_grad, eager_energy_grad
 from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
@@ -41,9 +47,10 @@ from .validation import (
     check_samples,
 )
 
-__all__ = ["LangevinSampler", "BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
+__all__ = ["LangevinSampler", "BACKENDS", "KERNEL_BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
 
-BACKENDS = ("auto", "eager", "compiled", "fused", "graph")
+BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton")
+KERNEL_BACKENDS = ("triton",)  # backends on our own layer kernels: for plain layer chains only
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -69,18 +76,25 @@ def precision_context(precision: str, device_type: str) -> Iterator[None]:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``backend`` means on ``device`` (``auto`` resolved, availability checked)."""
+    """The concrete backend ``backend`` means on ``device`` (``auto`` resolved for the device, availability checked).
+
+    Model-dependent choices (``auto`` among measured CUDA backends, whether a model runs on the layer kernels) are
+    made per call by ``LangevinSampler``; see ``LangevinSampler.explain``."""
     check_choice(backend, BACKENDS, "backend")
     if device.type == "cuda":
         if backend == "auto":
             return "graph" if ops.HAS_TRITON else "compiled"
-        if backend in ("fused", "graph") and not ops.HAS_TRITON:
+        if backend in ("fused", "graph", *KERNEL_BACKENDS) and not ops.HAS_TRITON:
             raise RuntimeError(f"backend={backend!r} on CUDA needs Triton: {ops.triton_unavailable_reason()}")
         return backend
     if backend == "auto":
         return "compiled"
     if backend == "graph":
         raise ValueError(f"backend='graph' needs a CUDA device (CUDA graphs), got tensors on {device}")
+    if backend in KERNEL_BACKENDS:
+        reason = ops.layer_kernels_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r}: {reason}")
     return backend
 
 
@@ -131,6 +145,7 @@ class LangevinSampler:
         self._grad_fns: dict = {}
         self._graphs = None  # ebmfast.graph.GraphCache, created on first CUDA use
         self._checked: set = set()
+        self._choices: dict = {}  # (shape, dtype, device, precision) -> (backend, why): auto's choice and reasons
         self._rng: dict[torch.device, torch.Tensor] = {}
         self.manual_seed(seed)
         self.last_backend: str | None = None
@@ -192,7 +207,55 @@ class LangevinSampler:
 
     # ----------------------------------------------------------------------------------------------- sampling
     def resolve(self, device) -> str:
+        """The backend for ``device`` before looking at the model or the batch (see ``explain`` for the final one)."""
         return resolve_backend(self.backend, torch.device(device))
+
+    def _kernel_reason(self, backend: str, x: torch.Tensor) -> str | None:
+        """Why ``backend`` (a kernel backend) cannot run this model on inputs like ``x``, or None."""
+        from .layers import unsupported_reason
+
+        return unsupported_reason(self.model, x, self.precision)
+
+    def _choose(self, x: torch.Tensor) -> tuple[str, str]:
+        """(backend, why) for a call on ``x``; cached per shape, dtype, device and precision."""
+        key = (tuple(x.shape), x.dtype, x.device, self.precision)
+        if key in self._choices:
+            return self._choices[key]
+        base = self.resolve(x.device)
+        if base in KERNEL_BACKENDS:
+            reason = self._kernel_reason(base, x)
+            if reason is not None:
+                raise ValueError(
+                    f"backend={base!r} cannot run this model on inputs of shape {tuple(x.shape)}: {reason}. "
+                    "Use backend='auto' (it falls back) or 'graph' / 'compiled'"
+                )
+            choice = (base, "asked for")
+        elif self.backend == "auto" and base == "graph":
+            from . import autotune
+
+            allowed, skipped = ["graph"], []
+            for candidate in KERNEL_BACKENDS:
+                reason = self._kernel_reason(candidate, x)
+                if reason is None:
+                    allowed.append(candidate)
+                else:
+                    skipped.append(f"{candidate}: {reason}")
+            chosen, source = autotune.choose(self.model, x, self.precision, allowed)
+            why = f"auto on CUDA: {source}; candidates {allowed}"
+            if skipped:
+                why += "; not candidates: " + "; ".join(skipped)
+            choice = (chosen, why)
+        elif self.backend == "auto":
+            choice = (base, f"auto on {x.device.type}" + ("" if ops.HAS_TRITON else " (no Triton)"))
+        else:
+            choice = (base, "asked for")
+        self._choices[key] = choice
+        return choice
+
+    def explain(self, x: torch.Tensor) -> str:
+        """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons)."""
+        backend, why = self._choose(x)
+        return f"backend={self.backend!r} -> {backend!r} for x of shape {tuple(x.shape)} on {x.device}: {why}"
 
     def _energy_grad(self, device: torch.device, backend: str = "compiled"):
         """The gradient function for ``backend`` (eager autograd or compiled), in the sampler's precision."""
@@ -253,20 +316,21 @@ class LangevinSampler:
                 )
             noise = noise.to(device=x.device, dtype=x.dtype)
         self._check_model_output(x)
-        backend = self.resolve(x.device)
-        if backend == "graph" and (return_trajectory or noise is not None or capturing(x)):
-            # The captured chain keeps only the final state and draws its own noise; inside a caller's CUDA-graph
-            # capture (e.g. a whole training iteration) the chain is recorded inline into that graph instead.
+        backend, _ = self._choose(x)
+        # A captured chain keeps only the final state and draws its own noise; inside a caller's CUDA-graph capture
+        # (e.g. a whole training iteration) the chain is recorded inline into that graph instead.
+        inline = return_trajectory or noise is not None or capturing(x) or x.device.type != "cuda"
+        if backend == "graph" and inline:
             backend = "fused"
         self.last_backend = backend
         rng = self.rng_state(x.device)
+        captured = backend == "graph" or (backend in KERNEL_BACKENDS and not inline)
         with sampling_mode(self.model), precision_context(self.precision, x.device.type):
-            if backend == "graph":
-                out, traj = self._graph_chain(x, steps, rng), None
-            elif backend == "fused":
-                stepper = FusedStepper(self._energy_grad(x.device), self._settings())
+            if captured:
+                out, traj = self._graph_chain(x, steps, rng, backend), None
+            elif backend == "fused" or backend in KERNEL_BACKENDS:
                 state = x.detach().clone(memory_format=torch.contiguous_format)
-                out, traj = run_chain_(state, steps, rng, stepper, noise, return_trajectory)
+                out, traj = run_chain_(state, steps, rng, self._stepper(backend, state), noise, return_trajectory)
             else:
                 stream = noise if noise is not None else (lambda k: self._draw(rng, x, k))
                 res = langevin_reference(
@@ -282,7 +346,7 @@ class LangevinSampler:
                     energy_grad=self._energy_grad(x.device, backend),
                 )
                 out, traj = res if return_trajectory else (res, None)
-            if noise is None and backend != "graph":  # the graph advances its counter itself
+            if noise is None and not captured:  # a captured chain advances its counter itself
                 rng[1] += steps
         if return_trajectory:
             return out, traj
@@ -292,11 +356,19 @@ class LangevinSampler:
         lo, hi = self.clamp
         return StepSettings(self.step_size, self.grad_clip, self.noise_std, lo, hi)
 
-    def _graph_chain(self, x: torch.Tensor, steps: int, rng: torch.Tensor) -> torch.Tensor:
+    def _stepper(self, backend: str, x: torch.Tensor) -> Stepper:
+        """The step of ``backend`` ("fused" / "graph": compiled gradient + fused update; kernel backends: layer
+        kernels) for chains on tensors like ``x``."""
+        if backend in KERNEL_BACKENDS:
+            from .layers import layer_program
+
+            program = layer_program(self.model, self.precision)
+            return LayerStepper(program, self._settings(), keep=program.scratch(x))
+        return FusedStepper(self._energy_grad(x.device), self._settings())
+
+    def _graph_chain(self, x: torch.Tensor, steps: int, rng: torch.Tensor, backend: str) -> torch.Tensor:
         from .graph import GraphCache
 
         if self._graphs is None:
             self._graphs = GraphCache()
-        grad = self._energy_grad(x.device)
-        settings = self._settings()
-        return self._graphs.run(self, x, steps, rng, lambda _x_static: FusedStepper(grad, settings), "graph")
+        return self._graphs.run(self, x, steps, rng, lambda x_static: self._stepper(backend, x_static), backend)

@@ -35,7 +35,7 @@ def reference(model, x, steps, z):
         return langevin_reference(model, x, steps, noise=z)
 
 
-@pytest.mark.parametrize("backend", ["compiled", "fused", "graph"])
+@pytest.mark.parametrize("backend", ["compiled", "fused", "graph", "triton"])
 def test_parity_with_reference(cnn, backend):
     s = LangevinSampler(cnn, steps=60, backend=backend, seed=1)
     x = x16()
@@ -184,3 +184,36 @@ def test_replay_buffer_draw_and_push_capture(fused):
     assert int(buf.ptr) == (ptr0 + 64) % 512  # the device-side pointer advanced inside the graph
     graph.replay()
     assert not torch.equal(out, snap)  # new draws on each replay
+
+
+# ------------------------------------------------------------------------------------------- backend "triton"
+def test_triton_backend_graph_replays_updates_and_recaptures():
+    """The triton backend's chain is captured like graph's: replays draw new noise, in-place updates are seen,
+    replaced parameters, new shapes and step counts re-capture."""
+    torch.manual_seed(6)
+    model = CNNModel().cuda()
+    s = LangevinSampler(model, steps=20, backend="triton", seed=8)
+    x = x16(8)
+    first, second = s.sample(x), s.sample(x)
+    assert s.last_backend == "triton" and s._graphs.captures == 1
+    assert not torch.equal(first, second) and int(s.rng_state("cuda")[1]) == 40
+    with torch.no_grad():
+        model.cnn_layers[2].weight.mul_(1.25)  # in place
+    z = s.noise_stream(x)
+    assert_close_verbose(s.sample(x), reference(model, x, 20, z), atol=ATOL, what="triton after in-place update")
+    assert s._graphs.captures == 1
+    model.cnn_layers[0].weight = torch.nn.Parameter(model.cnn_layers[0].weight.detach() * 0.5)
+    z = s.noise_stream(x)
+    assert_close_verbose(s.sample(x), reference(model, x, 20, z), atol=ATOL, what="triton after replacement")
+    assert s._graphs.captures == 2
+    s.sample(x16(9, batch=7))
+    s.sample(x, steps=3)
+    assert s._graphs.captures == 4
+
+
+def test_auto_on_cuda_never_picks_a_backend_the_model_cannot_run():
+    s = LangevinSampler(MLPEnergy(12).cuda(), steps=2, backend="auto", seed=0)  # batch norm: not a plain chain
+    x = torch.rand(4, 12, device="cuda")
+    s.sample(x)
+    assert s.last_backend == "graph"
+    assert "triton:" in s.explain(x)  # the reason it was not a candidate
