@@ -2,13 +2,12 @@
 
     python bench/profile_step.py [--batches 128 16384] [--steps 60] [--json FILE]
 
-1. Variants of the ``graph`` backend (one CUDA-graph replay per chain, CUDA events, median of ``--reps``):
-   the compiled gradient in NCHW / channels-last layout (``LangevinSampler(channels_last=...)``), and precision
-   fp32 / tf32, per batch size. The defaults are NCHW on CUDA and fp32.
-2. ``torch.profiler`` over one warm chain of the ``fused`` backend and one ``graph`` replay (NCHW and channels-last)
-   at the first batch size:
-   kernels per step, GPU busy time per step against the chain's time per step (the rest is launch gaps), and the
-   kernels that take the most time.
+1. Captured-chain variants per batch size (one CUDA-graph replay per chain, CUDA events, median of ``--reps``):
+   ``graph`` with the compiled gradient in NCHW / channels-last layout (``LangevinSampler(channels_last=...)``) in
+   fp32 / tf32, and ``triton`` (our layer kernels) in fp32 / tf32 / bf16. The defaults are NCHW and fp32.
+2. ``torch.profiler`` over one warm chain of the ``fused`` backend and one replay each of ``graph`` (NCHW and
+   channels-last) and ``triton`` at the first batch size: kernels per step, GPU busy time per step against the
+   chain's time per step (the rest is launch gaps), and the kernels that take the most time.
 Measurements only; nothing is asserted.
 """
 
@@ -27,19 +26,21 @@ from ebmfast import CNNModel, LangevinSampler
 from ebmfast.benchmark.timing import time_call, uniform
 
 
-def graph_variants(model, batches, steps, reps):
+def graph_variants(model, batches, steps, reps, kernel_backends=("triton",)):
     """The graph backend per batch size, precision (fp32 / tf32) and layout of the compiled gradient (NCHW /
     channels-last). cuDNN's algorithm search (``torch.backends.cudnn.benchmark``) is left as the user has it: on an
     H200 it changed nothing here (2026-11-30: 229.6 vs 231.6 us/step at batch 128, 8002.6 vs 8006.0 at 16384)."""
     rows = []
     for batch in batches:
         x = uniform((batch, *model.input_shape), torch.device("cuda"), batch)
-        for channels_last in (False, True):
-            for precision in ("fp32", "tf32"):
+        variants = [("graph", cl, p) for cl in (False, True) for p in ("fp32", "tf32")]
+        variants += [(b, None, p) for b in kernel_backends for p in ("fp32", "tf32", "bf16")]
+        for backend, channels_last, precision in variants:
+            try:
                 s = LangevinSampler(
                     model,
                     steps=steps,
-                    backend="graph",
+                    backend=backend,
                     precision=precision,
                     seed=0,
                     check_finite=False,
@@ -49,19 +50,23 @@ def graph_variants(model, batches, steps, reps):
                 n = reps if batch < 4096 else max(3, reps // 2)
                 times = [time_call(partial(s.sample, x), torch.device("cuda")) for _ in range(n)]
                 ms = statistics.median(times) * 1e3
-                rows.append(
-                    dict(
-                        batch=batch,
-                        steps=steps,
-                        channels_last=channels_last,
-                        precision=precision,
-                        ms_per_chain=ms,
-                        us_per_step=ms * 1e3 / steps,
-                        sample_steps_per_s=batch * steps / (ms / 1e3),
-                    )
+                row = dict(
+                    backend=backend,
+                    batch=batch,
+                    steps=steps,
+                    channels_last=channels_last,
+                    precision=precision,
+                    ms_per_chain=ms,
+                    us_per_step=ms * 1e3 / steps,
+                    sample_steps_per_s=batch * steps / (ms / 1e3),
                 )
-                del s
-                torch.cuda.empty_cache()
+            except Exception as exc:  # a variant that fails is recorded, the others still run
+                row = dict(
+                    backend=backend, batch=batch, steps=steps, precision=precision, error=f"{type(exc).__name__}: {exc}"
+                )
+            rows.append(row)
+            s = None
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -130,17 +135,21 @@ def main(argv=None) -> int:
 
     doc["graph_variants"] = graph_variants(model, args.batches, args.steps, args.reps)
     save()
-    print("graph backend variants (median CUDA-event time per chain)")
+    print("captured-chain variants (median CUDA-event time per chain)")
     print(
-        f"{'batch':>6} {'steps':>5} {'chan.last':>9} {'prec':>5} {'ms/chain':>9} {'us/step':>8} {'sample-steps/s':>15}"
+        f"{'backend':>8} {'batch':>6} {'steps':>5} {'chan.last':>9} {'prec':>5} {'ms/chain':>9} {'us/step':>8} "
+        f"{'sample-steps/s':>15}"
     )
     for r in doc["graph_variants"]:
+        if "error" in r:
+            print(f"{r['backend']:>8} {r['batch']:>6} {r['steps']:>5} {r['precision']:>5} FAILED: {r['error'][:200]}")
+            continue
         print(
-            f"{r['batch']:>6} {r['steps']:>5} {str(r['channels_last']):>9} {r['precision']:>5} "
+            f"{r['backend']:>8} {r['batch']:>6} {r['steps']:>5} {str(r['channels_last']):>9} {r['precision']:>5} "
             f"{r['ms_per_chain']:>9.2f} {r['us_per_step']:>8.1f} {r['sample_steps_per_s']:>15,.0f}"
         )
     doc["profiles"] = []
-    for backend, channels_last in (("fused", None), ("graph", None), ("graph", True)):
+    for backend, channels_last in (("fused", None), ("graph", None), ("graph", True), ("triton", None)):
         try:
             p = kernel_profile(model, args.batches[0], args.steps, backend, channels_last)
         except Exception as exc:  # the profiler is a diagnostic; report and go on
