@@ -32,7 +32,7 @@ __all__ = ["ReplayBuffer"]
 class ReplayBuffer:
     def __init__(
         self,
-        sample_shape,
+        sample_shape: tuple[int, ...] | list[int],
         capacity: int = 8192,
         fresh_prob: float = 0.05,
         clamp: tuple[float, float] = (-1.0, 1.0),
@@ -40,7 +40,7 @@ class ReplayBuffer:
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
         fused: bool = False,
-    ):
+    ) -> None:
         self.sample_shape = check_shape(sample_shape, "sample_shape")
         self.capacity = check_positive_int(capacity, "capacity")
         self.fresh_prob = check_probability(fresh_prob, "fresh_prob")
@@ -60,7 +60,7 @@ class ReplayBuffer:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device).item())
             self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=self.device)
 
-    def _uniform(self, shape) -> torch.Tensor:
+    def _uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
         u = torch.rand(shape, device=self.device, dtype=self.dtype, generator=self.generator)
         return u.mul_(self.hi - self.lo).add_(self.lo)
 

@@ -51,7 +51,7 @@ class _Guard:
     state before the step, restored with ``torch.where`` after it (no host synchronisation). State tensors the step
     creates (first step) are restored to zeros, which is their initial value for Adam, AdamW and SGD momentum."""
 
-    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
         self.params = params
         self.optimizer = optimizer
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -107,7 +107,7 @@ class CDStep:
         grad_norm_clip: float = 0.1,
         generator: torch.Generator | None = None,
         forward: nn.Module | None = None,
-    ):
+    ) -> None:
         if sampler.model is not model:
             raise ValueError("the sampler must sample from the model being trained (sampler.model is not model)")
         self.model = model

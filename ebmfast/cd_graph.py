@@ -16,6 +16,8 @@ is saved before them and put back in place afterwards: the first replay is the n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from .cd import CDStep
@@ -43,7 +45,7 @@ class TrainingState:
     Adam's moments before its first step, go back to zeros, their initial value), the replay buffer's rows and
     pointer, the sampler's noise counters and the torch generators' states."""
 
-    def __init__(self, step: CDStep):
+    def __init__(self, step: CDStep) -> None:
         self.step = step
         self._saved: dict | None = None
 
@@ -108,7 +110,7 @@ class CDGraph:
     The returned metrics tensor is the graph's static output: copy it (``.clone()`` or into a history buffer, both
     without a host synchronisation) before the next call. ``captures`` counts captures (tests read it)."""
 
-    def __init__(self, step: CDStep, warmup: int = 2):
+    def __init__(self, step: CDStep, warmup: int = 2) -> None:
         reason = graph_ready_optimizer(step.optimizer)
         if reason is not None:
             raise ValueError(f"CDGraph needs a graph-ready optimizer: {reason}")
@@ -127,7 +129,7 @@ class CDGraph:
         step = self.step
         s = step.sampler
 
-        def ids(tensors) -> tuple:
+        def ids(tensors: Iterable[torch.Tensor]) -> tuple:
             return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors)
 
         model = step.model

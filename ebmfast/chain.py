@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from . import ops
+
+if TYPE_CHECKING:
+    from .layers import LayerProgram
 
 __all__ = ["StepSettings", "Stepper", "FusedStepper", "LayerStepper", "run_chain_"]
 
@@ -60,18 +63,20 @@ class _NoiseHead:
 
     settings: StepSettings
 
-    def head_(self, x, rng, noise_index, z) -> None:
+    def head_(self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, z: torch.Tensor | None) -> None:
         ops.fused_step_(x, None, rng, noise_index=noise_index, add_noise=True, z=z, **self.settings.as_kwargs())
 
 
 class FusedStepper(_NoiseHead):
     """Gradient from a function (compiled or eager), then one fused update op (``ops.fused_step_``)."""
 
-    def __init__(self, grad: Callable[[torch.Tensor], torch.Tensor], settings: StepSettings):
+    def __init__(self, grad: Callable[[torch.Tensor], torch.Tensor], settings: StepSettings) -> None:
         self.grad = grad
         self.settings = settings
 
-    def tail_(self, x, rng, noise_index, add_noise, z) -> None:
+    def tail_(
+        self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, add_noise: bool, z: torch.Tensor | None
+    ) -> None:
         g = self.grad(x).contiguous()
         ops.fused_step_(x, g, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
 
@@ -80,12 +85,14 @@ class LayerStepper(_NoiseHead):
     """The tail on our layer kernels (``ebmfast.layers``): forward, input gradient and update, the update being the
     epilogue of the last launch. ``keep``: buffers a captured graph reads (the program's scratch for this shape)."""
 
-    def __init__(self, program, settings: StepSettings, keep: list[torch.Tensor] | None = None):
+    def __init__(self, program: LayerProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
         self.program = program
         self.settings = settings
         self.keep = keep
 
-    def tail_(self, x, rng, noise_index, add_noise, z) -> None:
+    def tail_(
+        self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, add_noise: bool, z: torch.Tensor | None
+    ) -> None:
         self.program.step_(x, None, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
 
 

@@ -110,7 +110,9 @@ def _func_energy_grad(model_ref: weakref.ref[nn.Module]) -> Callable:
     weak-keyed ``_COMPILED``) must not keep its own key alive."""
     from torch.func import functional_call, grad
 
-    def neg_energy_sum(params, buffers, x):
+    def neg_energy_sum(
+        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
         out = functional_call(model_ref(), (params, buffers), (x,))
         return -out.sum()
 
@@ -120,7 +122,9 @@ def _func_energy_grad(model_ref: weakref.ref[nn.Module]) -> Callable:
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
-def compiled_energy_grad(model: nn.Module, *, channels_last: bool | None = None, **compile_kwargs) -> EnergyGrad:
+def compiled_energy_grad(
+    model: nn.Module, *, channels_last: bool | None = None, **compile_kwargs: object
+) -> EnergyGrad:
     """A compiled g(x) for ``model``. ``channels_last=None`` picks it on CPU for 4-D inputs.
 
     Cached per model object (weakly) and settings, so every sampler on one model shares one compiled program
@@ -132,18 +136,18 @@ def compiled_energy_grad(model: nn.Module, *, channels_last: bool | None = None,
     return per_model[key]
 
 
-def _build_compiled(model: nn.Module, channels_last, compile_kwargs) -> EnergyGrad:
+def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs: dict) -> EnergyGrad:
     layers = chain_layers(model)
     if layers is not None:
         program = torch.compile(lambda x: chain_energy_grad(layers, x), **compile_kwargs)
 
-        def run(x):
+        def run(x: torch.Tensor) -> torch.Tensor:
             return program(x)
     else:
         model_ref = weakref.ref(model)
         gfn = torch.compile(_func_energy_grad(model_ref), **compile_kwargs)
 
-        def run(x):
+        def run(x: torch.Tensor) -> torch.Tensor:
             owner = model_ref()
             params = {k: v.detach() for k, v in owner.named_parameters()}
             buffers = dict(owner.named_buffers())

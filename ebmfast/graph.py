@@ -19,16 +19,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .chain import Stepper, run_chain_
 
+if TYPE_CHECKING:
+    from .sampler import LangevinSampler
+
 __all__ = ["GraphCache", "capture_stream"]
 
 
 class _Entry:
-    def __init__(self, graph: torch.cuda.CUDAGraph, x_static: torch.Tensor, out_static: torch.Tensor, stepper: Stepper):
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, x_static: torch.Tensor, out_static: torch.Tensor, stepper: Stepper
+    ) -> None:
         self.graph = graph
         self.x = x_static
         self.out = out_static
@@ -51,14 +57,14 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
 class GraphCache:
     """LRU cache of captured chains (a few entries: each holds a static batch and the graph's memory pool)."""
 
-    def __init__(self, max_entries: int = 4, warmup: int = 2):
+    def __init__(self, max_entries: int = 4, warmup: int = 2) -> None:
         self.max_entries = max_entries
         self.warmup = warmup
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.captures = 0  # how many graphs were captured (tests read it)
 
     @staticmethod
-    def key(sampler, x: torch.Tensor, steps: int, backend: str) -> tuple:
+    def key(sampler: LangevinSampler, x: torch.Tensor, steps: int, backend: str) -> tuple:
         model = sampler.model
         tensors = tuple(
             (name, t.data_ptr(), tuple(t.shape), t.dtype)
@@ -69,7 +75,7 @@ class GraphCache:
 
     def run(
         self,
-        sampler,
+        sampler: LangevinSampler,
         x: torch.Tensor,
         steps: int,
         rng: torch.Tensor,
@@ -99,7 +105,9 @@ class GraphCache:
         rng[1:].add_(steps)
         return x_static
 
-    def _capture(self, x, steps, rng, make_stepper) -> _Entry:
+    def _capture(
+        self, x: torch.Tensor, steps: int, rng: torch.Tensor, make_stepper: Callable[[torch.Tensor], Stepper]
+    ) -> _Entry:
         x_static = torch.empty_like(x, memory_format=torch.contiguous_format)
         stepper = make_stepper(x_static)
         saved_counter = rng.clone()

@@ -193,7 +193,7 @@ def _reason(layers: list[nn.Module], fixed: tuple[int, ...] | None, x: torch.Ten
 class _Plan:
     """Geometry and scratch for one (input shape, dtype, device)."""
 
-    def __init__(self, specs: list[LayerSpec], x: torch.Tensor):
+    def __init__(self, specs: list[LayerSpec], x: torch.Tensor) -> None:
         self.specs = specs
         self.geometry = encode_geometry(specs)
         batch = x.shape[0]
@@ -203,7 +203,7 @@ class _Plan:
 class LayerProgram:
     """One model's energy gradient on the layer kernels, in one precision ("fp32", "tf32" or "bf16")."""
 
-    def __init__(self, model: nn.Module, precision: str = "fp32"):
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         layers = _chain(model)

@@ -27,7 +27,7 @@ class CNNModel(nn.Module):
     28x28 input behaves like a 32x32 one: 16x16 -> 8x8 -> 4x4 -> 2x2 feature maps.
     """
 
-    def __init__(self, hidden_features: int = 32, out_dim: int = 1, in_channels: int = 1):
+    def __init__(self, hidden_features: int = 32, out_dim: int = 1, in_channels: int = 1) -> None:
         super().__init__()
         if hidden_features < 2 or hidden_features % 2:
             raise ValueError(f"hidden_features must be an even integer >= 2, got {hidden_features!r}")

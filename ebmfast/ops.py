@@ -49,7 +49,7 @@ def _triton_on_cpu() -> bool:
     return HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("EBMFAST_TRITON_ON_CPU") == "1"
 
 
-def _check_step_args(x, g, z, rng):
+def _check_step_args(x: torch.Tensor, g: torch.Tensor | None, z: torch.Tensor | None, rng: torch.Tensor) -> None:
     if not x.is_contiguous():
         raise ValueError("langevin_step_: x must be contiguous (the kernel updates it in place)")
     for name, t in (("g", g), ("z", z)):
@@ -76,14 +76,28 @@ def _mix(seed: int, counter: int) -> int:
     return v & 0x7FFFFFFFFFFFFFFF
 
 
-def cpu_normal(rng: torch.Tensor, shape, noise_index: int, dtype=torch.float32) -> torch.Tensor:
+def cpu_normal(
+    rng: torch.Tensor, shape: tuple[int, ...] | torch.Size, noise_index: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The CPU stream: N(0, 1) draws for position ``rng[1] + noise_index`` of the stream keyed by ``rng[0]``."""
     seed, counter = (int(v) for v in rng.tolist())
     gen = torch.Generator(device="cpu").manual_seed(_mix(seed, counter + int(noise_index)))
     return torch.randn(shape, generator=gen, dtype=dtype)
 
 
-def _step_cpu(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise) -> None:
+def _step_cpu(
+    x: torch.Tensor,
+    g: torch.Tensor | None,
+    z: torch.Tensor | None,
+    rng: torch.Tensor,
+    step_size: float,
+    grad_clip: float,
+    noise_std: float,
+    lo: float,
+    hi: float,
+    noise_index: int,
+    add_noise: bool,
+) -> None:
     if _triton_on_cpu():
         _kernels.launch_langevin_step(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise)
         return
@@ -97,7 +111,7 @@ def _step_cpu(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index
             x.add_(noise_std * z).clamp_(lo, hi)
 
 
-def _normal_cpu(rng, numel, noise_index):
+def _normal_cpu(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
     if _triton_on_cpu():
         out = torch.empty(numel, dtype=torch.float32)
         _kernels.launch_normal(out, rng, noise_index)
@@ -118,7 +132,7 @@ else:
     _wrap = None
 
 
-def _require_triton(device) -> None:
+def _require_triton(device: torch.device | str) -> None:
     if not HAS_TRITON:
         raise RuntimeError(
             f"the fused Langevin kernel needs Triton for {device} tensors: {triton_unavailable_reason()}. "
@@ -157,11 +171,23 @@ def langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Te
 if not USES_TRITON_OP:  # triton_op derives fake implementations itself; custom_op needs them spelled out
 
     @langevin_step_.register_fake
-    def _(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise):
+    def _(
+        x: torch.Tensor,
+        g: torch.Tensor | None,
+        z: torch.Tensor | None,
+        rng: torch.Tensor,
+        step_size: float,
+        grad_clip: float,
+        noise_std: float,
+        lo: float,
+        hi: float,
+        noise_index: int,
+        add_noise: bool,
+    ) -> None:
         return None
 
     @langevin_normal.register_fake
-    def _(rng, numel, noise_index):
+    def _(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
         return rng.new_empty(numel, dtype=torch.float32)
 
 
@@ -169,7 +195,20 @@ langevin_step_.register_kernel("cpu")(_step_cpu)
 langevin_normal.register_kernel("cpu")(_normal_cpu)
 
 
-def fused_step_(x, g, rng, *, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise, z=None) -> None:
+def fused_step_(
+    x: torch.Tensor,
+    g: torch.Tensor | None,
+    rng: torch.Tensor,
+    *,
+    step_size: float,
+    grad_clip: float,
+    noise_std: float,
+    lo: float,
+    hi: float,
+    noise_index: int,
+    add_noise: bool,
+    z: torch.Tensor | None = None,
+) -> None:
     """Checked entry point to ``torch.ops.ebmfast.langevin_step_``."""
     _check_step_args(x, g, z, rng)
     torch.ops.ebmfast.langevin_step_(
@@ -198,14 +237,14 @@ except Exception:  # same cause as above: no usable Triton
     _replay_kernels = None
 
 
-def fused_replay_available(device) -> bool:
+def fused_replay_available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if _replay_kernels is None:
         return False
     return device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu())
 
 
-def _require_replay(device) -> None:
+def _require_replay(device: torch.device | str) -> None:
     if not fused_replay_available(device):
         raise RuntimeError(
             f"the fused replay-buffer kernels run on CUDA with Triton (or on CPU under TRITON_INTERPRET=1 with "
@@ -231,7 +270,9 @@ def replay_push_(storage: torch.Tensor, samples: torch.Tensor, ptr: torch.Tensor
     _replay_kernels.launch_replay_push(storage, samples, ptr, wrap=_wrap)
 
 
-def _replay_draw_cpu(storage, rng, batch, fresh_prob, lo, hi):
+def _replay_draw_cpu(
+    storage: torch.Tensor, rng: torch.Tensor, batch: int, fresh_prob: float, lo: float, hi: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     _require_replay(storage.device)
     out = torch.empty((batch, *storage.shape[1:]), dtype=storage.dtype)
     slots = torch.empty(batch, dtype=torch.int64)
@@ -239,7 +280,7 @@ def _replay_draw_cpu(storage, rng, batch, fresh_prob, lo, hi):
     return out, slots
 
 
-def _replay_push_cpu(storage, samples, ptr):
+def _replay_push_cpu(storage: torch.Tensor, samples: torch.Tensor, ptr: torch.Tensor) -> None:
     _require_replay(storage.device)
     _replay_kernels.launch_replay_push(storage, samples, ptr)
 
@@ -250,11 +291,13 @@ replay_push_.register_kernel("cpu")(_replay_push_cpu)
 if not USES_TRITON_OP:
 
     @replay_draw.register_fake
-    def _(storage, rng, batch, fresh_prob, lo, hi):
+    def _(
+        storage: torch.Tensor, rng: torch.Tensor, batch: int, fresh_prob: float, lo: float, hi: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return storage.new_empty((batch, *storage.shape[1:])), storage.new_empty(batch, dtype=torch.int64)
 
     @replay_push_.register_fake
-    def _(storage, samples, ptr):
+    def _(storage: torch.Tensor, samples: torch.Tensor, ptr: torch.Tensor) -> None:
         return None
 
 
@@ -273,7 +316,7 @@ except Exception:  # same cause as above: no usable Triton
     _layer_kernels = None
 
 
-def layer_kernels_unavailable_reason(device) -> str | None:
+def layer_kernels_unavailable_reason(device: torch.device | str) -> str | None:
     """None if the layer kernels run on ``device``, else why not."""
     device = torch.device(device)
     if _layer_kernels is None:
@@ -286,7 +329,7 @@ def layer_kernels_unavailable_reason(device) -> str | None:
     )
 
 
-def _require_layers(device) -> None:
+def _require_layers(device: torch.device | str) -> None:
     reason = layer_kernels_unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(reason)
@@ -335,9 +378,26 @@ def layers_energy_grad(
 if not USES_TRITON_OP:
 
     @layers_step_.register_fake
-    def _(x, z, rng, weights, biases, scratch, geometry, precision, *rest):
+    def _(
+        x: torch.Tensor,
+        z: torch.Tensor | None,
+        rng: torch.Tensor,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        scratch: list[torch.Tensor],
+        geometry: list[int],
+        precision: int,
+        *rest: object,
+    ) -> None:
         return None
 
     @layers_energy_grad.register_fake
-    def _(x, weights, biases, scratch, geometry, precision):
+    def _(
+        x: torch.Tensor,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        scratch: list[torch.Tensor],
+        geometry: list[int],
+        precision: int,
+    ) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)

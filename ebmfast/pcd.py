@@ -25,12 +25,12 @@ class PCDSampler:
     def __init__(
         self,
         model: nn.Module,
-        img_shape,
+        img_shape: tuple[int, ...] | list[int],
         sample_size: int,
         max_len: int = 8192,
         backend: str = "auto",
         seed: int | None = None,
-    ):
+    ) -> None:
         self.model = model
         self.img_shape = tuple(img_shape)
         self.sample_size = int(sample_size)

@@ -13,7 +13,7 @@ path that generates its noise differently can be compared with this one trajecto
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -44,7 +44,7 @@ def sampling_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def as_scores(out, batch: int) -> torch.Tensor:
+def as_scores(out: object, batch: int) -> torch.Tensor:
     """A model's output as one score per sample, shape ``(batch,)``: ``(N,)`` and ``(N, 1)`` are accepted (the
     common ``nn.Linear(k, 1)`` head), anything else is refused with what was expected and given."""
     if isinstance(out, torch.Tensor) and (
@@ -81,11 +81,11 @@ def langevin_reference(
     noise_std: float = 0.005,
     grad_clip: float = 0.03,
     clamp: tuple[float, float] = (-1.0, 1.0),
-    noise=None,
+    noise: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,
-    energy_grad=None,
-):
+    energy_grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``steps`` Langevin steps from ``x`` (not modified) and return the detached samples.
 
     With ``return_trajectory=True`` returns ``(samples, trajectory)`` where ``trajectory`` has shape

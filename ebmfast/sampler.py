@@ -27,7 +27,7 @@ consume to check any backend trajectory by trajectory. On CUDA "exactly" means b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -126,7 +126,7 @@ class LangevinSampler:
         compile_kwargs: dict | None = None,
         check_finite: bool = True,
         channels_last: bool | None = None,
-    ):
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module returning one score per sample, got {type(model).__name__}")
         self.model = model
@@ -162,7 +162,7 @@ class LangevinSampler:
         for rng in self._rng.values():
             rng.copy_(torch.tensor([seed, 0], dtype=torch.int64))
 
-    def rng_state(self, device) -> torch.Tensor:
+    def rng_state(self, device: torch.device | str) -> torch.Tensor:
         """The int64[2] (seed, counter) tensor on ``device`` that the kernels read and the chain advances."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -206,7 +206,7 @@ class LangevinSampler:
         return z.view(x.shape)
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def resolve(self, device) -> str:
+    def resolve(self, device: torch.device | str) -> str:
         """The backend for ``device`` before looking at the model or the batch (see ``explain`` for the final one)."""
         return resolve_backend(self.backend, torch.device(device))
 
@@ -257,7 +257,7 @@ class LangevinSampler:
         backend, why = self._choose(x)
         return f"backend={self.backend!r} -> {backend!r} for x of shape {tuple(x.shape)} on {x.device}: {why}"
 
-    def _energy_grad(self, device: torch.device, backend: str = "compiled"):
+    def _energy_grad(self, device: torch.device, backend: str = "compiled") -> Callable[[torch.Tensor], torch.Tensor]:
         """The gradient function for ``backend`` (eager autograd or compiled), in the sampler's precision."""
         if backend == "eager":
             fn = eager_energy_grad(self.model)
@@ -275,7 +275,7 @@ class LangevinSampler:
         if self.precision != "bf16":
             return fn
 
-        def bf16_grad(x):
+        def bf16_grad(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 g = fn(x)
             return g.to(x.dtype)
@@ -296,7 +296,7 @@ class LangevinSampler:
         steps: int | None = None,
         return_trajectory: bool = False,
         noise: torch.Tensor | None = None,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the chain from ``x`` (not modified); returns detached samples, or ``(samples, trajectory)`` with
         ``trajectory`` of shape ``(steps, *x.shape)`` holding the state after each step.
 

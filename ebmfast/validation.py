@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from numbers import Integral, Real
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 __all__ = [
     "capturing",
@@ -46,7 +50,7 @@ def check_samples(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> N
         raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN or inf)")
 
 
-def check_positive_int(value, name: str) -> int:
+def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -55,7 +59,7 @@ def check_positive_int(value, name: str) -> int:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _real(value, name: str) -> float:
+def _real(value: object, name: str) -> float:
     """A finite real number within float32's range (the kernels and default tensors are float32)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
@@ -67,21 +71,21 @@ def _real(value, name: str) -> float:
     return v
 
 
-def check_positive_float(value, name: str) -> float:
+def check_positive_float(value: object, name: str) -> float:
     v = _real(value, name)
     if v <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return v
 
 
-def check_nonneg_float(value, name: str) -> float:
+def check_nonneg_float(value: object, name: str) -> float:
     v = _real(value, name)
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return v
 
 
-def check_clamp(clamp) -> tuple[float, float]:
+def check_clamp(clamp: object) -> tuple[float, float]:
     try:
         lo, hi = clamp
     except (TypeError, ValueError):
@@ -92,14 +96,14 @@ def check_clamp(clamp) -> tuple[float, float]:
     return lo, hi
 
 
-def check_probability(value, name: str) -> float:
+def check_probability(value: object, name: str) -> float:
     v = _real(value, name)
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     return v
 
 
-def check_shape(shape, name: str) -> tuple[int, ...]:
+def check_shape(shape: object, name: str) -> tuple[int, ...]:
     """A non-empty tuple of positive integers (floats, bools and strings are rejected, not truncated)."""
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
         raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {shape!r}")
@@ -109,7 +113,7 @@ def check_shape(shape, name: str) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def check_choice(value, choices, name: str):
+def check_choice(value: T, choices: Collection[object], name: str) -> T:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return value
