@@ -30,9 +30,16 @@ stores nothing. Seed CNN: 4096 + 2048 + 1024 + 256 = 7424 floats (29,696 bytes) 
 
 The kernel is generated per chain geometry: Python writes a source file that calls the shared device functions
 with the geometry and tile sizes as literals (constexpr), into a cache folder, and imports it (Triton reads kernel
-source from files). Triton 3.6 and 3.8 both compile it; constexpr-unrolled loops over a tuple of layer descriptions
-would need tuples of pointers and per-iteration constexpr dispatch, which the interpreter and older Triton handle
-differently. Generated files are keyed by a hash of their text, written atomically, and reused across processes.
+source from files). Every layer call is then a plain call with literal arguments, the same for the interpreter and
+the compiler; a constexpr-unrolled loop over layer descriptions would need tuples of pointers as kernel arguments
+and a per-layer dispatch on constexpr kinds. Generated files are keyed by a hash of their text, written atomically,
+and reused across processes. With the GPU's tiles each layer phase is a ``noinline`` device function: with every
+phase inlined into one function the seed CNN's kernel spilled 448-1012 bytes per thread (ptxas, sm_90, blocks 1-4,
+2-8 warps; presumably values of one phase kept live across the others), with one function per phase none (Triton
+3.8). Loop trip counts derive from the batch and the block size, never from the program id (uniform across
+programs; the last, ragged block runs its extra tiles fully masked). Compiles for sm_90 with Triton 3.8
+(``tests/test_persistent.py::test_hopper_compile``) and 3.6 (the same kernels, compiled by hand with 3.6.0); the CPU
+tests need Triton 3.8's interpreter (3.6's cannot take runtime loop bounds with numpy 2).
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ def block_noise(
     RNG,  # pointer to int64[2] (philox seed, stream counter)
     noise_offset,  # element index of XB[0] in x (int64): the Philox element index is noise_offset + e
     n_elements,  # elements in the block
+    n_max,  # elements in a full block (the loop bound: the same for every program)
     noise_index,  # draw number: the stream counter used is RNG[1] + noise_index
     noise_std,  # standard deviation of the noise (fp32)
     lo,  # lower clamp bound (fp32)
@@ -102,7 +110,7 @@ def block_noise(
 ):
     """x <- clamp(x + noise_std * z, lo, hi) over one block: ``langevin_step_kernel``'s noise half, same arithmetic
     and the same draws."""
-    for e0 in range(0, n_elements, EB):
+    for e0 in range(0, n_max, EB):
         offs = e0 + tl.arange(0, EB)
         mask = offs < n_elements
         x = tl.load(XB + offs, mask=mask, other=0.0).to(tl.float32)
@@ -122,9 +130,10 @@ def block_copy(
     SRC,  # pointer to the block's first element of x
     DST,  # pointer to the block's first element in the trajectory's step slice
     n_elements,  # elements in the block
+    n_max,  # elements in a full block (the loop bound)
     EB: tl.constexpr,  # elements per pass
 ):
-    for e0 in range(0, n_elements, EB):
+    for e0 in range(0, n_max, EB):
         offs = e0 + tl.arange(0, EB)
         mask = offs < n_elements
         tl.store(DST + offs, tl.load(SRC + offs, mask=mask, other=0.0), mask=mask)
@@ -342,9 +351,9 @@ def _emit_fwd(w: _Writer, i: int, s: LayerSpec, st: TileSettings, emit_dz: bool,
     Linear). Returns the function's name."""
     name = f"_forward_{i}"
     what = " (stores dz for the final Linear)" if emit_dz else ""
-    _def(w, name, "IN, OUT, WT, BIAS, WL, nb", f"Layer {i} forward{what}: {s.describe()}.", noinline)
+    _def(w, name, "IN, OUT, WT, BIAS, WL, nb, nbmax", f"Layer {i} forward{what}: {s.describe()}.", noinline)
     rows = "nb" if s.dense else f"nb * {s.oh * s.ow}"
-    b = _loop(w, 1, "tm", f"tl.cdiv({rows}, {st.bm})")
+    b = _loop(w, 1, "tm", f"tl.cdiv({rows.replace('nb', 'nbmax')}, {st.bm})")
     b = _loop(w, b, "tn", cdiv(s.c_out, st.bn))
     if s.dense:
         w(b, "acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(")
@@ -364,21 +373,21 @@ def _emit_dgrad(w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, u
     """Layer i's input gradient from DZ (its dz): dz of layer i-1 in place over its z in OUT, or (``update``, layer
     0) the Langevin update of x's block. Returns the function's name."""
     if update:
-        name, params = "_update", f"DZ, WT, nb, {_UPDATE_PARAMS}"
+        name, params = "_update", f"DZ, WT, nb, nbmax, {_UPDATE_PARAMS}"
         doc = f"Layer 0 input gradient + the Langevin update of x's block: {s.describe()}."
     else:
-        name, params = f"_input_grad_{i}", "DZ, OUT, WT, nb"
+        name, params = f"_input_grad_{i}", "DZ, OUT, WT, nb, nbmax"
         doc = f"Layer {i} input gradient (dz of layer {i - 1}, in place over its z): {s.describe()}."
     _def(w, name, params, doc, noinline)
     if s.dense:
-        b = _loop(w, 1, "tm", f"tl.cdiv(nb, {st.bm})")
+        b = _loop(w, 1, "tm", f"tl.cdiv(nbmax, {st.bm})")
         b = _loop(w, b, "tn", cdiv(s.d_in, st.bn))
         w(b, f"acc, addr, mask = dense_dgrad_tile(DZ, WT, tm, tn, nb, {s.c_in}, {s.h * s.w}, {s.c_out}, "
              f"{bool(s.in_nchw)}, {prec}, {_dot(st)})")  # fmt: skip
     else:
         ch, cw = s.phase_rows
         b = _loop(w, 1, "phase", s.sh * s.sw)
-        b = _loop(w, b, "tm", f"tl.cdiv(nb * {ch * cw}, {st.bm})")
+        b = _loop(w, b, "tm", f"tl.cdiv(nbmax * {ch * cw}, {st.bm})")
         b = _loop(w, b, "tn", cdiv(s.c_in, st.bn))
         w(b, "acc, addr, mask = conv_dgrad_tile(")
         w(b + 1, f"DZ, WT, tm, tn, phase, nb, {_geom(s)}, {bool(s.in_nchw)}, {st.flat}, {prec}, {_dot(st)}")
@@ -391,13 +400,13 @@ def _emit_head(w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, up
     """The fused linear head (layer i = m-2): forward from IN, dz in registers, input gradient into OUT (layer
     i-1's z, in place) or, as the first layer (``update``), the Langevin update of x's block."""
     if update:
-        name, params = "_update", f"IN, WT, BIAS, WL, nb, {_UPDATE_PARAMS}"
+        name, params = "_update", f"IN, WT, BIAS, WL, nb, nbmax, {_UPDATE_PARAMS}"
         doc = f"The fused head as the first layer (forward, dz, input gradient) + the Langevin update: {s.describe()}."
     else:
-        name, params = "_head", "IN, OUT, WT, BIAS, WL, nb"
+        name, params = "_head", "IN, OUT, WT, BIAS, WL, nb, nbmax"
         doc = f"Layer {i}, the fused head (forward, dz, input gradient into layer {i - 1}'s z): {s.describe()}."
     _def(w, name, params, doc, noinline)
-    b = _loop(w, 1, "tm", f"tl.cdiv(nb, {st.bm})")
+    b = _loop(w, 1, "tm", f"tl.cdiv(nbmax, {st.bm})")
     w(b, "dz, offs_m, mask_m = head_dz_tile(")
     w(b + 1, f"IN, WT, BIAS, WL, tm, nb, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {s.in_act}, "
              f"{s.out_act}, {bool(s.has_bias)}, {prec}, {st.use_dot}, {st.bm}, {st.bn}, {st.bk}")  # fmt: skip
@@ -439,19 +448,19 @@ def chain_source(specs, precision: int, settings: ChainSettings) -> str:
     step: list[str] = []  # the step's phase calls, in order (a barrier after each)
     for i in range(last if head else last + 1):
         f = _emit_fwd(w, i, specs[i], tiles[i]["fwd"], i == last, prec, noinline)
-        step.append(f"{f}({scr(i - 1)}, S{i}, W{i}, B{i}, WL, nb)")
+        step.append(f"{f}({scr(i - 1)}, S{i}, W{i}, B{i}, WL, nb, nbmax)")
     if head and last > 0:
         f = _emit_head(w, last, specs[last], tiles[last]["head"], prec, False, noinline)
-        step.append(f"{f}(S{last - 1}, S{last - 1}, W{last}, B{last}, WL, nb)")
+        step.append(f"{f}(S{last - 1}, S{last - 1}, W{last}, B{last}, WL, nb, nbmax)")
     for i in range(last - 1 if head else last, 0, -1):
         f = _emit_dgrad(w, i, specs[i], tiles[i]["dgrad"], prec, False, noinline)
-        step.append(f"{f}(S{i}, S{i - 1}, W{i}, nb)")
+        step.append(f"{f}(S{i}, S{i - 1}, W{i}, nb, nbmax)")
     if head and last == 0:
         _emit_head(w, 0, specs[0], tiles[0]["head"], prec, True, noinline)
-        update_args = "XB, W0, B0, WL, nb"
+        update_args = "XB, W0, B0, WL, nb, nbmax"
     else:
         _emit_dgrad(w, 0, specs[0], tiles[0]["dgrad"], prec, True, noinline)
-        update_args = "S0, W0, nb"
+        update_args = "S0, W0, nb, nbmax"
 
     def update(zb: str, index: str, noise: str) -> str:
         return (
@@ -471,6 +480,7 @@ def chain_source(specs, precision: int, settings: ChainSettings) -> str:
     w(1, f"SCR,  # pointer to the scratch: programs x {per_program} fp32")
     w(1, f"{params},  # weights and biases of the affine layers (torch layout), the final Linear's weight last")
     w(1, "N,  # batch size")
+    w(1, "P,  # programs in the grid: program pid runs blocks pid, pid + P, ...")
     w(1, "K,  # steps")
     w(1, "step_size,  # gradient step size (fp32)")
     w(1, "grad_clip,  # gradient clip bound (fp32)")
@@ -485,31 +495,36 @@ def chain_source(specs, precision: int, settings: ChainSettings) -> str:
     for i, o in offsets.items():
         w(1, f"S{i} = scr + {o}  # layer {i}'s output: {bb} x {specs[i].d_out} (NHWC per sample)")
     w(1, f"numel = tl.cast(N, tl.int64) * {d0}  # elements of x")
-    w(1, f"for blk in range(pid, tl.cdiv(N, {bb}), tl.num_programs(0)):")
-    w(2, f"nb = tl.minimum(N - blk * {bb}, {bb})  # samples in this block")
-    w(2, f"off = tl.cast(blk, tl.int64) * {bb * d0}  # element index of the block's first element")
-    w(2, "XB = X + off")
-    w(2, f"n_el = nb * {d0}")
-    w(2, f"block_noise(XB, NOISE + off, RNG, off, n_el, 0, noise_std, lo, hi, NOISE_FROM_INPUT, {eb})  # draw 0")
-    w(2, "tl.debug_barrier()")
-    w(2, "for k in range(0, K):")
-    for call in step:
-        w(3, call)
-        w(3, "tl.debug_barrier()")
-    w(3, "if TRAJECTORY:  # the state after the step goes out, then the next draw is added")
-    w(4, update("XB", "0", "False"))
-    w(4, "tl.debug_barrier()")
-    w(4, f"block_copy(XB, TRAJ + k * numel + off, n_el, {eb})")
-    w(4, "tl.debug_barrier()")
-    w(4, "if k + 1 < K:")
-    w(5, f"block_noise(XB, NOISE + (k + 1) * numel + off, RNG, off, n_el, k + 1, noise_std, lo, hi, "
-         f"NOISE_FROM_INPUT, {eb})")  # fmt: skip
-    w(3, "else:  # the update and the next draw in one pass")
-    w(4, "if k + 1 < K:")
-    w(5, update("NOISE + (k + 1) * numel + off", "k + 1", "True"))
-    w(4, "else:")
-    w(5, update("XB", "K", "False"))
+    w(1, f"n_blocks = tl.cdiv(N, {bb})")
+    w(1, f"nbmax = tl.minimum(N, {bb})  # samples in a full block: every loop bound below derives from it, not from")
+    w(1, f"el_max = nbmax * {d0}  # the program id (uniform trip counts; the last block's extra tiles are masked)")
+    w(1, "for it in range(0, tl.cdiv(n_blocks, P)):")
+    w(2, "blk = pid + it * P")
+    w(2, "if blk < n_blocks:")
+    w(3, f"nb = tl.minimum(N - blk * {bb}, {bb})  # samples in this block")
+    w(3, f"off = tl.cast(blk, tl.int64) * {bb * d0}  # element index of the block's first element")
+    w(3, "XB = X + off")
+    w(3, f"n_el = nb * {d0}")
+    w(3, f"block_noise(XB, NOISE + off, RNG, off, n_el, el_max, 0, noise_std, lo, hi, NOISE_FROM_INPUT, {eb})")
     w(3, "tl.debug_barrier()")
+    w(3, "for k in range(0, K):")
+    for call in step:
+        w(4, call)
+        w(4, "tl.debug_barrier()")
+    w(4, "if TRAJECTORY:  # the state after the step goes out, then the next draw is added")
+    w(5, update("XB", "0", "False"))
+    w(5, "tl.debug_barrier()")
+    w(5, f"block_copy(XB, TRAJ + k * numel + off, n_el, el_max, {eb})")
+    w(5, "tl.debug_barrier()")
+    w(5, "if k + 1 < K:")
+    w(6, f"block_noise(XB, NOISE + (k + 1) * numel + off, RNG, off, n_el, el_max, k + 1, noise_std, lo, hi, "
+         f"NOISE_FROM_INPUT, {eb})")  # fmt: skip
+    w(4, "else:  # the update and the next draw in one pass")
+    w(5, "if k + 1 < K:")
+    w(6, update("NOISE + (k + 1) * numel + off", "k + 1", "True"))
+    w(5, "else:")
+    w(6, update("XB", "K", "False"))
+    w(4, "tl.debug_barrier()")
     return w.text()
 
 
@@ -579,9 +594,9 @@ def chain_call(
         args[f"W{i}"] = weights[i]
         args[f"B{i}"] = biases[i] if specs[i].has_bias else weights[i]
     args.update(
-        WL=weights[-1], N=int(x.shape[0]), K=int(steps), step_size=float(step_size), grad_clip=float(grad_clip),
-        noise_std=float(noise_std), lo=float(lo), hi=float(hi), NOISE_FROM_INPUT=noise is not None,
-        TRAJECTORY=trajectory is not None,
+        WL=weights[-1], N=int(x.shape[0]), P=int(settings.programs), K=int(steps), step_size=float(step_size),
+        grad_clip=float(grad_clip), noise_std=float(noise_std), lo=float(lo), hi=float(hi),
+        NOISE_FROM_INPUT=noise is not None, TRAJECTORY=trajectory is not None,
     )  # fmt: skip
     return KernelCall(kernel, (settings.programs, 1, 1), args, settings.num_warps)
 

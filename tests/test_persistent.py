@@ -274,6 +274,7 @@ def test_one_launch_per_chain(device, monkeypatch):
     rng = torch.zeros(2, dtype=torch.int64, device=device)
     program.chain_(x, rng, 5, **STEP)
     assert launches == [1] and program.launches_per_chain == 1
+    assert list(program.first_call_s) == [((3, 23), False, False)]  # the first launch's wall time (compilation)
     assert PersistentProgram(CNNModel()).launches_per_chain == 1
 
 
