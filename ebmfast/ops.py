@@ -401,3 +401,62 @@ if not USES_TRITON_OP:
         precision: int,
     ) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ============================================================================= persistent chain (kernels/persistent.py)
+# ``ebmfast::persistent_chain_(x, noise, trajectory, rng, weights, biases, scratch, geometry, precision, settings,
+# steps, step_size, grad_clip, noise_std, lo, hi)``: a whole K-step Langevin chain of a layer-chain model on x in place,
+# in one launch (head noise, then K fused steps; draws j = 0 .. K-1 at ``rng[1] + j``, or ``noise[j]`` when given).
+# Does not advance ``rng``. ``trajectory`` (K, *x.shape), if given, receives the state after each step. ``weights`` /
+# ``biases`` / ``geometry`` / ``precision`` as for ``layers_step_``; ``scratch``: one fp32 buffer of
+# ``settings.programs * scratch_layout(...)[1]`` values (mutated); ``settings``: ``ChainSettings.encode()``.
+# Built and called by ``ebmfast.persistent.PersistentProgram``. CUDA with Triton, or CPU tensors under the interpreter
+# with EBMFAST_TRITON_ON_CPU=1; elsewhere a clear error (the same conditions as the layer kernels).
+try:
+    from ebmfast.kernels import persistent as _persistent_kernels
+except Exception:  # same cause as above: no usable Triton
+    _persistent_kernels = None
+
+
+def persistent_unavailable_reason(device) -> str | None:
+    """None if the persistent chain kernel runs on ``device``, else why not."""
+    if _persistent_kernels is None and _layer_kernels is not None:
+        return "the persistent chain kernel needs kernels/persistent.py, which failed to import"
+    return layer_kernels_unavailable_reason(device)
+
+
+@_define_op("ebmfast::persistent_chain_", mutates_args={"x", "trajectory", "scratch"})
+def persistent_chain_(
+    x: torch.Tensor,
+    noise: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation)
+    trajectory: Optional[torch.Tensor],  # noqa: UP045
+    rng: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    scratch: torch.Tensor,
+    geometry: list[int],
+    precision: int,
+    settings: list[int],
+    steps: int,
+    step_size: float,
+    grad_clip: float,
+    noise_std: float,
+    lo: float,
+    hi: float,
+) -> None:
+    reason = persistent_unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    from ebmfast.kernels.geometry import decode_geometry
+
+    _persistent_kernels.launch_chain(
+        x, noise, trajectory, rng, weights, biases, scratch, decode_geometry(geometry), precision,
+        _persistent_kernels.ChainSettings.decode(settings), steps, step_size, grad_clip, noise_std, lo, hi, wrap=_wrap,
+    )  # fmt: skip
+
+
+if not USES_TRITON_OP:
+
+    @persistent_chain_.register_fake
+    def _(x, noise, trajectory, rng, weights, biases, scratch, geometry, precision, settings, *rest):
+        return None

@@ -42,6 +42,8 @@ and the batch size passed in (rows n = 0 .. NB-1), so a program that owns a bloc
 block by passing pointers advanced to the block's first sample, NB / M of the block, and the block's first element
 index of x as ``langevin_epilogue``'s ``noise_offset`` (keeps the Philox stream). Tile counts per layer:
 cdiv(M, BM) x cdiv(columns, BN) (x SH * SW phases for a conv input gradient), M and columns from ``gemm_shape``.
+Tile coordinates may be a caller's loop counters (``kernels/persistent.py``): the tiles widen them with ``tl.cast``,
+which also takes the plain Python ints such counters are under the interpreter.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ def conv_fwd_tile(
 ):
     """z tile [BM, BN] = bias + sum over taps and input channels of act(input) * weight. Returns
     (acc, offs_m, offs_n, mask_m, mask_n)."""
-    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    offs_m = tl.cast(pid_m, tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < C_OUT
@@ -260,7 +262,7 @@ def dense_fwd_tile(
     """Linear tile [BM, BN]: reads the input contiguously (storage order j) and the weight at column
     d(j) = (j % C_IN) * HW + j // C_IN for an NHWC input (torch's flatten order). Returns like conv_fwd_tile."""
     D: tl.constexpr = C_IN * HW
-    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    offs_m = tl.cast(pid_m, tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < C_OUT
@@ -348,7 +350,7 @@ def conv_dgrad_tile(
     iw0 = (pw + SW - PW % SW) % SW
     th = (KH - ph + SH - 1) // SH  # taps of this phase: kh = ph + SH * j, j < th (0 if ph >= KH)
     tw = (KW - pw + SW - 1) // SW
-    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    offs_m = tl.cast(pid_m, tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     aw = offs_m % CW
     t = offs_m // CW
     ah = t % CH
@@ -429,7 +431,7 @@ def dense_dgrad_tile(
     """Input-gradient tile of a Linear: dz @ W at storage positions j (weight column d(j)). Returns (acc, addr,
     mask) with addr = n * D + j, the element's position in the input tensor (x's contiguous order if IN_NCHW)."""
     D: tl.constexpr = C_IN * HW
-    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    offs_m = tl.cast(pid_m, tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
     mask_m = offs_m < NB
     j = pid_n * BN + tl.arange(0, BN)
     mask_n = j < D
@@ -773,7 +775,9 @@ def gemm_shape(spec: LayerSpec, batch: int, kind: str) -> tuple[int, int, int, i
     return batch * ch * cw, spec.c_in, spec.c_out, taps, spec.sh * spec.sw
 
 
-def tile_settings(spec: LayerSpec, batch: int, kind: str, interpreted: bool | None = None) -> TileSettings:
+def tile_settings(
+    spec: LayerSpec, batch: int, kind: str, interpreted: bool | None = None, min_programs: int = TARGET_PROGRAMS
+) -> TileSettings:
     """Every launch setting of the layer kernels, chosen here.
 
     Compiled (GPU):
@@ -784,7 +788,8 @@ def tile_settings(spec: LayerSpec, batch: int, kind: str, interpreted: bool | No
     - ``tl.dot`` only when BN and BK are >= 16 (compiled dot needs M, N, K >= 16; BM is always >= 16); otherwise a
       multiply-and-sum with BM * BK * BN <= 4096 products in flight (registers).
     - BM: 64 for dot tiles, halved down to 16 while the grid would have fewer than ``TARGET_PROGRAMS`` programs
-      (small batches: more, smaller tiles keep the SMs busy).
+      (small batches: more, smaller tiles keep the SMs busy). ``min_programs=1`` keeps the largest rows (the
+      persistent kernel, whose programs own blocks of samples and loop over their tiles).
     - num_warps: 4 (8 for tiles of 64 x 64 and more).
     Interpreted (CPU tests): the interpreter pays per Triton operation, not per element, so every conv is FLAT and
     tiles are as large as the problem (BM up to 1024, BN up to 128, BK up to 1024): a few programs and loop trips
@@ -794,7 +799,7 @@ def tile_settings(spec: LayerSpec, batch: int, kind: str, interpreted: bool | No
     if interpreted is None:
         interpreted = bool(_INTERPRETED)
     if kind == "head":
-        return _head_settings(spec, batch, interpreted)
+        return _head_settings(spec, batch, interpreted, min_programs)
     m, n, k, taps, phases = gemm_shape(spec, batch, kind)
     flat = not spec.dense and (interpreted or k < FLAT_BELOW)
     k_red = k * taps if flat else k
@@ -809,13 +814,13 @@ def tile_settings(spec: LayerSpec, batch: int, kind: str, interpreted: bool | No
     use_dot = bn >= 16 and bk >= 16
     bm = 64 if use_dot else max(16, min(128, SUM_TILE_ELEMENTS // (bk * bn)))
     others = cdiv(n, bn) * phases
-    while bm > 16 and cdiv(m, bm) * others < TARGET_PROGRAMS:
+    while bm > 16 and cdiv(m, bm) * others < min_programs:
         bm //= 2
     warps = 8 if bm * bn >= 64 * 64 else 4
     return TileSettings(bm, bn, bk, warps, use_dot, flat)
 
 
-def _head_settings(spec: LayerSpec, batch: int, interpreted: bool) -> TileSettings:
+def _head_settings(spec: LayerSpec, batch: int, interpreted: bool, min_programs: int = TARGET_PROGRAMS) -> TileSettings:
     """The fused head: BN holds every output (<= HEAD_MAX_OUT); BK blocks its forward over D, BJ its input gradient
     over D (64 compiled). Rows as for the other kernels, counting programs = row tiles."""
     bn = _pow2(spec.c_out)
@@ -827,7 +832,7 @@ def _head_settings(spec: LayerSpec, batch: int, interpreted: bool) -> TileSettin
         bm = max(16, min(_pow2(batch), 1024, (1 << 20) // max(prod, bn, bk, bj)))
         return TileSettings(bm, bn, bk, 4, use_dot, False, bj, use_dot_b)
     bm = 64 if use_dot and use_dot_b else max(16, min(64, SUM_TILE_ELEMENTS // prod))
-    while bm > 16 and cdiv(batch, bm) < TARGET_PROGRAMS:
+    while bm > 16 and cdiv(batch, bm) < min_programs:
         bm //= 2
     warps = 8 if bm * max(bn, bj) >= 64 * 64 else 4
     return TileSettings(bm, bn, bk, warps, use_dot, False, bj, use_dot_b)
