@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from ebmfast import ops
-from ebmfast.bench import time_call, wall_call
+from ebmfast.benchmark.flops import flops_per_sample_step
+from ebmfast.benchmark.timing import time_call, wall_call
 from ebmfast.energy_grad import compiled_energy_grad
-from ebmfast.flops import flops_per_sample_step
 from ebmfast.layers import layer_program, unsupported_reason
 from ebmfast.reference import sampling_mode
 from ebmfast.sampler import precision_context

@@ -132,7 +132,12 @@ class CDStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_norm_clip)
-        ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        ok = torch.isfinite(grad_norm)
+        if self.forward is self.model:
+            ok = ok & torch.isfinite(loss.detach())
+        # Under a data-parallel wrapper the gradients (and so their norm) are the all-reduced ones, identical on every
+        # rank, while the loss is this rank's own: deciding on the norm alone keeps all ranks' decisions the same (a
+        # non-finite loss anywhere makes the reduced gradients non-finite everywhere).
         self._guard.save()
         self.optimizer.step()
         self._guard.restore_unless(ok)

@@ -26,8 +26,18 @@ from . import ops
 
 if TYPE_CHECKING:
     from .layers import LayerProgram
+    from .persistent import PersistentProgram
 
-__all__ = ["StepSettings", "Stepper", "FusedStepper", "LayerStepper", "run_chain_"]
+__all__ = [
+    "StepSettings",
+    "Stepper",
+    "FusedStepper",
+    "LayerStepper",
+    "run_chain_",
+    "Chain",
+    "StepChain",
+    "PersistentChain",
+]
 
 
 @dataclass(frozen=True)
@@ -123,3 +133,59 @@ def run_chain_(
             if not last:
                 stepper.head_(x, rng, k + 1, z)
     return x, (torch.stack(traj) if traj is not None else None)
+
+
+class Chain(Protocol):
+    """A whole K-step chain on ``x`` in place, the form the sampler and the CUDA-graph cache run."""
+
+    def run_(
+        self,
+        x: torch.Tensor,
+        steps: int,
+        rng: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        return_trajectory: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+class StepChain:
+    """The one loop (``run_chain_``) over a ``Stepper``'s steps."""
+
+    def __init__(self, stepper: Stepper) -> None:
+        self.stepper = stepper
+
+    def run_(
+        self,
+        x: torch.Tensor,
+        steps: int,
+        rng: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        return_trajectory: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return run_chain_(x, steps, rng, self.stepper, noise, return_trajectory)
+
+
+class PersistentChain:
+    """The whole chain as one persistent kernel launch (``ebmfast.persistent``): the same head, steps and noise
+    stream as ``run_chain_``, inside one kernel. ``keep``: buffers a captured graph reads (the scratch)."""
+
+    def __init__(
+        self, program: PersistentProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None
+    ) -> None:
+        self.program = program
+        self.settings = settings
+        self.keep = keep
+
+    @torch.no_grad()
+    def run_(
+        self,
+        x: torch.Tensor,
+        steps: int,
+        rng: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        return_trajectory: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        traj = torch.empty((steps, *x.shape), dtype=x.dtype, device=x.device) if return_trajectory else None
+        noise = None if noise is None else noise.contiguous()
+        self.program.chain_(x, rng, steps, noise=noise, trajectory=traj, **self.settings.as_kwargs())
+        return x, traj

@@ -1,9 +1,9 @@
 """The ``graph`` backend: a whole K-step Langevin chain captured once in a CUDA graph and replayed.
 
-What is captured, per cache entry: copy-in into a static input buffer, then the chain of ``ebmfast.chain.run_chain_``
-(one noise launch, then K x (energy gradient, fused update): the compiled gradient and ``ops.fused_step_`` for the
-``graph`` backend, the layer kernels for ``triton``), then ``rng[1] += K``. Everything reads its
-inputs from device memory at replay time:
+What is captured, per cache entry: copy-in into a static input buffer, then the chain (``ebmfast.chain``: one
+noise launch, then K x (energy gradient, fused update): the compiled gradient and ``ops.fused_step_`` for the
+``graph`` backend, the layer kernels for ``triton``; one launch for ``persistent``), then ``rng[1] += K``.
+Everything reads its inputs from device memory at replay time:
 - the chain state lives in the entry's static buffer ``x``;
 - the Philox seed and counter are read by the kernels from the sampler's ``rng`` tensor, and the captured
   ``rng[1] += K`` advances it, so every replay draws new noise with no host involvement;
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .chain import Stepper, run_chain_
+from .chain import Chain
 
 if TYPE_CHECKING:
     from .sampler import LangevinSampler
@@ -33,12 +33,12 @@ __all__ = ["GraphCache", "capture_stream"]
 
 class _Entry:
     def __init__(
-        self, graph: torch.cuda.CUDAGraph, x_static: torch.Tensor, out_static: torch.Tensor, stepper: Stepper
+        self, graph: torch.cuda.CUDAGraph, x_static: torch.Tensor, out_static: torch.Tensor, chain: Chain
     ) -> None:
         self.graph = graph
         self.x = x_static
         self.out = out_static
-        self.stepper = stepper  # keeps the buffers the graph reads and writes alive
+        self.chain = chain  # keeps the buffers the graph reads and writes alive
 
 
 _CAPTURE_STREAMS: dict = {}
@@ -79,16 +79,16 @@ class GraphCache:
         x: torch.Tensor,
         steps: int,
         rng: torch.Tensor,
-        make_stepper: Callable[[torch.Tensor], Stepper],
+        make_chain: Callable[[torch.Tensor], Chain],
         backend: str,
     ) -> torch.Tensor:
-        """Replay (capturing first if needed) the chain of ``make_stepper(x_static)``'s steps on a copy of ``x``."""
+        """Replay (capturing first if needed) ``make_chain(x_static)``'s chain on a copy of ``x``."""
         if x.device.type != "cuda":
             raise ValueError(f"the graph backend needs CUDA tensors, got {x.device}")
         key = self.key(sampler, x, steps, backend)
         entry = self.entries.get(key)
         if entry is None:
-            entry = self._capture(x, steps, rng, make_stepper)
+            entry = self._capture(x, steps, rng, make_chain)
             self.entries[key] = entry
             while len(self.entries) > self.max_entries:
                 self.entries.popitem(last=False)
@@ -99,17 +99,17 @@ class GraphCache:
         return entry.out.clone()  # the static output is overwritten by the next replay
 
     @staticmethod
-    def _chain(stepper: Stepper, x_static: torch.Tensor, steps: int, rng: torch.Tensor) -> torch.Tensor:
+    def _chain(chain: Chain, x_static: torch.Tensor, steps: int, rng: torch.Tensor) -> torch.Tensor:
         """The captured work: the chain on ``x_static`` in place, then advance the noise counter."""
-        run_chain_(x_static, steps, rng, stepper)
+        chain.run_(x_static, steps, rng)
         rng[1:].add_(steps)
         return x_static
 
     def _capture(
-        self, x: torch.Tensor, steps: int, rng: torch.Tensor, make_stepper: Callable[[torch.Tensor], Stepper]
+        self, x: torch.Tensor, steps: int, rng: torch.Tensor, make_chain: Callable[[torch.Tensor], Chain]
     ) -> _Entry:
         x_static = torch.empty_like(x, memory_format=torch.contiguous_format)
-        stepper = make_stepper(x_static)
+        chain = make_chain(x_static)
         saved_counter = rng.clone()
         # Warm up on a side stream (torch.compile compiles here; cuDNN/cuBLAS pick algorithms), as CUDA graphs need.
         side = capture_stream(x.device)
@@ -117,12 +117,12 @@ class GraphCache:
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 x_static.copy_(x)
-                self._chain(stepper, x_static, steps, rng)
+                self._chain(chain, x_static, steps, rng)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):
-            out = self._chain(stepper, x_static, steps, rng)
+            out = self._chain(chain, x_static, steps, rng)
         # Warm-up and capture must not consume noise: the first replay uses the counter the caller saw.
         rng.copy_(saved_counter)
         self.captures += 1
-        return _Entry(graph, x_static, out, stepper)
+        return _Entry(graph, x_static, out, chain)

@@ -418,7 +418,7 @@ except Exception:  # same cause as above: no usable Triton
     _persistent_kernels = None
 
 
-def persistent_unavailable_reason(device) -> str | None:
+def persistent_unavailable_reason(device: torch.device | str) -> str | None:
     """None if the persistent chain kernel runs on ``device``, else why not."""
     if _persistent_kernels is None and _layer_kernels is not None:
         return "the persistent chain kernel needs kernels/persistent.py, which failed to import"
@@ -458,5 +458,17 @@ def persistent_chain_(
 if not USES_TRITON_OP:
 
     @persistent_chain_.register_fake
-    def _(x, noise, trajectory, rng, weights, biases, scratch, geometry, precision, settings, *rest):
+    def _(
+        x: torch.Tensor,
+        noise: torch.Tensor | None,
+        trajectory: torch.Tensor | None,
+        rng: torch.Tensor,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        scratch: torch.Tensor,
+        geometry: list[int],
+        precision: int,
+        settings: list[int],
+        *rest: object,
+    ) -> None:
         return None

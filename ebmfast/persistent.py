@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import time
 import weakref
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,10 +38,13 @@ from .kernels.geometry import PRECISIONS, LayerSpec, encode_geometry
 from .layers import _chain, _fixed_input_shape, _plan, _reason, _structure
 from .layers import unsupported_reason as _layers_reason
 
+if TYPE_CHECKING:
+    from .kernels.persistent import ChainSettings
+
 __all__ = ["PersistentProgram", "persistent_program", "unsupported_reason"]
 
 
-def _kernels():
+def _kernels() -> ModuleType:
     if ops._persistent_kernels is None:
         raise RuntimeError(ops.persistent_unavailable_reason("cpu") or "kernels/persistent.py is unavailable")
     return ops._persistent_kernels
@@ -65,7 +70,7 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
 class _Plan:
     """Geometry, launch settings and scratch for one (input shape, dtype, device)."""
 
-    def __init__(self, specs: list[LayerSpec], x: torch.Tensor, settings):
+    def __init__(self, specs: list[LayerSpec], x: torch.Tensor, settings: ChainSettings) -> None:
         kernels = _kernels()
         self.specs = specs
         self.geometry = encode_geometry(specs)
@@ -80,7 +85,7 @@ class PersistentProgram:
 
     launches_per_chain = 1  # head noise, K steps and every layer inside one launch
 
-    def __init__(self, model: nn.Module, precision: str = "fp32"):
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         layers = _chain(model)
@@ -95,7 +100,7 @@ class PersistentProgram:
         self._plans: dict = {}
         self.first_call_s: dict = {}  # (shape, noise supplied, trajectory) -> wall seconds of the first launch call
 
-    def _plan(self, x: torch.Tensor, settings=None) -> _Plan:
+    def _plan(self, x: torch.Tensor, settings: ChainSettings | None = None) -> _Plan:
         key = (tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None or (settings is not None and settings != plan.settings):
@@ -115,7 +120,7 @@ class PersistentProgram:
             plan = self._plans[key] = _Plan(specs, x, settings)
         return plan
 
-    def prepare(self, x: torch.Tensor, settings=None) -> None:
+    def prepare(self, x: torch.Tensor, settings: ChainSettings | None = None) -> None:
         """Plan and allocate the scratch for inputs like ``x`` now (e.g. before a CUDA-graph capture). ``settings``
         (a ``kernels.persistent.ChainSettings``) replaces the default launch settings for this shape (benchmarks)."""
         self._plan(x, settings)
@@ -123,7 +128,7 @@ class PersistentProgram:
     def specs(self, x: torch.Tensor) -> list[LayerSpec]:
         return list(self._plan(x).specs)
 
-    def settings(self, x: torch.Tensor):
+    def settings(self, x: torch.Tensor) -> ChainSettings:
         """The ``ChainSettings`` (samples per program, warps, programs, tiles) used for inputs like ``x``."""
         return self._plan(x).settings
 

@@ -11,6 +11,9 @@ Backends (``backend=``):
   of the last launch; on CUDA the K-step chain is captured in a CUDA graph like ``graph``. For models that are a
   plain layer chain (``ebmfast.layers.unsupported_reason`` says why another is not); runs on CPU only under the
   Triton interpreter (how the tests run it).
+- ``persistent``: the whole K-step chain in one persistent Triton kernel (``ebmfast.persistent``): each program
+  owns a block of samples for all K steps, built from the same layer device functions; same models as ``triton``
+  (plus a per-sample scratch budget). Captured in a CUDA graph on CUDA as well.
 - ``auto``: on CUDA the fastest measured of ``graph`` and the kernel backends the model supports
   (``ebmfast.autotune``; ``graph`` where nothing was measured, ``compiled`` when Triton is missing); ``compiled`` on
   CPU (the fastest measured there). ``sampler.explain(x)`` says what runs and why.
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .chain import FusedStepper, LayerStepper, Stepper, StepSettings, run_chain_
+from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain, StepSettings
 from .energy_grad import compiled_energy_grad, eager_energy_grad
 from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
@@ -49,8 +52,8 @@ from .validation import (
 
 __all__ = ["LangevinSampler", "BACKENDS", "KERNEL_BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
 
-BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton")
-KERNEL_BACKENDS = ("triton",)  # backends on our own layer kernels: for plain layer chains only
+BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton", "persistent")
+KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for plain layer chains only
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -212,8 +215,10 @@ class LangevinSampler:
 
     def _kernel_reason(self, backend: str, x: torch.Tensor) -> str | None:
         """Why ``backend`` (a kernel backend) cannot run this model on inputs like ``x``, or None."""
-        from .layers import unsupported_reason
-
+        if backend == "persistent":
+            from .persistent import unsupported_reason
+        else:
+            from .layers import unsupported_reason
         return unsupported_reason(self.model, x, self.precision)
 
     def _choose(self, x: torch.Tensor) -> tuple[str, str]:
@@ -330,7 +335,7 @@ class LangevinSampler:
                 out, traj = self._graph_chain(x, steps, rng, backend), None
             elif backend == "fused" or backend in KERNEL_BACKENDS:
                 state = x.detach().clone(memory_format=torch.contiguous_format)
-                out, traj = run_chain_(state, steps, rng, self._stepper(backend, state), noise, return_trajectory)
+                out, traj = self._chain(backend, state).run_(state, steps, rng, noise, return_trajectory)
             else:
                 stream = noise if noise is not None else (lambda k: self._draw(rng, x, k))
                 res = langevin_reference(
@@ -356,19 +361,25 @@ class LangevinSampler:
         lo, hi = self.clamp
         return StepSettings(self.step_size, self.grad_clip, self.noise_std, lo, hi)
 
-    def _stepper(self, backend: str, x: torch.Tensor) -> Stepper:
-        """The step of ``backend`` ("fused" / "graph": compiled gradient + fused update; kernel backends: layer
-        kernels) for chains on tensors like ``x``."""
-        if backend in KERNEL_BACKENDS:
+    def _chain(self, backend: str, x: torch.Tensor) -> Chain:
+        """The chain of ``backend`` for tensors like ``x``: "fused" / "graph": compiled gradient + fused update;
+        "triton": the layer kernels, step by step; "persistent": the whole chain in one kernel."""
+        settings = self._settings()
+        if backend == "persistent":
+            from .persistent import persistent_program
+
+            program = persistent_program(self.model, self.precision)
+            return PersistentChain(program, settings, keep=program.scratch(x))
+        if backend == "triton":
             from .layers import layer_program
 
             program = layer_program(self.model, self.precision)
-            return LayerStepper(program, self._settings(), keep=program.scratch(x))
-        return FusedStepper(self._energy_grad(x.device), self._settings())
+            return StepChain(LayerStepper(program, settings, keep=program.scratch(x)))
+        return StepChain(FusedStepper(self._energy_grad(x.device), settings))
 
     def _graph_chain(self, x: torch.Tensor, steps: int, rng: torch.Tensor, backend: str) -> torch.Tensor:
         from .graph import GraphCache
 
         if self._graphs is None:
             self._graphs = GraphCache()
-        return self._graphs.run(self, x, steps, rng, lambda x_static: self._stepper(backend, x_static), backend)
+        return self._graphs.run(self, x, steps, rng, lambda x_static: self._chain(backend, x_static), backend)
