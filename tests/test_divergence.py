@@ -18,7 +18,7 @@ HEALTHY = {"loss": 0.1, "metrics_avg_real": 0.5, "metrics_avg_fake": 0.4}
 
 
 # ------------------------------------------------------------------------------------------- detection rules
-@pytest.mark.parametrize("key", ["loss", "metrics_avg_real", "metrics_avg_fake"])
+@pytest.mark.parametrize("key", ["loss", "metrics_avg_real", "metrics_avg_fake", "grad_norm"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_is_detected(key, bad):
     ev = DivergenceMonitor().check_step(7, {**HEALTHY, key: bad})
@@ -196,3 +196,47 @@ def test_divergence_check_can_be_turned_off(tmp_path):
     tr, result = _fit(tmp_path, inject, divergence_check=False)
     assert result.recoveries == 0
     assert not all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
+
+
+class PoisonAfter:
+    """Wraps the trainer's iteration runner: right after the ``at``-th iteration (inside the loop, before any flush)
+    the weights become NaN, so the next iteration's loss is NaN and its update is skipped on the device."""
+
+    def __init__(self, trainer, at):
+        self.inner, self.trainer, self.at, self.calls = trainer.runner, trainer, at, 0
+
+    def __call__(self, real):
+        out = self.inner(real)
+        self.calls += 1
+        if self.calls == self.at:
+            with torch.no_grad():
+                next(self.trainer.model.parameters()).fill_(float("nan"))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_detection_waits_for_the_flush_and_rolls_back_the_same_way(tmp_path, sync_every):
+    """Weights poisoned after iteration 5: iteration 6 is non-finite (its update skipped on the device). With
+    sync_every=1 that is seen at once; with 3 at the flush after iteration 7 (flushes: 1, 4 = snapshot, 7), which
+    drops iteration 7. Either way the event names iteration 6 and the run rolls back to the snapshot at 4, then
+    completes."""
+    cfg = tiny_config(epochs=2, snapshot_every=4, sample_every=0, sync_every=sync_every)
+    tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=tmp_path, progress=False)
+    tr.runner = PoisonAfter(tr, at=5)
+    result = tr.fit()
+    tr.close()
+    assert result.status == "completed" and result.recoveries == 1 and result.iteration == 20
+    assert tr.events[0]["reason"] == "non_finite" and "iteration 6" in tr.events[0]["detail"]
+    assert tr.events[0]["iteration"] == (6 if sync_every == 1 else 7)  # where the trainer was when it saw it
+    metrics = read_metrics(tmp_path / "metrics.csv")
+    assert [v for _, v in metrics["divergence/rollback_to"]] == [4.0]
+    assert metrics["update_skipped"] == [(6, 1.0)]
+    losses = [step for step, _ in metrics["loss"]]
+    assert losses == [1, 2, 3, 4, 5, 6] + list(range(5, 21))  # iteration 7 (sync_every=3) was dropped, not logged
+    log = (tmp_path / "train.log").read_text()
+    assert ("the 1 iteration(s) after it are dropped" in log) == (sync_every == 3)
+    assert all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
