@@ -240,3 +240,37 @@ def test_detection_waits_for_the_flush_and_rolls_back_the_same_way(tmp_path, syn
     log = (tmp_path / "train.log").read_text()
     assert ("the 1 iteration(s) after it are dropped" in log) == (sync_every == 3)
     assert all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
+
+
+@pytest.mark.slow
+def test_a_tensor_lr_is_written_in_place_through_schedule_rollback_and_resume(tmp_path, monkeypatch):
+    """What the CUDA iteration graph needs from the trainer, checked on the CPU: with the lr in a tensor (on CUDA a
+    device tensor the graph reads; here float64 so the arithmetic equals a float lr's), the epoch schedule, the
+    roll-back's lr halving and a resume all write that same tensor in place, and the run equals the float-lr run."""
+    import ebmfast.training.trainer as trainer_mod
+
+    def tensor_lr_adam(params, config, device):
+        lr = torch.tensor(float(config.lr), dtype=torch.float64)
+        return torch.optim.Adam(params, lr=lr, betas=config.betas, foreach=False)
+
+    def run(out, max_iterations, resume=None):
+        cfg = tiny_config(epochs=2, snapshot_every=4, sample_every=0, max_iterations=max_iterations)
+        tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=out, resume=resume, progress=False)
+        if resume is None:
+            tr.runner = PoisonAfter(tr, at=5)
+        result = tr.fit()
+        tr.close()
+        return tr, result
+
+    plain, p_result = run(tmp_path / "plain", 17)
+    monkeypatch.setattr(trainer_mod, "build_optimizer", tensor_lr_adam)
+    tensor, t_result = run(tmp_path / "tensor", 17)
+    lr = tensor.optimizer.param_groups[0]["lr"]
+    assert lr is tensor._lr_tensors[0] and float(lr) == 1e-4 * 0.5 * 0.97  # rolled back once, one epoch end
+    assert t_result.recoveries == p_result.recoveries == 1
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), tensor.model.parameters()))
+    assert torch.equal(plain.buffer.storage, tensor.buffer.storage) and t_result.metrics == p_result.metrics
+    # resume the tensor-lr run's checkpoint (written at 17): its lr comes back into the new run's own tensor
+    resumed, _ = run(tmp_path / "tensor", 19, resume=tmp_path / "tensor" / "checkpoints" / "last.pt")
+    lr = resumed.optimizer.param_groups[0]["lr"]
+    assert lr is resumed._lr_tensors[0] and float(lr) == 1e-4 * 0.5 * 0.97

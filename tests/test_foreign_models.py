@@ -9,9 +9,9 @@ from torch import nn
 from ebmfast import LangevinSampler, ReplayBuffer
 from ebmfast.benchmark.flops import count_step_flops, flops_per_sample_step
 from ebmfast.benchmark.training import CDIteration
+from ebmfast.cd import CD_METRICS, CDStep
 from ebmfast.evaluation.generate import generate
 from ebmfast.evaluation.ood import energy_scores
-from ebmfast.cd import CD_METRICS, CDStep
 
 SHAPE = (1, 28, 28)
 

@@ -402,7 +402,7 @@ def test_adopt_optimizer_moves_state_between_float_and_tensor_lr():
     graphy = torch.optim.Adam(model.parameters(), lr=lr_t, betas=(0.0, 0.999), capturable=True)
     graphy.load_state_dict(plain.state_dict())
     assert graphy.param_groups[0]["lr"] == 2e-3 and graphy.param_groups[0]["capturable"] is False
-    adopt_optimizer(graphy, [lr_t])
+    adopt_optimizer(graphy, [lr_t], capturable=True)
     group = graphy.param_groups[0]
     assert group["lr"] is lr_t and float(lr_t) == pytest.approx(2e-3) and group["capturable"] is True
     # and back: a checkpoint written with a tensor lr resumed where the lr is a float (e.g. on CPU)

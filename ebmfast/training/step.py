@@ -89,17 +89,18 @@ def build_optimizer(params, config, device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas)
 
 
-def adopt_optimizer(optimizer: torch.optim.Optimizer, lr_tensors: list[torch.Tensor] | None) -> None:
+def adopt_optimizer(
+    optimizer: torch.optim.Optimizer, lr_tensors: list[torch.Tensor] | None, capturable: bool = False
+) -> None:
     """Make ``optimizer``'s param groups use the run's learning-rate tensors again (their values copied in place)
     after ``load_state_dict`` or a scheduler step replaced them; ``lr_tensors=None``: a plain float lr.
 
-    Also sets ``capturable`` to match (a checkpoint written on the other kind of device carries the other flag) and
-    moves Adam's ``step`` counters to the parameters' device when capturable (``load_state_dict`` leaves them on the
-    CPU when the saved groups were not capturable)."""
-    capturable = lr_tensors is not None
+    Also sets ``capturable`` back to the run's (a checkpoint written on the other kind of device carries the other
+    flag) and, when capturable, moves Adam's ``step`` counters to the parameters' device (``load_state_dict`` leaves
+    them on the CPU when the saved groups were not capturable)."""
     for i, group in enumerate(optimizer.param_groups):
         lr = group["lr"]
-        if capturable:
+        if lr_tensors is not None:
             mine = lr_tensors[i]
             if lr is not mine:
                 mine.fill_(float(lr))  # a host value (or a tensor read once): outside the iteration

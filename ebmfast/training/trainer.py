@@ -170,8 +170,11 @@ class Trainer:
         self.model = CNNModel(**cfg.model_kwargs()).to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), cfg, self.device)
         # On CUDA the lr lives in device tensors that a captured iteration reads; the schedule writes them in place.
-        self._lr_tensors = [g["lr"] for g in self.optimizer.param_groups] if self.device.type == "cuda" else None
+        groups = self.optimizer.param_groups
+        self._lr_tensors = [g["lr"] for g in groups] if isinstance(groups[0]["lr"], torch.Tensor) else None
+        self._capturable = bool(self.optimizer.defaults.get("capturable", False))
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=cfg.lr_gamma)
+        self._adopt_lr()
 
         # ---- random streams and the sampling machinery
         self.gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_GEN))
@@ -276,8 +279,11 @@ class Trainer:
     def state_restored(self) -> None:
         """After the run's state was loaded (resume, roll-back, ``load_state_dict``): the optimizer's new param groups
         get the run's lr tensors and flags back, and a captured iteration graph is dropped (re-captured next time)."""
-        adopt_optimizer(self.optimizer, self._lr_tensors)
+        self._adopt_lr()
         self.runner.invalidate()
+
+    def _adopt_lr(self) -> None:
+        adopt_optimizer(self.optimizer, self._lr_tensors, self._capturable)
 
     @torch.no_grad()
     def validate(self, epoch: int | None = None) -> dict[str, float]:
@@ -537,7 +543,7 @@ class Trainer:
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["epoch_seconds"] = seconds
         self.scheduler.step()
-        adopt_optimizer(self.optimizer, self._lr_tensors)  # an older torch's scheduler may assign a new lr object
+        self._adopt_lr()  # an older torch's scheduler may assign a new lr object instead of writing into ours
         last = epoch + 1 >= cfg.epochs
         if cfg.sample_every and (epoch % cfg.sample_every == 0 or last):
             self.save_grids(epoch)
