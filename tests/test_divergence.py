@@ -220,23 +220,23 @@ class PoisonAfter:
 @pytest.mark.slow
 @pytest.mark.parametrize("sync_every", [1, 3])
 def test_detection_waits_for_the_flush_and_rolls_back_the_same_way(tmp_path, sync_every):
-    """Weights poisoned after iteration 5: iteration 6 is non-finite (its update skipped on the device). With
-    sync_every=1 that is seen at once; with 3 at the flush after iteration 7 (flushes: 1, 4 = snapshot, 7), which
-    drops iteration 7. Either way the event names iteration 6 and the run rolls back to the snapshot at 4, then
-    completes."""
+    """Weights poisoned after iteration 6: iteration 7 is non-finite (its update skipped on the device). With
+    sync_every=1 that is seen at once; with 3 at the flush after iteration 8 (flushes: 1, 3, 4 = snapshot, 6,
+    8 = snapshot), which drops iteration 8. Either way the event names iteration 7 and the run rolls back to the
+    snapshot at 4, then completes."""
     cfg = tiny_config(epochs=2, snapshot_every=4, sample_every=0, sync_every=sync_every)
     tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=tmp_path, progress=False)
-    tr.runner = PoisonAfter(tr, at=5)
+    tr.runner = PoisonAfter(tr, at=6)
     result = tr.fit()
     tr.close()
     assert result.status == "completed" and result.recoveries == 1 and result.iteration == 20
-    assert tr.events[0]["reason"] == "non_finite" and "iteration 6" in tr.events[0]["detail"]
-    assert tr.events[0]["iteration"] == (6 if sync_every == 1 else 7)  # where the trainer was when it saw it
+    assert tr.events[0]["reason"] == "non_finite" and "iteration 7" in tr.events[0]["detail"]
+    assert tr.events[0]["iteration"] == (7 if sync_every == 1 else 8)  # where the trainer was when it saw it
     metrics = read_metrics(tmp_path / "metrics.csv")
     assert [v for _, v in metrics["divergence/rollback_to"]] == [4.0]
-    assert metrics["update_skipped"] == [(6, 1.0)]
+    assert metrics["update_skipped"] == [(7, 1.0)]
     losses = [step for step, _ in metrics["loss"]]
-    assert losses == [1, 2, 3, 4, 5, 6] + list(range(5, 21))  # iteration 7 (sync_every=3) was dropped, not logged
+    assert losses == [1, 2, 3, 4, 5, 6, 7] + list(range(5, 21))  # iteration 8 (sync_every=3) was dropped, not logged
     log = (tmp_path / "train.log").read_text()
     assert ("the 1 iteration(s) after it are dropped" in log) == (sync_every == 3)
     assert all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())

@@ -40,11 +40,12 @@ __all__ = [
 # Logged for every iteration (``update_skipped`` is logged only when it is 1: a non-finite iteration).
 STEP_METRICS = tuple(m for m in CD_METRICS if m != "update_skipped")
 
-# Iterations between host copies of the step metrics when ``TrainConfig.sync_every`` is None. On CPU every operation
-# has finished when it returns, so a copy costs nothing and 1 keeps detection immediate (measured: README / the
-# training docs). On CUDA a copy waits for the queued work, after which the GPU idles while the host queues the next
-# iteration; every 10 iterations makes that one wait per 10, lines up with the gap check (every 10) and the snapshots
-# (every 50), and leaves a divergence undetected for at most 9 iterations.
+# Iterations between host copies of the step metrics when ``TrainConfig.sync_every`` is None (the trainer flushes at
+# every sync_every-th iteration). On CPU every operation has finished when it returns, so a copy costs nothing and 1
+# keeps detection immediate (measured: docs/quick_preset.md). On CUDA a copy waits for the queued work, after which the
+# GPU idles while the host logs and queues the next iteration; every 10th iteration makes that one wait per 10, falls
+# on the gap-check iterations (every 10) and the snapshots (every 50), and leaves a divergence undetected for at most
+# 9 iterations.
 CPU_SYNC_EVERY = 1
 CUDA_SYNC_EVERY = 10
 

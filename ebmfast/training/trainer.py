@@ -434,10 +434,12 @@ class Trainer:
         self._history.record(self.iteration, metrics, noise)
 
     def _flush_due(self) -> bool:
-        """A flush now: the history is full, a snapshot or a stop is due (both need checked metrics), or this was
-        the run's first iteration (so its time, with compilation and capture, is measured on its own)."""
+        """A flush now: at every ``sync_every``-th iteration (or when the history is full), when a snapshot or a stop
+        is due (both need checked metrics), or after the run's first iteration (so its time, with compilation and
+        capture, is measured on its own)."""
         return (
             self._history.full
+            or self.iteration % self.sync_every == 0
             or self.iteration % self.config.snapshot_every == 0
             or self.signals.requested
             or self._limit_reached()
