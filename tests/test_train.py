@@ -374,6 +374,11 @@ def test_iteration_runner_falls_back_when_capture_fails():
         def invalidate(self):
             pass
 
+    class NotCapturable:
+        optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+    plain = IterationRunner(NotCapturable(), None)  # no reason given, but the optimizer cannot be captured
+    assert not plain.captured and "not graph-ready (Adam was not built with capturable=True)" in plain.describe()
     runner = IterationRunner(Step(), "set below", on_fallback=notes.append)
     runner.graph, runner.reason = Graph(), None
     assert runner.captured

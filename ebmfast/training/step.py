@@ -132,9 +132,13 @@ class IterationRunner:
         self.reason = graph_reason
         self.on_fallback = on_fallback
         if graph_reason is None:
-            from ..cd_graph import CDGraph
+            from ..cd_graph import CDGraph, graph_ready_optimizer
 
-            self.graph = CDGraph(step)
+            not_ready = graph_ready_optimizer(step.optimizer)
+            if not_ready is not None:
+                self.reason = f"the optimizer is not graph-ready ({not_ready})"
+            else:
+                self.graph = CDGraph(step)
 
     @property
     def captured(self) -> bool:

@@ -414,9 +414,10 @@ class Trainer:
                         outcome = self._flush(bar)
                         if outcome is not None:
                             return outcome
-                outcome = self._flush(bar)  # the epoch's last iterations, when no flush fell on them
-                if outcome is not None:
-                    return outcome
+                # The epoch's last iterations, when no flush fell on them. A stop asked for only now (a signal after
+                # the last in-loop check) waits for the epoch end, which fit() runs first, as it always did.
+                if self._flush(bar) == "rollback":
+                    return "rollback"
             finally:
                 bar.close()
         return self._end_epoch(time.time() - t0)
