@@ -1,17 +1,22 @@
 """The GPU check's summary (``bench/device_check.sh`` prints it last) and its verdicts on the project's targets.
 
     python3 bench/device_summary.py OUTDIR
+    python3 bench/device_summary.py --plan-train-run OUTDIR SECONDS   (the training stage's iteration count)
 
-reads OUTDIR/{stages.tsv, bench.json, pytest_benchmark.json, cuda_tests.xml, profile.json} and prints the stages,
-the environment, the GPU tests' counts and printed PRECISION lines, the sampler and training figures, the profile,
-and issue 4's targets judged from ``bench.json`` (met / NOT met / not measured). Measurements are reported, never
-asserted: this script judges them, the library (``ebmfast.benchmark``) only measures. It needs only the Python
-standard library, so the summary is written even when the package does not import.
+reads OUTDIR/{stages.tsv, bench.json, pytest_benchmark.json, cuda_tests.xml, profile.json, train_run.tsv,
+train_run/metrics.csv, evaluate/report.json} and prints the stages, the environment, the GPU tests' counts and printed
+PRECISION lines, the sampler and training figures, the profile, the real training run, and the targets of issues 4
+and 12 judged from them (met / NOT met / not measured); it also writes OUTDIR/summary.json (the training run's
+figures, ``measured_60_epochs_min`` among them, and the verdicts). Measurements are reported, never asserted: this
+script judges them, the library (``ebmfast.benchmark``) only measures. It needs only the Python standard library, so
+the summary is written even when the package does not import.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import sys
 
@@ -82,6 +87,195 @@ def target_report(doc: dict) -> list[str]:
         + ("n/a" if mem_ok is None else f"graph {gm:.1f} MB vs eager {em:.1f} MB ({gm / em:.2f}x)")
     )
     return lines
+
+
+# ----------------------------------------------------------------------------------- the real training run (issue 12)
+SEED_ITERATIONS = 60 * 468  # the seed's 60 epochs of full MNIST at batch 128
+SEED_EPOCHS = 60
+MNIST5K_ITERS_PER_EPOCH = 35  # 4,500 training images / batch 128
+MIN_TRAIN_ITERATIONS = 2000
+TRAIN_STARTUP_S = 30.0  # process start, imports, data, compilation (inductor's cache is warm from the benchmarks)
+TRAIN_EPOCH_END_S = 0.15  # assumed per epoch end (validation, rand_out, checkpoints) when planning
+ISSUE12_TARGETS = (
+    "iteration time <= 1.15x the chain time of the same sampler backend (batch 128, 60 steps)",
+    "the seed's 60 epochs (28,080 iterations, batch 128, 60 steps) <= 3 minutes wall clock",
+)
+
+
+def plan_train_run(doc: dict | None, seconds: float) -> dict:
+    """How many iterations the training stage asks for in ``seconds``: the benchmark's fastest measured CD
+    iteration (the ``cdgraph`` row where present: what the trainer runs on CUDA) x 1.3, plus an assumed epoch-end
+    share and start-up; at most the seed's 28,080, and 0 (skip) below 2,000."""
+    rows = [r for r in (doc or {}).get("train", []) if r.get("median_s") and r.get("batch") == 128]
+    by_name = {r["backend"]: r for r in rows}
+    row = by_name.get("cdgraph") or min(rows, key=lambda r: r["median_s"], default=None)
+    per_it = (row["median_s"] if row else 0.030) * 1.3 + TRAIN_EPOCH_END_S / MNIST5K_ITERS_PER_EPOCH
+    n = int(max(0.0, seconds - TRAIN_STARTUP_S) / per_it)
+    n = min(n, SEED_ITERATIONS)
+    basis = f"{row['backend']} row {1e3 * row['median_s']:.1f} ms" if row else "no benchmark row: 30 ms assumed"
+    plan = {"iterations": n, "per_iteration_s": per_it, "seconds": seconds, "basis": basis}
+    if n < MIN_TRAIN_ITERATIONS:
+        plan["iterations"] = 0
+        plan["skip"] = f"{seconds:.0f} s allow ~{n} iterations ({basis}), fewer than {MIN_TRAIN_ITERATIONS}"
+    return plan
+
+
+def _read_tsv(path: str) -> dict:
+    out = {}
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, sep, value = line.rstrip("\n").partition("\t")
+                if sep:
+                    out[key] = value
+    except OSError:
+        pass
+    return out
+
+
+def _metrics_csv(path: str) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    try:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    out.setdefault(row["metric"], []).append((int(row["step"]), float(row["value"])))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    except OSError:
+        pass
+    return out
+
+
+def _num(text):
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def train_run_report(outdir: str) -> dict | None:
+    """The training stage's figures: what it asked for and did, its end-to-end wall time, the trainer's own timing
+    (first iteration with compilation and capture, steady ms per iteration, median epoch end), the seed's 60 epochs
+    projected from them (``measured_60_epochs_min``) and, when all 28,080 iterations ran, the whole run's wall time;
+    rand_out at the seed's epoch ends; the evaluation's sample quality and OOD figures. None without a run."""
+    info = _read_tsv(os.path.join(outdir, "train_run.tsv"))
+    if not info:
+        return None
+    rep: dict = {k: info[k] for k in ("status", "command", "skip", "evaluate_skip") if k in info}
+    for key in ("iterations_asked", "wall_s", "rc", "budget_s", "evaluate_rc", "evaluate_s"):
+        if key in info:
+            rep[key] = _num(info[key])
+    if "skip" in info:
+        return rep
+    metrics = _metrics_csv(os.path.join(outdir, "train_run", "metrics.csv"))
+    losses = metrics.get("loss", [])
+    rep["iterations_done"] = max((step for step, _ in losses), default=0)
+    timing = {k[len("time/") :]: v[-1][1] for k, v in metrics.items() if k.startswith("time/") and v}
+    rep["trainer_timing"] = timing
+    first, it_ms, end_s = timing.get("first_iteration_s"), timing.get("iteration_ms"), timing.get("epoch_end_s")
+    if first is not None and it_ms is not None:
+        minutes = (first + SEED_ITERATIONS * it_ms / 1e3 + SEED_EPOCHS * (end_s or 0.0)) / 60.0
+        rep["measured_60_epochs_min"] = minutes
+        rep["measured_60_epochs_basis"] = (
+            f"projected from this run's steady per-iteration time ({rep['iterations_done']} iterations of "
+            "ebmfast train --preset tutorial --data mnist5k): first iteration (compilation, capture) + 28,080 x "
+            "steady ms/iteration + 60 x median epoch end" + ("" if end_s is not None else " (no epoch end in the run)")
+        )
+    wall = rep.get("wall_s")
+    rep["full_run_min"] = wall / 60.0 if wall and rep["iterations_done"] >= SEED_ITERATIONS else None
+    if rep["full_run_min"] is not None:
+        rep["full_run_note"] = (
+            "28,080 iterations on the 4,500-image subset: 802 epoch ends (the seed's run has 60); "
+            "process start included"
+        )
+    rand_out = dict(metrics.get("rand_out", []))  # iteration -> rand_out at that epoch end
+    at = {}
+    for epoch in (0, 5, 20, 59):
+        want = 468 * (epoch + 1)
+        later = sorted(it for it in rand_out if it >= want)
+        if later:
+            at[str(epoch)] = {"iteration": later[0], "rand_out": rand_out[later[0]]}
+    rep["rand_out_at_seed_epochs"] = at
+    try:
+        with open(os.path.join(outdir, "evaluate", "report.json")) as fh:
+            ev = json.load(fh)
+        q = ev.get("quality", {})
+        rep["evaluate"] = {
+            "fd_generated_vs_real": q.get("fd_generated_vs_real"),
+            "fd_real_vs_real": q.get("fd_real_vs_real"),
+            "fd_noise_vs_real": q.get("fd_noise_vs_real"),
+            "ood": ev.get("ood"),
+        }
+    except (OSError, ValueError, AttributeError):
+        pass
+    return rep
+
+
+def issue12_report(doc: dict | None, run: dict | None) -> list[str]:
+    """Issue 12's targets from ``bench.json`` (iteration vs chain time) and the training stage (60 epochs)."""
+    rows = [r for r in (doc or {}).get("train", []) if r.get("iter_over_chain") and r.get("batch") == 128]
+    by_name = {r["backend"]: r for r in rows}
+    row = by_name.get("cdgraph") or min(rows, key=lambda r: r["median_s"], default=None)
+    cuda = str((doc or {}).get("environment", {}).get("device", "")).startswith("cuda")
+    ok = None if row is None or not cuda else row["iter_over_chain"] <= 1.15
+    lines = [
+        f"[{_verdict(ok)}] {ISSUE12_TARGETS[0]}: "
+        + (
+            "n/a"
+            if row is None
+            else f"{row['iter_over_chain']:.2f}x ({row['backend']}: iteration {1e3 * row['median_s']:.2f} ms, chain "
+            f"{1e3 * row['chain_median_s']:.2f} ms)" + ("" if cuda else " [not CUDA: not judged]")
+        )
+    ]
+    minutes = (run or {}).get("measured_60_epochs_min")
+    ok = None if minutes is None or not cuda else minutes <= 3.0
+    text = "n/a" if minutes is None else f"{minutes:.2f} min projected from a real run of {run['iterations_done']} it"
+    if run and run.get("full_run_min") is not None:
+        text += f"; the whole 28,080-iteration run took {run['full_run_min']:.2f} min"
+    if minutes is None:
+        bench = [r for r in (doc or {}).get("train", []) if r.get("projected_60_epochs_min")]
+        best = min(bench, key=lambda r: r["projected_60_epochs_min"], default=None)
+        if best is not None:
+            text += f" (benchmark projection {best['projected_60_epochs_min']:.2f} min, {best['backend']})"
+    lines.append(f"[{_verdict(ok)}] {ISSUE12_TARGETS[1]}: {text}" + ("" if cuda or minutes is None else " [not CUDA]"))
+    return lines
+
+
+def _train_run_lines(run: dict | None) -> list[str]:
+    if not run:
+        return []
+    out = ["", "training run (ebmfast train --preset tutorial --data mnist5k, then ebmfast evaluate):"]
+    if run.get("skip"):
+        return out + [f"  skipped: {run['skip']}"]
+    t = run.get("trainer_timing", {})
+    out.append(
+        f"  {run.get('status', '?')}: {run.get('iterations_done')} of {fmt(run.get('iterations_asked'), '.0f')} "
+        f"iterations asked, {fmt(run.get('wall_s'), '.0f')} s end to end (rc {fmt(run.get('rc'), '.0f')}); first "
+        f"iteration {fmt(t.get('first_iteration_s'), '.1f')} s, then {fmt(t.get('iteration_ms'), '.2f')} ms/iteration, "
+        f"epoch end {fmt(t.get('epoch_end_s'), '.3f')} s"
+    )
+    out.append(
+        f"  measured_60_epochs_min {fmt(run.get('measured_60_epochs_min'), '.2f')} (projected from the run's steady "
+        f"time); whole 28,080-iteration run {fmt(run.get('full_run_min'), '.2f')} min"
+    )
+    at = run.get("rand_out_at_seed_epochs") or {}
+    if at:
+        out.append(
+            "  rand_out at the seed's epoch ends (seed: -1.1 / -4.3 / -10.2 / -16.3 after epochs 0 / 5 / 20 / 59): "
+            + ", ".join(f"epoch {e}: {v['rand_out']:.2f}" for e, v in at.items())
+        )
+    ev = run.get("evaluate")
+    if run.get("evaluate_skip"):
+        out.append(f"  evaluate skipped: {run['evaluate_skip']}")
+    if ev:
+        out.append(
+            f"  evaluate: FD generated vs real {fmt(ev.get('fd_generated_vs_real'), '.2f')}, real vs real "
+            f"{fmt(ev.get('fd_real_vs_real'), '.2f')}, noise vs real {fmt(ev.get('fd_noise_vs_real'), '.2f')} "
+            f"(evaluate rc {fmt(run.get('evaluate_rc'), '.0f')}, {fmt(run.get('evaluate_s'), '.0f')} s)"
+        )
+    return out
 
 
 def _junit_counts(path: str) -> str | None:
@@ -178,6 +372,11 @@ def summarize_device_check(outdir: str) -> str:
             out.append(f"pytest-benchmark: unreadable ({type(exc).__name__})")
     if doc is None:
         out.append("bench.json: missing (see bench_cli.log)")
+        run = train_run_report(outdir)
+        out.extend(_train_run_lines(run))
+        if run:
+            out.append("targets (issue 12; measured, not asserted):")
+            out.extend("  " + line for line in issue12_report(None, run))
         return "\n".join(out)
     peak = doc.get("matmul_peak") or {}
     if peak:
@@ -205,14 +404,19 @@ def summarize_device_check(outdir: str) -> str:
     train = doc.get("train", [])
     if train:
         out.append("")
-        out.append(f"{'train':<9}{'batch':>6}{'steps':>6}{'CD it/s':>10}{'x eager':>9}{'60 ep min':>11}{'first s':>9}")
+        out.append(
+            f"{'train':<9}{'batch':>6}{'steps':>6}{'CD it/s':>10}{'x eager':>9}{'ms/it':>8}{'chain ms':>9}"
+            f"{'it/chain':>9}{'60 ep min':>11}{'first s':>9}"
+        )
         for r in train:
             if not r.get("median_s"):
                 continue
+            chain = r.get("chain_median_s")
             out.append(
                 f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}{r['iters_per_s']:>10.2f}"
-                f"{fmt(r.get('ratio_to_eager'), '.2f'):>9}{r['projected_60_epochs_min']:>11.2f}"
-                f"{fmt(r.get('first_iter_s'), '.2f'):>9}"
+                f"{fmt(r.get('ratio_to_eager'), '.2f'):>9}{1e3 * r['median_s']:>8.2f}"
+                f"{fmt(None if chain is None else 1e3 * chain, '.2f'):>9}{fmt(r.get('iter_over_chain'), '.2f'):>9}"
+                f"{r['projected_60_epochs_min']:>11.2f}{fmt(r.get('first_iter_s'), '.2f'):>9}"
             )
     tel = next((r.get("telemetry") for r in doc.get("sampler", []) if r.get("telemetry")), None)
     if tel and tel.get("available"):
@@ -224,10 +428,25 @@ def summarize_device_check(outdir: str) -> str:
     elif tel:
         out.append(f"telemetry: unavailable ({tel.get('reason')})")
     out.extend(_profile_lines(os.path.join(outdir, "profile.json")))
+    run = train_run_report(outdir)
+    out.extend(_train_run_lines(run))
     out.append("")
     out.append("targets (issue 4; measured, not asserted):")
-    out.extend("  " + line for line in target_report(doc))
+    issue4 = target_report(doc)
+    out.extend("  " + line for line in issue4)
+    out.append("targets (issue 12; measured, not asserted):")
+    issue12 = issue12_report(doc, run)
+    out.extend("  " + line for line in issue12)
+    _write_summary_json(outdir, {"train_run": run, "targets_issue4": issue4, "targets_issue12": issue12})
     return "\n".join(out)
+
+
+def _write_summary_json(outdir: str, doc: dict) -> None:
+    try:
+        with open(os.path.join(outdir, "summary.json"), "w") as fh:
+            json.dump(doc, fh, indent=2)
+    except OSError:
+        pass
 
 
 def _profile_lines(path: str) -> list[str]:
@@ -257,8 +476,21 @@ def _profile_lines(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "--plan-train-run":
+        try:
+            with open(os.path.join(argv[1], "bench.json")) as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError):
+            doc = None
+        plan = plan_train_run(doc, float(argv[2]))
+        print(plan["iterations"])  # the shell reads this line
+        print(plan.get("skip") or f"~{1e3 * plan['per_iteration_s']:.1f} ms/iteration assumed ({plan['basis']})")
+        return 0
     if len(argv) != 1:
-        print("usage: python3 bench/device_summary.py OUTDIR", file=sys.stderr)
+        print(
+            "usage: python3 bench/device_summary.py OUTDIR | --plan-train-run OUTDIR SECONDS",
+            file=sys.stderr,
+        )
         return 2
     print(summarize_device_check(argv[0]))
     return 0

@@ -120,6 +120,7 @@ class CDGraph:
         self.warmup = int(warmup)
         self.state = TrainingState(step)
         self.captures = 0
+        self.capture_failed = False  # the last capture raised (the training state was put back first)
         self._key: tuple | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._real: torch.Tensor | None = None
@@ -160,7 +161,24 @@ class CDGraph:
         return self._metrics
 
     def _capture(self, real: torch.Tensor) -> None:
+        """Capture, or raise with the training state put back as it was before the call (the warm-up iterations
+        run for real), so that a caller can fall back to the uncaptured step."""
         self.invalidate()
+        self.capture_failed = True
+        self.state._saved = None
+        try:
+            self._capture_now(real)
+        except BaseException:
+            if self.state._saved is not None:
+                try:
+                    self.state.restore()
+                except Exception:  # a broken device: keep the capture's own error
+                    pass
+            self.invalidate()
+            raise
+        self.capture_failed = False
+
+    def _capture_now(self, real: torch.Tensor) -> None:
         step = self.step
         self._real = torch.empty_like(real, memory_format=torch.contiguous_format)
         self._real.copy_(real)

@@ -5,7 +5,6 @@ timed; they never assert a speed."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from ebmfast.benchmark.telemetry import Telemetry, device_info
 from ebmfast.benchmark.throughput import SamplerResult, available_backends, bench_sampler
 from ebmfast.benchmark.timing import measure_matmul_peak
 from ebmfast.benchmark.training import CDIteration, bench_train
+from ebmfast.cd import CD_METRICS, CDStep
 from ebmfast.cli.bench import main as bench_main
 from ebmfast.devices import resolve_device
 from ebmfast.models import CNNModel
@@ -214,22 +214,46 @@ def test_cd_iteration_updates_model_and_buffer():
     model = CNNModel()
     step = CDIteration(model, "eager", batch=4, steps=2, device="cpu")
     before = [p.detach().clone() for p in model.parameters()]
-    loss = step(torch.rand(4, 1, 28, 28) * 2 - 1)
-    assert loss.dim() == 0 and math.isfinite(loss.item())
+    metrics = step(torch.rand(4, 1, 28, 28) * 2 - 1)
+    assert metrics.shape == (len(CD_METRICS),) and torch.isfinite(metrics).all()
+    assert metrics[CD_METRICS.index("update_skipped")] == 0
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert int(step.buffer.ptr) == 4
     assert all(p.requires_grad for p in model.parameters())  # restored after sampling
+    assert step.chain().shape == (4, 1, 28, 28) and int(step.buffer.ptr) == 4  # the chain alone writes nothing back
+
+
+def test_cd_iteration_is_what_the_trainer_runs():
+    """The benchmark times the trainer's step: CDStep with the seed's clip, alpha and real-image noise, and a sampler
+    that does not wait for the device."""
+    from ebmfast.training.config import TrainConfig
+
+    cfg = TrainConfig()
+    it = CDIteration(CNNModel(hidden_features=4), "eager", batch=2, steps=1, device="cpu")
+    assert isinstance(it.step, CDStep) and it.graph is None
+    assert (it.step.grad_norm_clip, it.step.alpha, it.step.real_noise_std) == (
+        cfg.grad_norm_clip,
+        cfg.alpha,
+        cfg.real_noise_std,
+    )
+    assert it.sampler.check_finite is False
+    assert it.optimizer.defaults["betas"] == cfg.betas
 
 
 @pytest.mark.slow
 def test_bench_train_rows():
     rows = bench_train(CNNModel(), "cpu", ["eager"], batch=2, steps=1, iters=2, progress=False)
-    (r,) = rows
+    (r,) = rows  # no cdgraph row on CPU
     assert len(r.times_s) == 2 and r.median_s == pytest.approx(sum(r.times_s) / 2)
     assert r.iters_per_s == pytest.approx(1 / r.median_s)
     assert r.projected_60_epochs_min == pytest.approx(60 * 468 * r.median_s / 60)
     assert r.ratio_to_eager == 1.0 and r.first_iter_s > 0
-    assert "60 ep (min)" in format_train_table(rows)
+    assert len(r.chain_times_s) == 2 and r.iter_over_chain == pytest.approx(r.median_s / r.chain_median_s)
+    assert r.sampler_backend == "eager" and not r.iteration_graph
+    table = format_train_table(rows)
+    assert "60 ep (min)" in table and "it/chain" in table
+    metrics = {row["metric"] for row in csv_rows({}, [], rows, "fp32")}
+    assert metrics == {"throughput", "iteration_over_chain"}
 
 
 def test_matmul_peak_cpu_is_consistent():

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("device_summary", ROOT / "bench" / "device_summary.py")
 device_summary = importlib.util.module_from_spec(_spec)
@@ -96,7 +98,9 @@ def test_summarize_device_check(tmp_path):
     text = device_summary.summarize_device_check(str(tmp_path))
     assert "env ok 2s | cuda_tests FAILED rc=1 80s | bench_cli TIMEOUT 200s | pytest_bench skipped 0s" in text
     assert "7 passed, 1 failed, 0 errors, 2 skipped; failing: test_graph_cuda::test_replay" in text
-    assert text.rstrip().splitlines()[-4].startswith("  [met]")
+    lines = text.rstrip().splitlines()
+    assert lines[-7].startswith("  [met]") and lines[-3] == "targets (issue 12; measured, not asserted):"
+    assert json.loads((tmp_path / "summary.json").read_text())["targets_issue4"][0].startswith("[met]")
     assert "Fake H200" in text and "2,500,000" in text
     empty = device_summary.summarize_device_check(str(tmp_path / "nothing"))
     assert "bench.json: missing" in empty and "none recorded" in empty
@@ -147,3 +151,103 @@ def test_device_check_summary_quotes_printed_precision_lines(tmp_path):
     text = device_summary.summarize_device_check(str(tmp_path))
     assert "  PRECISION tf32: mean abs deviation from fp32 1.000e-04, max 2.000e-03" in text
     assert "other" not in text
+
+
+# ------------------------------------------------------------------------------------------------ issue 12
+def _train_rows(cdgraph_ms=15.0, chain_ms=14.0):
+    def row(name, ms, chain):
+        return {
+            "backend": name,
+            "batch": 128,
+            "steps": 60,
+            "median_s": ms / 1e3,
+            "iters_per_s": 1e3 / ms,
+            "ratio_to_eager": 5.0,
+            "projected_60_epochs_min": 28080 * ms / 1e3 / 60,
+            "first_iter_s": 2.0,
+            "chain_median_s": chain / 1e3,
+            "iter_over_chain": ms / chain,
+        }
+
+    return [row("graph", 18.8, 13.9), row("cdgraph", cdgraph_ms, chain_ms)]
+
+
+def _write_run(tmp_path, iterations=2100, first=20.0, it_ms=5.0, end_s=0.1, wall=60.0):
+    (tmp_path / "train_run.tsv").write_text(
+        f"status\tcompleted (max_iterations)\nrc\t0\niterations_asked\t{iterations}\nwall_s\t{wall}\n"
+        "command\tpython3 -m ebmfast train ...\nevaluate_rc\t0\nevaluate_s\t30\n"
+    )
+    run = tmp_path / "train_run"
+    run.mkdir()
+    rows = ["step,epoch,metric,value,wall_time"]
+    rows += [f"{i},{(i - 1) // 35},loss,0.1,0" for i in range(1, iterations + 1)]
+    rows += [f"{35 * (e + 1)},{e},rand_out,{-0.1 * e},0" for e in range(iterations // 35)]
+    rows.append(f"{iterations},{iterations // 35},rand_out,-20.0,0")  # the stop's report at max_iterations
+    rows += [f"{iterations},0,time/{k},{v},0" for k, v in (("first_iteration_s", first), ("iteration_ms", it_ms))]
+    rows.append(f"{iterations},0,time/epoch_end_s,{end_s},0")
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "report.json").write_text(
+        json.dumps({"quality": {"fd_generated_vs_real": 30.0, "fd_real_vs_real": 3.0, "fd_noise_vs_real": 900.0}})
+    )
+
+
+def test_plan_train_run_uses_the_cdgraph_row_and_the_2000_floor():
+    doc = {"train": _train_rows(cdgraph_ms=10.0)}
+    plan = device_summary.plan_train_run(doc, 130.0)
+    per_it = 0.010 * 1.3 + 0.15 / 35
+    assert plan["per_iteration_s"] == pytest.approx(per_it) and "cdgraph row 10.0 ms" in plan["basis"]
+    assert plan["iterations"] == int(100.0 / per_it) and "skip" not in plan
+    assert device_summary.plan_train_run(doc, 10_000.0)["iterations"] == 28080  # never more than the seed's run
+    short = device_summary.plan_train_run(doc, 50.0)
+    assert short["iterations"] == 0 and "fewer than 2000" in short["skip"]
+    assert "30 ms assumed" in device_summary.plan_train_run(None, 100.0)["basis"]
+
+
+def test_plan_train_run_command_prints_the_count(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text(json.dumps({"train": _train_rows(cdgraph_ms=10.0)}))
+    assert device_summary.main(["--plan-train-run", str(tmp_path), "130"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert int(first) > 2000 and "ms/iteration assumed" in second
+
+
+def test_train_run_report_and_issue12_verdicts(tmp_path):
+    _write_run(tmp_path)
+    run = device_summary.train_run_report(str(tmp_path))
+    assert run["iterations_done"] == 2100 and run["wall_s"] == 60.0 and run["full_run_min"] is None
+    want = (20.0 + 28080 * 5.0 / 1e3 + 60 * 0.1) / 60
+    assert run["measured_60_epochs_min"] == pytest.approx(want) and "projected" in run["measured_60_epochs_basis"]
+    assert run["rand_out_at_seed_epochs"]["0"]["iteration"] == 490  # the first epoch end at or after 468
+    assert run["rand_out_at_seed_epochs"]["0"]["rand_out"] == pytest.approx(-1.3)
+    assert set(run["rand_out_at_seed_epochs"]) == {"0"}  # later seed epochs are beyond 2,100 iterations
+    assert run["evaluate"]["fd_real_vs_real"] == 3.0
+    doc = _gpu_doc()
+    doc["train"] = _train_rows()
+    met = device_summary.issue12_report(doc, run)
+    assert [line.split("]")[0] for line in met] == ["[met", "[met"]
+    assert "1.07x (cdgraph: iteration 15.00 ms, chain 14.00 ms)" in met[0] and "2.77 min projected" in met[1]
+    doc["train"] = _train_rows(cdgraph_ms=16.5)
+    slow = dict(run, measured_60_epochs_min=3.2)
+    assert [line.split("]")[0] for line in device_summary.issue12_report(doc, slow)] == ["[NOT met", "[NOT met"]
+    none = device_summary.issue12_report({"environment": {"device": "cuda"}, "train": []}, None)
+    assert [line.split("]")[0] for line in none] == ["[not measured", "[not measured"]
+    cpu = device_summary.issue12_report({"environment": {"device": "cpu"}, "train": _train_rows()}, run)
+    assert [line.split("]")[0] for line in cpu] == ["[not measured", "[not measured"]  # targets are for the H200
+
+
+def test_full_run_and_skipped_run(tmp_path):
+    _write_run(tmp_path, iterations=28080, wall=170.0)
+    run = device_summary.train_run_report(str(tmp_path))
+    assert run["full_run_min"] == pytest.approx(170 / 60) and "802 epoch ends" in run["full_run_note"]
+    assert set(run["rand_out_at_seed_epochs"]) == {"0", "5", "20", "59"}
+    (tmp_path / "bench.json").write_text(json.dumps(_gpu_doc()))
+    text = device_summary.summarize_device_check(str(tmp_path))
+    assert "whole 28,080-iteration run 2.83 min" in text and "the whole 28,080-iteration run took 2.83 min" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train_run"]["measured_60_epochs_min"] == pytest.approx(run["measured_60_epochs_min"])
+    skipped = tmp_path / "skipped"
+    skipped.mkdir()
+    (skipped / "train_run.tsv").write_text("skip\t50 s allow ~900 iterations, fewer than 2000 (40s left)\n")
+    report = device_summary.train_run_report(str(skipped))
+    assert report == {"skip": "50 s allow ~900 iterations, fewer than 2000 (40s left)"}
+    assert "skipped: 50 s allow" in "\n".join(device_summary._train_run_lines(report))

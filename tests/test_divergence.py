@@ -18,7 +18,7 @@ HEALTHY = {"loss": 0.1, "metrics_avg_real": 0.5, "metrics_avg_fake": 0.4}
 
 
 # ------------------------------------------------------------------------------------------- detection rules
-@pytest.mark.parametrize("key", ["loss", "metrics_avg_real", "metrics_avg_fake"])
+@pytest.mark.parametrize("key", ["loss", "metrics_avg_real", "metrics_avg_fake", "grad_norm"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_is_detected(key, bad):
     ev = DivergenceMonitor().check_step(7, {**HEALTHY, key: bad})
@@ -196,3 +196,81 @@ def test_divergence_check_can_be_turned_off(tmp_path):
     tr, result = _fit(tmp_path, inject, divergence_check=False)
     assert result.recoveries == 0
     assert not all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
+
+
+class PoisonAfter:
+    """Wraps the trainer's iteration runner: right after the ``at``-th iteration (inside the loop, before any flush)
+    the weights become NaN, so the next iteration's loss is NaN and its update is skipped on the device."""
+
+    def __init__(self, trainer, at):
+        self.inner, self.trainer, self.at, self.calls = trainer.runner, trainer, at, 0
+
+    def __call__(self, real):
+        out = self.inner(real)
+        self.calls += 1
+        if self.calls == self.at:
+            with torch.no_grad():
+                next(self.trainer.model.parameters()).fill_(float("nan"))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_detection_waits_for_the_flush_and_rolls_back_the_same_way(tmp_path, sync_every):
+    """Weights poisoned after iteration 6: iteration 7 is non-finite (its update skipped on the device). With
+    sync_every=1 that is seen at once; with 3 at the flush after iteration 8 (flushes: 1, 3, 4 = snapshot, 6,
+    8 = snapshot), which drops iteration 8. Either way the event names iteration 7 and the run rolls back to the
+    snapshot at 4, then completes."""
+    cfg = tiny_config(epochs=2, snapshot_every=4, sample_every=0, sync_every=sync_every)
+    tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=tmp_path, progress=False)
+    tr.runner = PoisonAfter(tr, at=6)
+    result = tr.fit()
+    tr.close()
+    assert result.status == "completed" and result.recoveries == 1 and result.iteration == 20
+    assert tr.events[0]["reason"] == "non_finite" and "iteration 7" in tr.events[0]["detail"]
+    assert tr.events[0]["iteration"] == (7 if sync_every == 1 else 8)  # where the trainer was when it saw it
+    metrics = read_metrics(tmp_path / "metrics.csv")
+    assert [v for _, v in metrics["divergence/rollback_to"]] == [4.0]
+    assert metrics["update_skipped"] == [(7, 1.0)]
+    losses = [step for step, _ in metrics["loss"]]
+    assert losses == [1, 2, 3, 4, 5, 6, 7] + list(range(5, 21))  # iteration 8 (sync_every=3) was dropped, not logged
+    log = (tmp_path / "train.log").read_text()
+    assert ("the 1 iteration(s) after it are dropped" in log) == (sync_every == 3)
+    assert all(bool(torch.isfinite(p).all()) for p in tr.model.parameters())
+
+
+@pytest.mark.slow
+def test_a_tensor_lr_is_written_in_place_through_schedule_rollback_and_resume(tmp_path, monkeypatch):
+    """What the CUDA iteration graph needs from the trainer, checked on the CPU: with the lr in a tensor (on CUDA a
+    device tensor the graph reads; here float64 so the arithmetic equals a float lr's), the epoch schedule, the
+    roll-back's lr halving and a resume all write that same tensor in place, and the run equals the float-lr run."""
+    import ebmfast.training.trainer as trainer_mod
+
+    def tensor_lr_adam(params, config, device):
+        lr = torch.tensor(float(config.lr), dtype=torch.float64)
+        return torch.optim.Adam(params, lr=lr, betas=config.betas, foreach=False)
+
+    def run(out, max_iterations, resume=None):
+        cfg = tiny_config(epochs=2, snapshot_every=4, sample_every=0, max_iterations=max_iterations)
+        tr = Trainer(cfg, data=small_data(), device="cpu", out_dir=out, resume=resume, progress=False)
+        if resume is None:
+            tr.runner = PoisonAfter(tr, at=5)
+        result = tr.fit()
+        tr.close()
+        return tr, result
+
+    plain, p_result = run(tmp_path / "plain", 17)
+    monkeypatch.setattr(trainer_mod, "build_optimizer", tensor_lr_adam)
+    tensor, t_result = run(tmp_path / "tensor", 17)
+    lr = tensor.optimizer.param_groups[0]["lr"]
+    assert lr is tensor._lr_tensors[0] and float(lr) == 1e-4 * 0.5 * 0.97  # rolled back once, one epoch end
+    assert t_result.recoveries == p_result.recoveries == 1
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), tensor.model.parameters()))
+    assert torch.equal(plain.buffer.storage, tensor.buffer.storage) and t_result.metrics == p_result.metrics
+    # resume the tensor-lr run's checkpoint (written at 17): its lr comes back into the new run's own tensor
+    resumed, _ = run(tmp_path / "tensor", 19, resume=tmp_path / "tensor" / "checkpoints" / "last.pt")
+    lr = resumed.optimizer.param_groups[0]["lr"]
+    assert lr is resumed._lr_tensors[0] and float(lr) == 1e-4 * 0.5 * 0.97

@@ -69,6 +69,19 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
     assert _same_state(full, other) != []
 
 
+def test_resume_with_deferred_metrics_is_bit_identical(tmp_path):
+    """With metrics copied to the host every 3 iterations (flushes at other iterations than an uninterrupted
+    sync_every=1 run), stopping at 7 and resuming to 17 still ends in the same state: a stop flushes first, and
+    nothing that changes the training state depends on where flushes fall."""
+    full, r_full = _run(tmp_path / "full", 17)
+    part, r_part = _run(tmp_path / "part", 7, sync_every=3)
+    assert r_part.status == "max_iterations" and r_part.iteration == 7
+    resumed, r_res = _run(tmp_path / "part", 17, resume=tmp_path / "part" / "checkpoints" / "last.pt", sync_every=3)
+    assert r_res.iteration == 17
+    assert _same_state(full, resumed) == []
+    assert r_full.metrics == r_res.metrics
+
+
 def _wait_for_steps(path, n, proc, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:

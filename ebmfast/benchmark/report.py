@@ -112,18 +112,21 @@ def format_table(results: list[SamplerResult]) -> str:
 
 def format_train_table(results: list[TrainResult]) -> str:
     head = (
-        f"{'backend':<9} {'batch':>6} {'steps':>5} {'CD it/s':>9} {'x eager':>8} {'ms/it':>9} {'60 ep (min)':>12} "
-        f"{'first s':>8}"
+        f"{'backend':<9} {'batch':>6} {'steps':>5} {'CD it/s':>9} {'x eager':>8} {'ms/it':>9} {'chain ms':>9} "
+        f"{'it/chain':>9} {'60 ep (min)':>12} {'first s':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         if r.skipped:
             lines.append(f"{r.backend:<9} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
             continue
+        chain_ms = getattr(r, "chain_median_s", None)
         lines.append(
             f"{r.backend:<9} {r.batch:>6} {r.steps:>5} {fmt(r.iters_per_s, '.2f'):>9} "
             f"{fmt(r.ratio_to_eager, '.2f'):>8} "
             f"{fmt(None if r.median_s is None else r.median_s * 1e3, '.1f'):>9} "
+            f"{fmt(None if chain_ms is None else chain_ms * 1e3, '.1f'):>9} "
+            f"{fmt(getattr(r, 'iter_over_chain', None), '.2f'):>9} "
             f"{fmt(r.projected_60_epochs_min, '.1f'):>12} {fmt(r.first_iter_s, '.2f'):>8}"
         )
     return "\n".join(lines)
@@ -207,6 +210,9 @@ def csv_rows(env: dict, sampler: list[SamplerResult], train: list[TrainResult], 
                 base, metric="throughput", unit="iterations/s", y_50=1 / r.median_s, y_20=1 / r.q80_s, y_80=1 / r.q20_s
             )
         )
+        if getattr(r, "chain_median_s", None):
+            ratio = r.iter_over_chain
+            rows.append(dict(base, metric="iteration_over_chain", unit="ratio", y_50=ratio, y_20=ratio, y_80=ratio))
     return rows
 
 

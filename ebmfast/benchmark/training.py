@@ -1,10 +1,14 @@
 """Contrastive-divergence training throughput per backend (``ebmfast bench``'s second table).
 
-One iteration of the seed's recipe (``CDIteration``: replay-buffer draw, K-step chain, write-back, loss
-``alpha*(real^2 + fake^2).mean() + fake.mean() - real.mean()``, Adam step) per backend, on synthetic real images in
-[-1, 1] (throughput does not depend on the data); iterations/s and the projected wall time of the seed's 60-epoch
-MNIST run (468 iterations per epoch). Self-contained: it does not use the trainer, so it runs where the data set or
-optional packages are missing. Iterations are interleaved across backends like the sampler measurement.
+One iteration is what ``ebmfast train`` runs: ``ebmfast.cd.CDStep`` (real-image noise, replay-buffer draw, K-step
+chain, one forward on cat(real, fake), CD + alpha * L2 loss, backward, gradient-norm clip 0.1, Adam step, write-back),
+through ``CDIteration`` on synthetic real images in [-1, 1] (throughput does not depend on the data). Per backend it
+reports iterations/s, the projected wall time of the seed's 60-epoch MNIST run (468 iterations per epoch), and the
+time of the chain alone with the same sampler (``sampler.sample(buffer.draw(B))``, timed in the same rounds), so that
+iteration / chain says what the rest of the iteration costs. On CUDA a ``cdgraph`` row runs the whole iteration as one
+CUDA graph (``ebmfast.cd_graph.CDGraph``, what the trainer does by default there) with the ``graph`` backend's chain.
+Self-contained: it does not use the trainer, so it runs where the data set or optional packages are missing.
+Iterations are interleaved across rows like the sampler measurement.
 """
 
 from __future__ import annotations
@@ -17,26 +21,26 @@ import torch
 from torch import nn
 
 from ..buffer import ReplayBuffer
+from ..cd import CDStep
 from ..devices import resolve_device
-from ..reference import energy_scores
 from ..sampler import LangevinSampler
 from .timing import progress_bar, quantile, record_failure, rotations, telemetry_for, time_call, uniform, wall_call
 
-__all__ = ["SEED_EPOCHS", "SEED_ITERS_PER_EPOCH", "CDIteration", "TrainResult", "bench_train"]
+__all__ = ["SEED_EPOCHS", "SEED_ITERS_PER_EPOCH", "ITERATION_GRAPH_ROW", "CDIteration", "TrainResult", "bench_train"]
 
 SEED_EPOCHS = 60
 SEED_ITERS_PER_EPOCH = 468  # 60,000 MNIST images / batch 128, drop_last
+ITERATION_GRAPH_ROW = "cdgraph"  # the row whose whole iteration is one CUDA graph (sampler backend "graph")
 
 
 class CDIteration:
-    """One contrastive-divergence iteration of the seed's recipe, as a callable on a real batch.
+    """One contrastive-divergence iteration of the seed's recipe, as the trainer runs it: ``CDStep`` on a sampler
+    of ``backend`` with ``check_finite=False``, so no host synchronisation (the metrics tensor it returns, in
+    ``CD_METRICS`` order, is not read back).
 
-    Real images get N(0, 0.005^2) noise and are clamped; chains start from the replay buffer (5 % fresh uniform
-    noise), run ``steps`` Langevin steps, are written back; loss = alpha*(real_out^2 + fake_out^2).mean()
-    + fake_out.mean() - real_out.mean(); Adam(lr, betas=(0.0, 0.999)) steps. The loss is returned as a device
-    tensor (not read back), but the iteration is not free of host synchronisation: ``sampler.sample`` (with its
-    default ``check_finite=True``) and ``buffer.push`` each check that their input is finite, which waits for the
-    device once per call (checks are skipped only while a CUDA graph is being captured)."""
+    ``iteration_graph=True`` (CUDA): the whole iteration replayed as one ``CDGraph``; it then builds its own
+    ``Adam(capturable=True)`` with a device-tensor lr unless ``optimizer`` is such an optimizer. ``chain()`` runs the
+    chain alone (the sampler on a buffer draw), the reference the iteration time is compared with."""
 
     def __init__(
         self,
@@ -52,35 +56,47 @@ class CDIteration:
         lr: float = 1e-4,
         sample_shape=None,
         compile_kwargs: dict | None = None,
+        grad_norm_clip: float = 0.1,
+        iteration_graph: bool = False,
     ):
         self.device = resolve_device(device)
         self.model = model
         self.batch = int(batch)
         self.steps = int(steps)
-        self.alpha = float(alpha)
         shape = tuple(sample_shape or model.input_shape)
         self.sampler = LangevinSampler(
-            model, steps=steps, backend=backend, precision=precision, seed=seed, compile_kwargs=compile_kwargs
+            model,
+            steps=steps,
+            backend=backend,
+            precision=precision,
+            seed=seed,
+            compile_kwargs=compile_kwargs,
+            check_finite=False,
         )
         gen = torch.Generator(device=self.device).manual_seed(seed)
         self.buffer = ReplayBuffer(shape, capacity=8192, fresh_prob=0.05, device=self.device, generator=gen)
-        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999))
-        self._gen = gen
+        if optimizer is None:
+            if iteration_graph:
+                lr_t = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
+                optimizer = torch.optim.Adam(model.parameters(), lr=lr_t, betas=(0.0, 0.999), capturable=True)
+            else:
+                optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999))
+        self.optimizer = optimizer
+        self.step = CDStep(
+            model, optimizer, self.sampler, self.buffer, alpha=alpha, grad_norm_clip=grad_norm_clip, generator=gen
+        )
+        self.graph = None
+        if iteration_graph:
+            from ..cd_graph import CDGraph
+
+            self.graph = CDGraph(self.step)
 
     def __call__(self, real: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(real.shape, device=real.device, generator=self._gen)
-        real = (real + 0.005 * noise).clamp_(-1.0, 1.0)
-        start = self.buffer.draw(self.batch)
-        fake = self.sampler.sample(start, self.steps)
-        self.buffer.push(fake)
-        self.model.train()
-        real_out, fake_out = energy_scores(self.model, torch.cat([real, fake], dim=0)).chunk(2, dim=0)
-        reg = self.alpha * (real_out**2 + fake_out**2).mean()
-        loss = reg + fake_out.mean() - real_out.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return self.graph(real) if self.graph is not None else self.step(real)
+
+    def chain(self) -> torch.Tensor:
+        """The same sampler's chain from a buffer draw, alone (nothing written back)."""
+        return self.sampler.sample(self.buffer.draw(self.batch))
 
 
 @dataclass
@@ -101,6 +117,11 @@ class TrainResult:
     last_backend: str | None = None
     skipped: str | None = None
     telemetry: dict | None = None
+    sampler_backend: str | None = None  # the chain's backend (= backend, except for the cdgraph row: "graph")
+    iteration_graph: bool = False  # the whole iteration replayed as one CUDA graph (CDGraph)
+    chain_times_s: list = field(default_factory=list)  # the chain alone, same sampler, same rounds
+    chain_median_s: float | None = None
+    iter_over_chain: float | None = None  # median iteration time / median chain time
 
     def finish(self) -> None:
         if not self.times_s:
@@ -109,6 +130,9 @@ class TrainResult:
         self.q20_s, self.q80_s = quantile(self.times_s, 0.2), quantile(self.times_s, 0.8)
         self.iters_per_s = 1.0 / self.median_s
         self.projected_60_epochs_min = SEED_EPOCHS * SEED_ITERS_PER_EPOCH * self.median_s / 60.0
+        if self.chain_times_s:
+            self.chain_median_s = statistics.median(self.chain_times_s)
+            self.iter_over_chain = self.median_s / self.chain_median_s
 
 
 def bench_train(
@@ -123,44 +147,66 @@ def bench_train(
     telemetry: bool = True,
     progress: bool = True,
     compile_kwargs: dict | None = None,
+    iteration_graph: bool | None = None,
 ) -> list[TrainResult]:
-    """CD iterations/s per backend, interleaved like ``bench_sampler``.
+    """CD iterations/s per backend, interleaved like ``bench_sampler``, each with its chain time.
 
-    All backends train the same model object with one shared Adam (its weights keep changing, which does not
-    change the work per iteration); sharing avoids a torch.compile re-compilation per model copy."""
+    ``iteration_graph`` (default: on CUDA when ``graph`` is among ``backends``) adds the ``cdgraph`` row. All rows
+    train the same model object (its weights keep changing, which does not change the work per iteration); the
+    uncaptured rows share one Adam, the cdgraph row has its own capturable one. Sharing the model avoids a
+    torch.compile re-compilation per model copy."""
     device = resolve_device(device)
     model = model.to(device)
     shape = tuple(model.input_shape)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.999))
     real = uniform((batch, *shape), device, seed + 7)
     timer = "cuda-events" if device.type == "cuda" else "perf_counter"
-    rows = {b: TrainResult(b, batch, steps, str(device), timer) for b in backends}
-    steps_fns = {}
-    bar = progress_bar(len(backends) * (iters + 1), "train", progress)
+    if iteration_graph is None:
+        iteration_graph = device.type == "cuda" and "graph" in backends
+    plan = [(b, b, False) for b in backends]  # (row, sampler backend, whole-iteration graph)
+    if iteration_graph:
+        plan.append((ITERATION_GRAPH_ROW, "graph", True))
+    rows = {
+        name: TrainResult(name, batch, steps, str(device), timer, sampler_backend=b, iteration_graph=g)
+        for name, b, g in plan
+    }
+    fns = {}
+    bar = progress_bar(len(plan) * (iters + 1), "train", progress)
     with telemetry_for(device, telemetry) as tel:
-        for b in backends:
+        for name, b, g in plan:
             try:
                 fn = CDIteration(
-                    model, b, batch, steps, device, precision, seed, optimizer=optimizer, compile_kwargs=compile_kwargs
+                    model,
+                    b,
+                    batch,
+                    steps,
+                    device,
+                    precision,
+                    seed,
+                    optimizer=None if g else optimizer,
+                    compile_kwargs=compile_kwargs,
+                    iteration_graph=g,
                 )
-                rows[b].first_iter_s = wall_call(partial(fn, real), device)
+                rows[name].first_iter_s = wall_call(partial(fn, real), device)
+                fn.chain()  # the chain alone, once untimed (a graph backend captures it here)
             except Exception as exc:
-                record_failure(rows[b], exc)
+                record_failure(rows[name], exc)
                 bar.update(iters + 1)
                 continue
-            rows[b].last_backend = fn.sampler.last_backend
-            steps_fns[b] = fn
+            rows[name].last_backend = fn.sampler.last_backend
+            fns[name] = fn
             bar.update(1)
-        for order in rotations([b for b in backends if b in steps_fns], iters):
-            for b in order:
-                if b not in steps_fns:
+        for order in rotations([name for name, _, _ in plan if name in fns], iters):
+            for name in order:
+                if name not in fns:
                     continue
-                fn = steps_fns[b]
+                fn = fns[name]
                 try:
-                    rows[b].times_s.append(time_call(partial(fn, real), device))
+                    rows[name].times_s.append(time_call(partial(fn, real), device))
+                    rows[name].chain_times_s.append(time_call(fn.chain, device))
                 except Exception as exc:
-                    record_failure(rows[b], exc)
-                    del steps_fns[b]
+                    record_failure(rows[name], exc)
+                    del fns[name]
                 bar.update(1)
     bar.close()
     summary = tel.summary() if device.type == "cuda" else None

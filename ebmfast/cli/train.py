@@ -46,6 +46,13 @@ _OVERRIDES = [
     ("--sample-every", "sample_every", int, "write sample grids every N epochs, 0 = never (tutorial: 5)"),
     ("--gen-steps", "gen_steps", int, "Langevin steps of the generation grid's chains (tutorial: 256)"),
     ("--max-recoveries", "max_recoveries", int, "divergence roll-backs allowed before giving up (default 3)"),
+    (
+        "--sync-every",
+        "sync_every",
+        int,
+        "copy step metrics to the host (log, progress, divergence checks) every N iterations (default 1 on CPU, "
+        "10 on CUDA)",
+    ),
 ]
 
 
@@ -111,6 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-divergence-check", action="store_true", help="turn off divergence detection and roll-back"
     )
     parser.add_argument(
+        "--no-iteration-graph",
+        action="store_true",
+        help="on CUDA, run each iteration uncaptured instead of replaying it as one CUDA graph",
+    )
+    parser.add_argument(
         "--quality-every",
         type=int,
         default=0,
@@ -148,6 +160,8 @@ def build_config(args: argparse.Namespace, base: dict | None = None) -> TrainCon
         overrides["tensorboard"] = False
     if getattr(args, "no_divergence_check", False):
         overrides["divergence_check"] = False
+    if getattr(args, "no_iteration_graph", False):
+        overrides["iteration_graph"] = False
     for item in getattr(args, "set_values", []):
         key, sep, text = item.partition("=")
         if not sep:
@@ -224,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     print(
         f"ebmfast train: {config.epochs} epochs of {len(trainer.batches)} iterations on {device} "
-        f"(sampler backend {config.sampler_backend}, data {config.data}); writing to {out}"
+        f"(sampler backend {config.sampler_backend}, data {config.data}; {trainer.runner.describe()}); "
+        f"writing to {out}"
     )
     try:
         result = trainer.fit()
@@ -242,6 +257,13 @@ def run(args: argparse.Namespace) -> int:
         f"ebmfast train: {how}: {result.epoch} epochs, {result.iteration} iterations, "
         f"{result.wall_time_s:.0f} s, {result.recoveries} divergence recoveries; {summary}"
     )
+    t = result.timing
+    if "first_iteration_s" in t and "iteration_ms" in t:
+        print(
+            f"ebmfast train: first iteration {t['first_iteration_s']:.1f} s (compilation, capture), then "
+            f"{t['iteration_ms']:.1f} ms per iteration"
+            + (f", {t['epoch_end_s']:.2f} s per epoch end" if "epoch_end_s" in t else "")
+        )
     print(
         f"ebmfast train: checkpoints in {out / 'checkpoints'}, grids in {out / 'samples'}, metrics in "
         f"{out / 'metrics.csv'}"

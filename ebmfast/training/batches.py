@@ -31,8 +31,11 @@ class TensorBatches:
         if self.perm is None or self.pos >= len(self) * self.batch_size or self.pos >= len(self.images):
             self.perm = torch.randperm(len(self.images), generator=self.generator)
             self.pos = 0
+        # One copy of the order to the images' device per epoch, not one per batch: on CUDA a blocking copy from
+        # the host waits for all queued work (a host synchronisation in every iteration).
+        perm = self.perm.to(self.images.device)
         while self.pos < len(self) * self.batch_size and self.pos < len(self.images):
-            idx = self.perm[self.pos : self.pos + self.batch_size].to(self.images.device)
+            idx = perm[self.pos : self.pos + self.batch_size]
             self.pos += self.batch_size
             yield self.images.index_select(0, idx)
         self.perm = None  # the epoch is over: the next iteration draws a new order

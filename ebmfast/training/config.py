@@ -60,6 +60,9 @@ class TrainConfig:
     gen_show_every: int = 32  # ... showing every N-th step (256 / 32 = 8 columns)
     buffer_grid_images: int = 32  # buffer grid: this many random replay-buffer images
     tensorboard: bool = True
+    # ---- how the iteration runs (ebmfast.training.step)
+    iteration_graph: bool = True  # CUDA: the whole CD iteration as one CUDA graph (CDGraph) where it can be; CPU: off
+    sync_every: int | None = None  # copy step metrics to the host every N iterations; None: 1 on CPU, 10 on CUDA
     # ---- divergence detection and recovery (ebmfast.training.divergence)
     divergence_check: bool = True
     max_recoveries: int = 3  # roll-backs allowed in one run before giving up
@@ -266,6 +269,8 @@ def _validate(cfg: TrainConfig) -> None:
             f"TrainConfig.buffer_grid_images ({cfg.buffer_grid_images}) must be <= buffer_size ({cfg.buffer_size})"
         )
     _bool(cfg, "tensorboard")
+    _bool(cfg, "iteration_graph")
+    _int(cfg, "sync_every", lo=1, hi=10_000, allow_none=True)
     _bool(cfg, "divergence_check")
     _int(cfg, "max_recoveries", lo=0)
     _float(cfg, "recovery_lr_factor", lo=0.0, hi=1.0, lo_open=True)

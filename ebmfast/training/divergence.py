@@ -7,11 +7,18 @@ reseeds the sampler, the replay buffer / noise generator and the data order (``s
 number), multiplies the learning rate by ``recovery_lr_factor``, logs the event and goes on, at most
 ``max_recoveries`` times per run; then it raises ``DivergenceError``.
 
+When it is checked: the trainer copies step metrics to the host every ``sync_every`` iterations (1 on CPU, 10 on CUDA
+by default) and runs ``check_step`` on each of them, in order, at that flush. A divergence is therefore acted on up to
+``sync_every - 1`` iterations after the iteration that shows it; the iterations run meanwhile are dropped with the
+roll-back, which goes to the newest snapshot exactly as before (snapshots are only taken right after a flush whose
+iterations all passed). The gap check's f(noise) is computed on the device at the check iteration itself and read at
+the flush, so the check sees the same numbers whatever ``sync_every`` is.
+
 What counts as divergence (``f`` = model output = -energy; real = data batch, fake = Langevin samples, noise =
 a fixed batch of U(-1, 1) images):
 
-- ``non_finite``: loss, mean f(real) or mean f(fake) is NaN or inf (checked every iteration), or a validation
-  metric is (checked every epoch).
+- ``non_finite``: loss, mean f(real), mean f(fake) or the gradient norm is NaN or inf (checked for every iteration;
+  the step has then skipped that iteration's update on the device), or a validation metric is (checked every epoch).
 - ``energy_explosion``: |mean f(real)| or |mean f(fake)| exceeds ``energy_limit``. The alpha regulariser keeps the
   seed's energies small (its 60-epoch run ends with rand_out = -16.3 and data near 0).
 - ``gap_collapse``, checked every ``check_every`` iterations once the data-minus-noise gap ``f(real) - f(noise)`` has
@@ -80,7 +87,7 @@ class DivergenceMonitor:
     def check_step(self, iteration: int, metrics: dict[str, float], noise_out=None) -> DivergenceEvent | None:
         """Check one training step's metrics. ``noise_out``: a callable returning mean f(noise batch), called only
         on gap-check iterations (it costs a forward pass)."""
-        for key in ("loss", "metrics_avg_real", "metrics_avg_fake"):
+        for key in ("loss", "metrics_avg_real", "metrics_avg_fake", "grad_norm"):
             v = metrics.get(key)
             if v is not None and not math.isfinite(v):
                 return DivergenceEvent("non_finite", f"{key} = {v} at iteration {iteration}")
@@ -242,6 +249,7 @@ class Rollback:
         recoveries, lr_scale = trainer.recoveries, trainer.lr_scale * cfg.recovery_lr_factor
         trainer.model.load_state_dict(state["model"])
         restore_run_state(trainer, state["trainer"], restore_global_rng=False)
+        trainer.state_restored()  # the lr tensors back into the new param groups; the iteration graph re-captured
         trainer.recoveries = recoveries
         set_lr_scale(trainer, lr_scale)
         attempt = trainer.recoveries
@@ -249,7 +257,7 @@ class Rollback:
         trainer.gen.manual_seed(derive_seed(cfg.seed, attempt, S_GEN))
         trainer.batches.generator.manual_seed(derive_seed(cfg.seed, attempt, S_DATA))
         self.monitor.reset()
-        lr = trainer.optimizer.param_groups[0]["lr"]
+        lr = float(trainer.optimizer.param_groups[0]["lr"])
         trainer.note(
             f"rolled back to iteration {target_iter} (epoch {trainer.epoch}), reseeded (attempt {attempt}), "
             f"lr now {lr:.3g}; recovery {trainer.recoveries}/{cfg.max_recoveries}",
@@ -261,11 +269,15 @@ class Rollback:
 
 def set_lr_scale(trainer, new_scale: float) -> None:
     """lr = config.lr * new_scale * lr_gamma ** (epochs stepped), recomputed from the schedule rather than taken from
-    the restored optimizer state (a spike that set the lr by hand must not survive the roll-back)."""
+    the restored optimizer state (a spike that set the lr by hand must not survive the roll-back). An lr held in a
+    device tensor (what a captured iteration reads) is written in place."""
     base = trainer.config.lr * new_scale
     lr = base * trainer.config.lr_gamma**trainer.scheduler.last_epoch
     for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
         group["initial_lr"] = base
     trainer.scheduler.base_lrs = [base for _ in trainer.optimizer.param_groups]
     trainer.scheduler._last_lr = [lr for _ in trainer.optimizer.param_groups]

@@ -1,9 +1,13 @@
 """``Trainer``: contrastive-divergence training of an energy model (the seed's recipe) as a plain PyTorch loop.
 
-Each iteration is ``step.train_step`` (the seed's ``DeepEnergyModel.training_step``). Every epoch: validation
-(held-out images vs U(-1, 1) noise), rand_out (mean score of 1,024 noise images), StepLR, checkpoints (best by
-val_contrastive_divergence, and last), callbacks; every ``sample_every`` epochs PNG grids of chains from noise and of
-buffer images (``pictures.py``).
+Each iteration is ``ebmfast.cd.CDStep`` (the seed's ``DeepEnergyModel.training_step``), on CUDA replayed as one CUDA
+graph (``CDGraph``) unless ``iteration_graph`` is off or cannot be used (``step.py`` decides; the log says why). Its
+metrics stay on the device and are copied to the host every ``sync_every`` iterations (a "flush", the one
+synchronisation); each flush hands every iteration's metrics, in order, to the CSV, TensorBoard, the progress bar,
+``on_step_end`` callbacks and the divergence monitor. Snapshots, stops (signals, ``max_iterations``) and epoch ends
+come right after a flush. Every epoch: validation (held-out images vs U(-1, 1) noise), rand_out (mean score of 1,024
+noise images), StepLR, checkpoints (best by val_contrastive_divergence, and last), callbacks; every ``sample_every``
+epochs PNG grids of chains from noise and of buffer images (``pictures.py``).
 
 Output layout under ``out_dir``::
 
@@ -16,11 +20,11 @@ Output layout under ``out_dir``::
     samples/generation_epochNNN.png   rows = chains from noise, columns = every gen_show_every-th step
     samples/buffer_epochNNN.png       random replay-buffer images
 
-The trainer's concerns each have their own module: the step (``step.py``), divergence roll-back (``divergence.py``),
-what is saved and resumed (``state.py``, atomic files in ``checkpoint.py``), signals (``signals.py``), pictures
-(``pictures.py``), run records (``runlog.py``). ``--resume`` continues bit-exactly on CPU: every random stream the run
-uses is in the checkpoint, and epoch-end work uses its own seeded generators so it never disturbs the training
-streams.
+The trainer's concerns each have their own module: how iterations run (``step.py``), divergence roll-back
+(``divergence.py``), what is saved and resumed (``state.py``, atomic files in ``checkpoint.py``), signals
+(``signals.py``), pictures (``pictures.py``), run records (``runlog.py``). ``--resume`` continues bit-exactly on CPU:
+every random stream the run uses is in the checkpoint, and epoch-end work uses its own seeded generators so it never
+disturbs the training streams.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import math
 import random
 import signal
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 
 from ..buffer import ReplayBuffer
+from ..cd import CD_METRICS, CDStep
 from ..data import DataSplits, load_dataset
 from ..devices import resolve_device
 from ..errors import DivergenceError
@@ -63,7 +69,15 @@ from .state import (
     resume_from,
     run_state,
 )
-from .step import STEP_METRICS, train_step
+from .step import (
+    STEP_METRICS,
+    IterationRunner,
+    StepHistory,
+    adopt_optimizer,
+    build_optimizer,
+    iteration_graph_reason,
+    resolve_sync_every,
+)
 
 __all__ = ["Trainer", "FitResult", "STEP_METRICS", "VAL_METRICS"]
 
@@ -82,6 +96,7 @@ class FitResult:
     last_checkpoint: Path | None = None
     best_val: float | None = None
     metrics: dict = field(default_factory=dict)  # the latest epoch-level metrics
+    timing: dict = field(default_factory=dict)  # first iteration, steady ms per iteration, epoch-end seconds
 
 
 class Trainer:
@@ -94,7 +109,9 @@ class Trainer:
         device: "auto"/None (CUDA if available), "cpu", "cuda[:N]" or a torch.device.
         out_dir: where the run's files go (see the module docstring); ``None`` writes nothing.
         callbacks: objects with ``on_epoch_end(trainer, epoch) -> dict | None`` (returned metrics are logged) and
-            optionally ``on_step_end(trainer, iteration, metrics) -> dict | None`` (called after each iteration).
+            optionally ``on_step_end(trainer, iteration, metrics) -> dict | None``, called for every iteration, in
+            order, at the flush that copies its metrics to the host (``sync_every``; on CPU right after the
+            iteration), so ``trainer.iteration`` may be up to ``sync_every - 1`` iterations further.
         resume: path of a checkpoint written by a Trainer: continue that run exactly where it stopped.
         overwrite: allow ``out_dir`` to hold an earlier run (its files get replaced/appended).
         progress: show tqdm bars.
@@ -151,8 +168,13 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         self.model = CNNModel(**cfg.model_kwargs()).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg, self.device)
+        # On CUDA the lr lives in device tensors that a captured iteration reads; the schedule writes them in place.
+        groups = self.optimizer.param_groups
+        self._lr_tensors = [g["lr"] for g in groups] if isinstance(groups[0]["lr"], torch.Tensor) else None
+        self._capturable = bool(self.optimizer.defaults.get("capturable", False))
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=cfg.lr_gamma)
+        self._adopt_lr()
 
         # ---- random streams and the sampling machinery
         self.gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_GEN))
@@ -170,7 +192,7 @@ class Trainer:
             precision=cfg.sampler_precision,
         )
         try:
-            resolve_backend(cfg.sampler_backend, self.device)
+            backend = resolve_backend(cfg.sampler_backend, self.device)
         except RuntimeError as exc:
             raise ValueError(str(exc)) from None
         self.sampler = LangevinSampler(
@@ -178,6 +200,7 @@ class Trainer:
             steps=cfg.sampler_steps,
             backend=cfg.sampler_backend,
             seed=derive_seed(cfg.seed, 0, S_SAMPLER),
+            check_finite=False,  # the step flags non-finite iterations on the device instead of waiting for it
             **sampler_kw,
         )
         self.pictures = TrainingPictures(self.model, cfg, self.device, **sampler_kw)
@@ -188,6 +211,24 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_MONITOR))
         self._monitor_noise = torch.rand((64, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
         self.signals = StopSignals()
+        self.cd_step = CDStep(
+            self.model,
+            self.optimizer,
+            self.sampler,
+            self.buffer,
+            alpha=cfg.alpha,
+            real_noise_std=cfg.real_noise_std,
+            grad_norm_clip=cfg.grad_norm_clip,
+            generator=self.gen,
+        )
+        self.runner = IterationRunner(
+            self.cd_step,
+            iteration_graph_reason(cfg, self.device, backend),
+            on_fallback=lambda msg: self.note(msg, warn=True, echo=self.progress),
+        )
+        self.sync_every = resolve_sync_every(cfg, self.device)
+        self._history = StepHistory(self.sync_every, self.device)
+        self.timing: dict = {}
 
         # ---- progress counters
         self.epoch = 0  # epochs completed (= index of the epoch in progress)
@@ -200,6 +241,7 @@ class Trainer:
         self._fit_start: float | None = None
         if ckpt is not None:
             resume_from(self, ckpt, str(resume))
+            self.state_restored()
 
         # ---- files (only now: every check above has passed)
         self.metrics = MetricsLogger(
@@ -221,28 +263,27 @@ class Trainer:
                 f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                 f"{len(train_images)} training images, {len(self.batches)} iterations per epoch"
             )
+        self.note(f"iterations: {self.runner.describe()}; metrics copied to the host every {self.sync_every}")
 
     # ================================================================================================ training
     def train_step(self, real: torch.Tensor) -> dict[str, float]:
-        """One contrastive-divergence iteration (``step.train_step``) on a batch of real images; returns the step's
-        metrics."""
+        """One contrastive-divergence iteration (the loop's, ``runner``) on a batch of real images; returns its
+        metrics (``CD_METRICS``) as host floats, which waits for the device. Not counted in ``iteration``."""
         if not isinstance(real, torch.Tensor) or real.dim() != 4 or tuple(real.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(
                 f"real must be a batch of images (B, 1, 28, 28), got "
                 f"{tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__}"
             )
-        cfg = self.config
-        return train_step(
-            self.model,
-            self.optimizer,
-            self.sampler,
-            self.buffer,
-            real.to(self.device, torch.float32),
-            generator=self.gen,
-            alpha=cfg.alpha,
-            real_noise_std=cfg.real_noise_std,
-            grad_norm_clip=cfg.grad_norm_clip,
-        )
+        return dict(zip(CD_METRICS, self.runner(real.to(self.device, torch.float32)).tolist()))
+
+    def state_restored(self) -> None:
+        """After the run's state was loaded (resume, roll-back, ``load_state_dict``): the optimizer's new param groups
+        get the run's lr tensors and flags back, and a captured iteration graph is dropped (re-captured next time)."""
+        self._adopt_lr()
+        self.runner.invalidate()
+
+    def _adopt_lr(self) -> None:
+        adopt_optimizer(self.optimizer, self._lr_tensors, self._capturable)
 
     @torch.no_grad()
     def validate(self, epoch: int | None = None) -> dict[str, float]:
@@ -287,9 +328,10 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
-    def _noise_out(self) -> float:
-        """Mean score of a fixed batch of noise images (the divergence monitor's gap check)."""
-        return float(self._score(self._monitor_noise).double().mean())
+    def _noise_out(self) -> torch.Tensor:
+        """Mean score of a fixed batch of noise images (the divergence monitor's gap check), a 0-d device tensor:
+        computed at the check iteration, read at the next flush."""
+        return self._score(self._monitor_noise).double().mean()
 
     def save_grids(self, epoch: int | None = None) -> list[Path]:
         """The seed's GenerateCallback and SamplerCallback pictures: chains from noise, and buffer images."""
@@ -300,6 +342,8 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train until ``config.epochs`` (or ``config.max_iterations``), a signal, or too many divergences."""
         self._fit_start = time.time()
+        self._fit_iterations = 0
+        self._clock = {"first": None, "loop_s": 0.0, "loop_iterations": 0, "epoch_end_s": []}
         status = "completed"
         try:
             with self.signals:
@@ -322,6 +366,7 @@ class Trainer:
             self.note(f"giving up: {exc}", warn=True)
             raise
         finally:
+            self._finish_timing()
             self.metrics.flush()
         result = FitResult(
             status=status,
@@ -333,6 +378,7 @@ class Trainer:
             signal=self.signals.name,
             best_val=self.best_val if math.isfinite(self.best_val) else None,
             metrics=dict(self.epoch_metrics),
+            timing=dict(self.timing),
         )
         if status == "completed":
             self.note(f"finished {self.epoch} epochs, {self.iteration} iterations in {result.wall_time_s:.0f} s")
@@ -350,6 +396,7 @@ class Trainer:
         total = len(self.batches)
         done = self.batches.pos // cfg.batch_size if self.batches.perm is not None else 0
         t0 = time.time()
+        self._mark = time.perf_counter()
         if done < total:
             bar = tqdm(
                 total=total,
@@ -362,48 +409,144 @@ class Trainer:
             )
             try:
                 for real in self.batches:
-                    metrics = self.train_step(real)
-                    self.iteration += 1
-                    logged = dict(metrics)
-                    for cb in self.callbacks:
-                        hook = getattr(cb, "on_step_end", None)
-                        if hook is not None:
-                            logged.update(hook(self, self.iteration, metrics) or {})
-                    event = None
-                    if cfg.divergence_check:
-                        monitor = self.rollback.monitor
-                        event = monitor.check_step(self.iteration, metrics, noise_out=self._noise_out)
-                        if self.iteration % cfg.collapse_check_every == 0:
-                            logged.update(monitor.last_gap_metrics)
-                    self.metrics.log(self.iteration, self.epoch, logged)
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.3f}",
-                        real=f"{metrics['metrics_avg_real']:.3f}",
-                        fake=f"{metrics['metrics_avg_fake']:.3f}",
-                        refresh=False,
-                    )
-                    if event is not None:
-                        self.rollback.recover(self, event)
-                        return "rollback"
-                    if self.iteration % cfg.snapshot_every == 0:
-                        self.rollback.snapshot(self)
-                    if self.signals.requested:
-                        return "interrupted"
-                    if self._limit_reached():
-                        return "max_iterations"
+                    self._iterate(real)
+                    if self._flush_due():
+                        outcome = self._flush(bar)
+                        if outcome is not None:
+                            return outcome
+                # The epoch's last iterations, when no flush fell on them. A stop asked for only now (a signal after
+                # the last in-loop check) waits for the epoch end, which fit() runs first, as it always did.
+                if self._flush(bar) == "rollback":
+                    return "rollback"
             finally:
                 bar.close()
         return self._end_epoch(time.time() - t0)
 
+    def _iterate(self, real: torch.Tensor) -> None:
+        """One training iteration; its metrics (and, at gap-check iterations, the monitor's f(noise)) stay on the
+        device in the step history until the next flush."""
+        cfg = self.config
+        metrics = self.runner(real)
+        self.iteration += 1
+        self._fit_iterations += 1
+        noise = None
+        if cfg.divergence_check and self.iteration % cfg.collapse_check_every == 0:
+            noise = self._noise_out()
+        self._history.record(self.iteration, metrics, noise)
+
+    def _flush_due(self) -> bool:
+        """A flush now: at every ``sync_every``-th iteration (or when the history is full), when a snapshot or a stop
+        is due (both need checked metrics), or after the run's first iteration (so its time, with compilation and
+        capture, is measured on its own)."""
+        return (
+            self._history.full
+            or self.iteration % self.sync_every == 0
+            or self.iteration % self.config.snapshot_every == 0
+            or self.signals.requested
+            or self._limit_reached()
+            or self._fit_iterations == 1
+        )
+
+    def _flush(self, bar) -> str | None:
+        """Copy the pending iterations' metrics to the host (one synchronisation) and hand each, in order, to the
+        callbacks, the divergence monitor, the metrics log and the progress bar. Returns "rollback" when the monitor
+        found a divergence (the iterations after the divergent one are dropped: the roll-back undoes them),
+        "interrupted" / "max_iterations" when the loop must stop, else None (after a snapshot when one is due)."""
+        rows = self._history.read()
+        if not rows:
+            return None
+        cfg = self.config
+        for i, (iteration, metrics, noise) in enumerate(rows):
+            logged = {k: metrics[k] for k in STEP_METRICS}
+            if metrics["update_skipped"]:
+                logged["update_skipped"] = metrics["update_skipped"]
+            for cb in self.callbacks:
+                hook = getattr(cb, "on_step_end", None)
+                if hook is not None:
+                    logged.update(hook(self, iteration, metrics) or {})
+            event = None
+            if cfg.divergence_check:
+                monitor = self.rollback.monitor
+                event = monitor.check_step(iteration, metrics, noise_out=None if noise is None else (lambda v=noise: v))
+                if iteration % cfg.collapse_check_every == 0:
+                    logged.update(monitor.last_gap_metrics)
+            self.metrics.log(iteration, self.epoch, logged)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                real=f"{metrics['metrics_avg_real']:.3f}",
+                fake=f"{metrics['metrics_avg_fake']:.3f}",
+                refresh=False,
+            )
+            if event is not None:
+                later = len(rows) - 1 - i
+                if later:
+                    self.note(
+                        f"divergence at iteration {iteration} seen at the flush after iteration {self.iteration} "
+                        f"(sync_every={self.sync_every}): the {later} iteration(s) after it are dropped",
+                        warn=True,
+                    )
+                self._clock_rows(len(rows))
+                self.rollback.recover(self, event)
+                return "rollback"
+        self._clock_rows(len(rows))
+        if self.iteration % cfg.snapshot_every == 0:
+            self.rollback.snapshot(self)
+        if self.signals.requested:
+            return "interrupted"
+        if self._limit_reached():
+            return "max_iterations"
+        return None
+
+    # ================================================================================================ timing
+    def _clock_rows(self, n: int) -> None:
+        """Wall time since the last mark, charged to the run's first iteration (compilation, capture) or to the
+        steady loop (iterations with their flushes, logging and snapshots; epoch-end work is timed apart)."""
+        now = time.perf_counter()
+        clock = self._clock
+        if clock["first"] is None and self._fit_iterations == n == 1:
+            clock["first"] = now - self._mark
+        else:
+            clock["loop_s"] += now - self._mark
+            clock["loop_iterations"] += n
+        self._mark = now
+
+    def _finish_timing(self) -> None:
+        """``timing`` (also in FitResult and, as ``time/...`` metrics, in the log): the first iteration's seconds,
+        steady milliseconds per iteration, the median epoch-end seconds, the whole fit's seconds."""
+        clock = getattr(self, "_clock", None)
+        if clock is None:
+            return
+        timing = {"fit_s": time.time() - self._fit_start}
+        if clock["first"] is not None:
+            timing["first_iteration_s"] = clock["first"]
+        if clock["loop_iterations"]:
+            timing["iteration_ms"] = 1e3 * clock["loop_s"] / clock["loop_iterations"]
+            timing["steady_iterations"] = float(clock["loop_iterations"])
+        if clock["epoch_end_s"]:
+            timing["epoch_end_s"] = statistics.median(clock["epoch_end_s"])
+        self.timing = timing
+        self.metrics.log(self.iteration, self.epoch, {f"time/{k}": v for k, v in timing.items()})
+        parts = [f"{k} {v:.4g}" for k, v in timing.items()]
+        self.note(f"timing: {', '.join(parts)} ({self.runner.describe()}, sync_every {self.sync_every})")
+
     def _end_epoch(self, seconds: float) -> str:
+        t0 = time.perf_counter()
+        try:
+            return self._epoch_end_work(seconds)
+        finally:
+            if getattr(self, "_clock", None) is not None:
+                self._clock["epoch_end_s"].append(time.perf_counter() - t0)
+
+    def _epoch_end_work(self, seconds: float) -> str:
         cfg = self.config
         epoch = self.epoch
         metrics = self.validate(epoch)
         metrics["rand_out"] = self.rand_out(epoch)
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["epoch_seconds"] = seconds
         self.scheduler.step()
+        self._adopt_lr()  # an older torch's scheduler may assign a new lr object instead of writing into ours
         last = epoch + 1 >= cfg.epochs
         if cfg.sample_every and (epoch % cfg.sample_every == 0 or last):
             self.save_grids(epoch)
