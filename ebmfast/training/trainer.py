@@ -46,10 +46,9 @@ from ..sampler import LangevinSampler, resolve_backend
 from .batches import TensorBatches
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .config import TrainConfig
-from .divergence import Rollback
+from .distributed import DistContext
 from .pictures import TrainingPictures
 from .runlog import MetricsLogger, RunLog
-from .signals import StopSignals
 from .state import (
     S_DATA,
     S_GEN,
@@ -99,6 +98,11 @@ class Trainer:
         overwrite: allow ``out_dir`` to hold an earlier run (its files get replaced/appended).
         progress: show tqdm bars.
 
+    In a process group (``torchrun``, ``distributed.init_distributed``) build one Trainer per rank with the same
+    arguments: it trains data-parallel (``distributed.py``: DDP through ``forward_model``, a shard of every batch and
+    of the replay buffer per rank, agreed decisions), and only rank 0 (``dist.is_main``) writes files. Callbacks run
+    on every rank.
+
     Like the seed's ``seed_everything``, construction seeds torch's, Python's and NumPy's global generators with
     ``config.seed`` (the model's initial weights come from torch's); a resume restores them from the checkpoint.
     """
@@ -121,8 +125,9 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         cfg = self.config = config
         self.device = resolve_device(device)
+        self.dist = DistContext.current()  # one process, or this rank of a data-parallel run
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = bool(progress)
+        self.progress = bool(progress) and self.dist.is_main
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not callable(getattr(cb, "on_epoch_end", None)) and not callable(getattr(cb, "on_step_end", None)):
@@ -144,6 +149,7 @@ class Trainer:
         val_images = _check_images(data.val_images, "data.val_images", allow_empty=True)
         if cfg.batch_size > len(train_images):
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images")
+        self.dist.local_batch(cfg.batch_size)  # ValueError unless the ranks can take equal shares
         self.val_images = val_images.to(self.device)
 
         # ---- model, optimizer, schedule (seed_everything(seed) then build, as the seed does)
@@ -155,10 +161,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=cfg.lr_gamma)
 
         # ---- random streams and the sampling machinery
-        self.gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_GEN))
+        self.gen = torch.Generator(device=self.device).manual_seed(self.dist.seed(cfg.seed, 0, S_GEN))
         self.buffer = ReplayBuffer(
             IMAGE_SHAPE,
-            capacity=cfg.buffer_size,
+            capacity=self.dist.shard_size(cfg.buffer_size),  # this rank's shard (all of it on one process)
             fresh_prob=cfg.buffer_fresh_prob,
             device=self.device,
             generator=self.gen,
@@ -177,17 +183,21 @@ class Trainer:
             self.model,
             steps=cfg.sampler_steps,
             backend=cfg.sampler_backend,
-            seed=derive_seed(cfg.seed, 0, S_SAMPLER),
+            seed=self.dist.seed(cfg.seed, 0, S_SAMPLER),
             **sampler_kw,
         )
         self.pictures = TrainingPictures(self.model, cfg, self.device, **sampler_kw)
         self.batches = TensorBatches(
-            train_images.to(self.device), cfg.batch_size, seed=derive_seed(cfg.seed, 0, S_DATA)
+            train_images.to(self.device),
+            cfg.batch_size,
+            seed=derive_seed(cfg.seed, 0, S_DATA),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
-        self.rollback = Rollback(cfg)
+        self.rollback = self.dist.rollback(cfg)  # divergence verdicts agreed by all ranks
         g = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_MONITOR))
         self._monitor_noise = torch.rand((64, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
-        self.signals = StopSignals()
+        self.signals = self.dist.stop_signals()  # a stop on any rank stops all after the same iteration
 
         # ---- progress counters
         self.epoch = 0  # epochs completed (= index of the epoch in progress)
@@ -198,29 +208,38 @@ class Trainer:
         self.epoch_metrics: dict[str, float] = {}
         self.events: list[dict] = []
         self._fit_start: float | None = None
-        if ckpt is not None:
-            resume_from(self, ckpt, str(resume))
+        resharded = resume_from(self, ckpt, str(resume)) if ckpt is not None else None
+        # The module the training forward/backward runs through: DistributedDataParallel(model) in a process group
+        # (gradients averaged across ranks before the clip), else the model. The sampler samples from self.model.
+        # Under DDP the whole-iteration CUDA graph must stay off (self.dist.iteration_graph_allowed says why).
+        self.forward_model = self.dist.wrap_model(self.model, self.device)
 
-        # ---- files (only now: every check above has passed)
+        # ---- files (only now: every check above has passed; only rank 0 writes)
+        writes = self.out_dir if self.dist.is_main else None
         self.metrics = MetricsLogger(
-            self.out_dir, tensorboard=cfg.tensorboard, purge_step=self.iteration if ckpt is not None else None
+            writes, tensorboard=cfg.tensorboard, purge_step=self.iteration if ckpt is not None else None
         )
-        self.log = RunLog(self.out_dir)
+        self.log = RunLog(writes)
         if self.out_dir is not None:
             self.ckpt_dir = self.out_dir / "checkpoints"
+        else:
+            self.ckpt_dir = None
+        if writes is not None:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.ckpt_dir)
             (self.out_dir / "samples").mkdir(exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        else:
-            self.ckpt_dir = None
         if ckpt is not None:
             self.note(f"resumed from {resume} at epoch {self.epoch}, iteration {self.iteration}")
+            if resharded:
+                self.note(resharded, warn=True)
         else:
             self.note(
                 f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                 f"{len(train_images)} training images, {len(self.batches)} iterations per epoch"
             )
+        if self.dist.distributed:
+            self.note(self.dist.describe(cfg))
 
     # ================================================================================================ training
     def train_step(self, real: torch.Tensor) -> dict[str, float]:
@@ -232,8 +251,8 @@ class Trainer:
                 f"{tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__}"
             )
         cfg = self.config
-        return train_step(
-            self.model,
+        metrics = train_step(
+            self.forward_model,
             self.optimizer,
             self.sampler,
             self.buffer,
@@ -243,6 +262,7 @@ class Trainer:
             real_noise_std=cfg.real_noise_std,
             grad_norm_clip=cfg.grad_norm_clip,
         )
+        return self.dist.reduce_mean(metrics)  # averaged over the ranks (identity on one process)
 
     @torch.no_grad()
     def validate(self, epoch: int | None = None) -> dict[str, float]:
@@ -264,11 +284,12 @@ class Trainer:
                 fake_sum += float(fake_out.double().sum())
         finally:
             self.model.train(was_training)
-        return {
+        metrics = {
             "val_contrastive_divergence": (fake_sum - real_sum) / n,
             "val_real_out": real_sum / n,
             "val_fake_out": fake_sum / n,
         }
+        return self.dist.from_main(metrics)  # every rank decides (best checkpoint, divergence) on rank 0's numbers
 
     @torch.no_grad()
     def rand_out(self, epoch: int | None = None) -> float:
@@ -276,7 +297,7 @@ class Trainer:
         epoch = self.epoch if epoch is None else epoch
         g = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, 0, S_RANDOUT + epoch))
         x = torch.rand((self.config.rand_out_images, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
-        return float(self._score(x).double().mean())
+        return self.dist.from_main(float(self._score(x).double().mean()))
 
     @torch.no_grad()
     def _score(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +315,8 @@ class Trainer:
     def save_grids(self, epoch: int | None = None) -> list[Path]:
         """The seed's GenerateCallback and SamplerCallback pictures: chains from noise, and buffer images."""
         epoch = self.epoch if epoch is None else epoch
+        if not self.dist.is_main:
+            return []
         return self.pictures.save(epoch, self.iteration, self.buffer, self.metrics, self.out_dir)
 
     # ================================================================================================ the loop
@@ -488,13 +511,16 @@ class Trainer:
         if path is None:
             return None
         self.metrics.flush()
-        save_checkpoint(path, self.checkpoint_state())
+        state = self.checkpoint_state()  # in a process group: gathers every rank's shard and streams to rank 0
+        if state is not None:
+            save_checkpoint(path, state)
+        self.dist.barrier("saving a checkpoint")  # no rank goes on (or exits) before the file is written
         return path
 
     def note(self, msg: str, warn: bool = False, echo: bool = False) -> None:
         """A line in the run's log (``train.log`` and the ``ebmfast.train`` logger); ``echo`` also prints it."""
         (self.log.warning if warn else self.log.info)(msg)
-        if echo:
+        if echo and self.dist.is_main:
             from tqdm.auto import tqdm
 
             tqdm.write(f"[ebmfast] {msg}")
