@@ -310,3 +310,30 @@ def test_bench_distributed_reports_aggregate_and_per_rank(tmp_path):
 
     (row,) = json.loads(out.read_text())["distributed"]
     assert row["world_size"] == 2 and len(row["rank_sample_steps_per_s"]) == 2 and row["aggregate_sample_steps_per_s"]
+
+
+@slow
+@pytest.mark.usefixtures("one_thread")
+def test_torchrun_with_one_process_is_the_plain_run(tmp_path):
+    """torchrun --nproc-per-node 1 (process group, DDP of one) ends bit-identical to the plain run, and writes an
+    ordinary checkpoint."""
+    from dist_worker import encode
+
+    (dist,) = run_worker(tmp_path / "dist", 12, nproc=1)
+    d = small_data()
+    data = type(d)(d.name, encode(d.train_images), d.train_labels, d.val_images, d.val_labels)
+    cfg = tiny_config(epochs=3, snapshot_every=4, collapse_check_every=2, max_iterations=12)
+    tr = Trainer(cfg, data=data, device="cpu", out_dir=tmp_path / "plain", progress=False)
+    tr.fit()
+    tr.close()
+    assert dist["world_size"] == 1 and dist["iteration"] == 12
+    plain = {
+        "params": {n: p.detach() for n, p in tr.model.named_parameters()},
+        "buffer": tr.buffer.storage,
+        "buffer_ptr": int(tr.buffer.ptr),
+        "sampler": tr.sampler.state_dict(),
+        "generator": tr.gen.get_state(),
+        "adam": [t for s in tr.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)],
+    }
+    assert _same(dist, plain) == []
+    assert "distributed" not in load_checkpoint(tmp_path / "dist" / "checkpoints" / "last.pt")
