@@ -28,6 +28,11 @@ messages, gloo on CPU. Every collective has a time-out (``ebmfast train --dist-t
 ends the job with ``DistributedError`` and a one-line message (exit 1) instead of a hang; torchrun then stops the
 other ranks.
 
+Known limit while the trainer still runs ``step.train_step``: it skips backward on a non-finite loss, so a loss
+that is non-finite on one rank only leaves the others waiting in DDP's all-reduce and the job ends with an error
+instead of a roll-back. ``ebmfast.cd.CDStep`` (run through ``Trainer.forward_model``) has no such branch: a skipped
+update is decided on the device after the all-reduce.
+
 Without a process group (a plain ``ebmfast train``, or a ``Trainer`` built without ``init_distributed``) the context
 is ``DistContext()``: one rank, no collectives, and the trainer behaves exactly as it always has. Under torchrun
 with one process the process group exists and the DDP path runs with a world size of 1 (checkpoints are then
