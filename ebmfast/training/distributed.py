@@ -30,8 +30,8 @@ other ranks.
 
 Known limit while the trainer still runs ``step.train_step``: it skips backward on a non-finite loss, so a loss
 that is non-finite on one rank only leaves the others waiting in DDP's all-reduce and the job ends with an error
-instead of a roll-back. ``ebmfast.cd.CDStep`` (run through ``Trainer.forward_model``) has no such branch: a skipped
-update is decided on the device after the all-reduce.
+instead of a roll-back. ``ebmfast.cd.CDStep`` (run through ``Trainer.forward_model``) has no such branch: every
+rank runs backward and the skip is decided on the device (from the local loss and the all-reduced gradient norm).
 
 Without a process group (a plain ``ebmfast train``, or a ``Trainer`` built without ``init_distributed``) the context
 is ``DistContext()``: one rank, no collectives, and the trainer behaves exactly as it always has. Under torchrun
