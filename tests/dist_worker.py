@@ -6,7 +6,7 @@ OUT/rank{RANK}.pt: parameters, replay-buffer shard, sampler and generator states
 of the images this rank saw, and which ebmfast it imported.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_worker.py --out DIR --max-iterations N
-        [--resume CKPT] [--inject-divergence-at I]
+        [--resume CKPT] [--config JSON] [--device cpu|cuda] [--inject-divergence-at I]
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ def main() -> None:
     p.add_argument("--max-iterations", type=int, required=True)
     p.add_argument("--resume", default=None)
     p.add_argument("--config", default="{}", help="JSON overrides of the tiny config")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (rank r on cuda:LOCAL_RANK, NCCL)")
     p.add_argument("--inject-divergence-at", type=int, default=None, help="rank 1 alone reports a divergence here")
     args = p.parse_args()
     torch.set_num_threads(1)
-    ctx, device = init_distributed("cpu", timeout_s=60)
+    ctx, device = init_distributed(args.device, timeout_s=60)
     d = small_data(N_TRAIN, 64)
     data = DataSplits(d.name, encode(d.train_images), d.train_labels, d.val_images, d.val_labels)
     config = tiny_config(epochs=3, snapshot_every=4, collapse_check_every=2, max_iterations=args.max_iterations)
@@ -85,6 +86,8 @@ def main() -> None:
         {
             "rank": ctx.rank,
             "world_size": ctx.world_size,
+            "backend": ctx.backend,
+            "device": str(device),
             "ebmfast_file": ebmfast.__file__,
             "status": result.status,
             "iteration": result.iteration,
