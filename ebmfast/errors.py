@@ -16,6 +16,7 @@ __all__ = [
     "OutputPathError",
     "MissingDependencyError",
     "DivergenceError",
+    "DistributedError",
     "require",
 ]
 
@@ -42,6 +43,11 @@ class MissingDependencyError(UsageError, ImportError):
 
 class DivergenceError(RuntimeError):
     """Training kept diverging after the allowed number of roll-backs."""
+
+
+class DistributedError(RuntimeError):
+    """A data-parallel run lost one of its processes: a rank died, or did not answer a collective within the
+    time-out (``ebmfast.training.distributed``)."""
 
 
 def require(module: str, purpose: str, package: str | None = None, extra: str = "train"):

@@ -7,6 +7,11 @@ medians (and 20/80 % quantiles) over rounds are reported: sample-steps/s (= batc
 backend measured in the same run, ms per chain (one call: ``steps`` steps of the whole batch), achieved TFLOP/s from
 the analytic count (``flops.py``) and its fraction of the measured fp32 and TF32 matmul peak, peak memory
 (``timing.py``). Nothing here asserts a speed.
+
+``bench_sampler_distributed`` (``torchrun ... -m ebmfast bench --distributed``): every rank runs the same chains on
+its own device at the same time; before each timed call all ranks meet at a barrier, so the calls of one round run
+together. Per round, the aggregate is all ranks' sample-steps divided by the slowest rank's time; the table gives
+its median over rounds and each rank's own median sample-steps/s.
 """
 
 from __future__ import annotations
@@ -36,7 +41,15 @@ from .timing import (
     wall_call,
 )
 
-__all__ = ["CONCRETE_BACKENDS", "available_backends", "SamplerResult", "bench_sampler"]
+__all__ = [
+    "CONCRETE_BACKENDS",
+    "available_backends",
+    "SamplerResult",
+    "bench_sampler",
+    "DistributedSamplerResult",
+    "bench_sampler_distributed",
+    "format_distributed_table",
+]
 
 CONCRETE_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 
@@ -221,3 +234,115 @@ def bench_sampler(
             torch.cuda.empty_cache()
     bar.close()
     return results
+
+
+@dataclass
+class DistributedSamplerResult:
+    backend: str
+    batch: int  # chains per rank
+    steps: int
+    world_size: int
+    devices: list = field(default_factory=list)  # per rank
+    times_s: list = field(default_factory=list)  # per rank: steady-state seconds per call, one per round
+    first_call_s: list = field(default_factory=list)  # per rank
+    rank_sample_steps_per_s: list = field(default_factory=list)  # per rank: batch x steps / own median
+    aggregate_sample_steps_per_s: float | None = None  # median over rounds of all ranks' work / slowest rank's time
+    slowest_ms_per_call: float | None = None  # median over rounds of the slowest rank's time
+    skipped: str | None = None
+
+    def finish(self) -> None:
+        rounds = min((len(t) for t in self.times_s), default=0)
+        if not rounds:
+            return
+        work = self.batch * self.steps
+        self.rank_sample_steps_per_s = [work / statistics.median(t) for t in self.times_s]
+        slowest = [max(t[i] for t in self.times_s) for i in range(rounds)]
+        self.slowest_ms_per_call = statistics.median(slowest) * 1e3
+        self.aggregate_sample_steps_per_s = statistics.median(self.world_size * work / s for s in slowest)
+
+
+def bench_sampler_distributed(
+    model: nn.Module,
+    device: torch.device,
+    ctx,
+    backends,
+    batches,
+    steps_list,
+    rounds: int = 5,
+    precision: str = "fp32",
+    sample_shape=None,
+    seed: int = 0,
+    progress: bool = True,
+    compile_kwargs: dict | None = None,
+) -> list[DistributedSamplerResult] | None:
+    """Every rank of ``ctx`` (``ebmfast.training.distributed.DistContext``) measures the same cells on its own
+    ``device``, in lockstep (a barrier before every timed call). Returns the results on rank 0, None elsewhere. A
+    backend that fails its first call on any rank is reported as failed and left out on every rank."""
+    model = model.to(device)
+    sample_shape = tuple(sample_shape or model.input_shape)
+    backends = list(backends)
+    cells = [(b, s) for b in batches for s in sorted(steps_list)]
+    bar = progress_bar(len(cells) * len(backends) * (rounds + 1), "sampler (distributed)", progress and ctx.is_main)
+    out: list[DistributedSamplerResult] = []
+    for batch, steps in cells:
+        x = uniform((batch, *sample_shape), device, seed + batch)
+        samplers, first, failed = {}, {}, {}
+        for b in backends:
+            try:
+                sampler = LangevinSampler(
+                    model,
+                    steps=steps,
+                    backend=b,
+                    precision=precision,
+                    seed=seed + 7919 * ctx.rank,
+                    compile_kwargs=compile_kwargs,
+                )
+                first[b] = wall_call(partial(sampler.sample, x, steps), device)
+                samplers[b] = sampler
+            except Exception as exc:  # one broken backend must not lose the others; every rank drops it
+                failed[b] = f"failed on rank {ctx.rank}: {type(exc).__name__}: {exc}"
+            if ctx.agree_max(int(b in failed)):
+                samplers.pop(b, None)
+                failed.setdefault(b, "failed on another rank")
+            bar.update(1)
+        times = {b: [] for b in samplers}
+        for order in rotations(list(samplers), rounds):
+            for b in order:
+                ctx.barrier("waiting for the other ranks' chains")
+                times[b].append(time_call(partial(samplers[b].sample, x, steps), device))
+                bar.update(1)
+        gathered = ctx.gather_to_main({"device": str(device), "first": first, "times": times, "failed": failed})
+        if gathered is not None:
+            for b in backends:
+                row = DistributedSamplerResult(b, batch, steps, ctx.world_size, [g["device"] for g in gathered])
+                reasons = [g["failed"][b] for g in gathered if b in g["failed"]]
+                if reasons:
+                    row.skipped = next((r for r in reasons if r.startswith("failed on rank")), reasons[0])
+                else:
+                    row.times_s = [g["times"][b] for g in gathered]
+                    row.first_call_s = [g["first"][b] for g in gathered]
+                    row.finish()
+                out.append(row)
+        samplers = x = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return out if ctx.is_main else None
+
+
+def format_distributed_table(results: list[DistributedSamplerResult]) -> str:
+    head = (
+        f"{'backend':<9} {'batch/rank':>10} {'steps':>5} {'ranks':>5} {'aggregate sample-steps/s':>25} "
+        f"{'slowest ms/call':>16}  per-rank sample-steps/s"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.skipped:
+            lines.append(f"{r.backend:<9} {r.batch:>10} {r.steps:>5} {r.world_size:>5}   skipped: {r.skipped}")
+            continue
+        per_rank = ", ".join(f"r{i} {v:,.0f}" for i, v in enumerate(r.rank_sample_steps_per_s))
+        agg = "n/a" if r.aggregate_sample_steps_per_s is None else f"{r.aggregate_sample_steps_per_s:,.0f}"
+        slow = "n/a" if r.slowest_ms_per_call is None else f"{r.slowest_ms_per_call:.2f}"
+        lines.append(f"{r.backend:<9} {r.batch:>10} {r.steps:>5} {r.world_size:>5} {agg:>25} {slow:>16}  {per_rank}")
+    return "\n".join(lines)

@@ -3,6 +3,10 @@
 The measurement is ``ebmfast.benchmark`` (``throughput.py``, ``training.py``, ``report.py``); judging it against the
 project's targets is the GPU check's job (``bench/device_summary.py``). ``python -m ebmfast.cli.bench`` is the same
 command without building the other subcommands.
+
+``torchrun --nproc-per-node N -m ebmfast bench --distributed``: every rank runs the sampler's chains on its own device
+(cuda:LOCAL_RANK, or the CPU) in lockstep; rank 0 prints the aggregate sample-steps/s and each rank's figure
+(``throughput.bench_sampler_distributed``). The training measurement is not part of this mode.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ from ..benchmark.report import (
     format_train_table,
     write_csv_history,
 )
-from ..benchmark.throughput import available_backends, bench_sampler
+from ..benchmark.throughput import (
+    available_backends,
+    bench_sampler,
+    bench_sampler_distributed,
+    format_distributed_table,
+)
 from ..benchmark.timing import measure_matmul_peak
 from ..benchmark.training import SEED_EPOCHS, SEED_ITERS_PER_EPOCH, bench_train
 from ..devices import resolve_device
@@ -132,6 +141,13 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--no-telemetry", dest="telemetry", action="store_false", help="do not sample GPU telemetry through NVML"
     )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun (torchrun --nproc-per-node N -m ebmfast bench --distributed): every rank runs the "
+        "chains on its own device (cuda:LOCAL_RANK or the CPU) at the same time; rank 0 prints the aggregate "
+        "sample-steps/s and each rank's. Sampler only (no training table, no --csv); --batch is per rank",
+    )
 
 
 def run(args) -> int:
@@ -186,6 +202,11 @@ def run(args) -> int:
             raise UsageError(f"--csv {exc}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    compile_kwargs = {"dynamic": False} if args.compile_static else None
+    if getattr(args, "distributed", False):
+        if args.csv:
+            raise UsageError("--csv is not supported with --distributed (use --json)")
+        return _run_distributed(args, backends, batches, steps_list, rounds, compile_kwargs)
     torch.manual_seed(args.seed)
     model = CNNModel(hidden_features=args.hidden_features).to(device)
     env = environment(device)
@@ -208,7 +229,6 @@ def run(args) -> int:
     fpss = flops_per_sample_step(model, model.input_shape)
     print(f"work per sample-step (forward + input gradient): {fpss / 1e6:.3f} MFLOP", flush=True)
 
-    compile_kwargs = {"dynamic": False} if args.compile_static else None
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
         "device": str(device),
         "backends": backends,
@@ -293,6 +313,73 @@ def run(args) -> int:
     failed = [r for r in sampler_results + train_results if (r.skipped or "").startswith("failed")]
     if failed:
         print(f"ebmfast bench: {len(failed)} measurement(s) failed (tracebacks above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_distributed(args, backends, batches, steps_list, rounds, compile_kwargs) -> int:
+    """``--distributed``: join torchrun's process group (if any), measure in lockstep, report on rank 0."""
+    from ..training.distributed import describe_failure, init_distributed, shutdown_distributed
+
+    try:
+        ctx, device = init_distributed(args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"cannot join the torchrun process group: {exc}") from None
+    ok = False
+    try:
+        torch.manual_seed(args.seed)
+        model = CNNModel(hidden_features=args.hidden_features).to(device)
+        if ctx.is_main:
+            env = environment(device)
+            launched = f"{ctx.world_size} rank(s) ({ctx.backend})" if ctx.distributed else "1 rank (not under torchrun)"
+            print(
+                f"ebmfast bench --distributed: {launched}, rank 0 on {env['device_name']} ({device}); torch "
+                f"{env['torch']}; backends {', '.join(backends)}; {torch.get_num_threads()} torch thread(s) per rank",
+                flush=True,
+            )
+            if args.train:
+                print("(the training measurement is not part of --distributed)", flush=True)
+        results = bench_sampler_distributed(
+            model,
+            device,
+            ctx,
+            backends,
+            batches,
+            steps_list,
+            rounds=rounds,
+            precision=args.precision,
+            seed=args.seed,
+            progress=args.progress,
+            compile_kwargs=compile_kwargs,
+        )
+        ok = True
+    except Exception as exc:
+        message = describe_failure(exc, ctx)
+        if message is None:
+            raise
+        print(f"ebmfast bench: {message}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed(ctx, wait=ok)
+    if results is None:  # not rank 0
+        return 0
+    print()
+    print(
+        f"Sampler across {ctx.world_size} rank(s) ({args.precision}, {rounds} rounds in lockstep, median; per-rank "
+        "figures are each rank's own median)"
+    )
+    print(format_distributed_table(results))
+    if args.json:
+        doc = {"complete": True, "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+        doc["distributed"] = [asdict(r) for r in results]
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=2, default=str)
+        os.replace(tmp, args.json)
+        print(f"\nwrote {args.json}")
+    failed = [r for r in results if (r.skipped or "").startswith("failed")]
+    if failed:
+        print(f"ebmfast bench: {len(failed)} measurement(s) failed", file=sys.stderr)
         return 1
     return 0
 

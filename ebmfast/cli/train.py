@@ -2,6 +2,10 @@
 
 Every value is checked before a file is written; a bad one is a ``UsageError`` (one line, exit 2). Training that keeps
 diverging exits 1; SIGINT/SIGTERM save a resumable checkpoint and exit 128 + the signal number.
+
+Started by ``torchrun`` (its RANK / WORLD_SIZE / LOCAL_RANK variables are set), every process joins the process
+group and trains data-parallel (``ebmfast.training.distributed``); a lost rank ends each surviving one with a
+one-line message and exit 1 (torchrun then stops the job).
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ from ..errors import CheckpointError, DivergenceError, UsageError
 from ..sampler import BACKENDS, PRECISIONS, resolve_backend
 from ..training.checkpoint import load_checkpoint
 from ..training.config import PRESETS, TrainConfig
+from ..training.distributed import (
+    DEFAULT_TIMEOUT_S,
+    DistContext,
+    describe_failure,
+    init_distributed,
+    launch_env,
+    rank_device,
+    shutdown_distributed,
+)
 from ..training.trainer import Trainer
 from .outputs import output_dir
 
@@ -37,12 +50,23 @@ _OVERRIDES = [
     ("--epochs", "epochs", int, "number of epochs (tutorial: 60)"),
     ("--max-iterations", "max_iterations", int, "stop after this many training iterations in total"),
     ("--seed", "seed", int, "random seed (tutorial: 42)"),
-    ("--batch-size", "batch_size", int, "images per iteration (tutorial: 128)"),
+    (
+        "--batch-size",
+        "batch_size",
+        int,
+        "images per iteration in total; under torchrun each of the N ranks takes batch-size/N of them, so the "
+        "recipe does not change with N (tutorial: 128)",
+    ),
     ("--lr", "lr", float, "Adam learning rate (tutorial: 1e-4)"),
     ("--alpha", "alpha", float, "weight of the energy regulariser alpha (tutorial: 0.1)"),
     ("--hidden", "hidden_features", int, "CNNModel hidden_features (tutorial: 32)"),
     ("--sampler-steps", "sampler_steps", int, "Langevin steps per training iteration (tutorial: 60)"),
-    ("--buffer-size", "buffer_size", int, "replay-buffer capacity (tutorial: 8192)"),
+    (
+        "--buffer-size",
+        "buffer_size",
+        int,
+        "replay-buffer capacity in total; under torchrun each rank holds a shard of buffer-size/N (tutorial: 8192)",
+    ),
     ("--sample-every", "sample_every", int, "write sample grids every N epochs, 0 = never (tutorial: 5)"),
     ("--gen-steps", "gen_steps", int, "Langevin steps of the generation grid's chains (tutorial: 256)"),
     ("--max-recoveries", "max_recoveries", int, "divergence roll-backs allowed before giving up (default 3)"),
@@ -56,7 +80,21 @@ _OVERRIDES = [
 ]
 
 
+EPILOG = (
+    "Several processes (data-parallel, DistributedDataParallel): torchrun --standalone --nproc-per-node N -m ebmfast "
+    "train ... One process per GPU (rank r on cuda:LOCAL_RANK, NCCL), or per CPU share (gloo). --batch-size and "
+    "--buffer-size are totals split evenly over the N ranks (the batch size must be divisible by N); every rank has "
+    "its own sampler and replay-buffer seeds (derived from --seed and the rank); the gradients are averaged across "
+    "ranks before the gradient-norm clip; the step metrics are averaged across ranks; only rank 0 writes --out. "
+    "Several machines: on each, torchrun --nnodes M --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
+    "--rdzv-id RUN -m ebmfast train ... A checkpoint resumes on any number of ranks: bit-identically (on CPU) with "
+    "the number that wrote it, re-sharding the replay buffer otherwise. A rank that dies or hangs ends the job within "
+    "--dist-timeout seconds; SIGINT/SIGTERM to torchrun save a resumable checkpoint first."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -146,6 +184,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "slow-downs of 5-30x measured on a 2-core machine",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="under torchrun: seconds a rank waits for the others (in one collective) before the job ends with an "
+        f"error, so a dead or hung rank cannot hang the job (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def build_config(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
@@ -177,7 +223,12 @@ def build_config(args: argparse.Namespace, base: dict | None = None) -> TrainCon
 
 
 def run(args: argparse.Namespace) -> int:
-    # ---- everything is checked before a file is written
+    # ---- everything is checked before a file is written (and, under torchrun, before the ranks meet)
+    try:
+        launch = launch_env()  # (rank, world size, local rank) under torchrun, else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    rank, world = (launch[0], launch[1]) if launch else (0, 1)
     ckpt_base = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)  # CheckpointError -> exit 2
@@ -196,12 +247,20 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--quality-every needs ebmfast.evaluation.quality, which cannot be imported ({exc})"
             ) from None
-        callbacks.append(QualityCallback(every=args.quality_every))
+        if rank == 0:  # its pictures, classifier cache and curves are rank 0's business
+            callbacks.append(QualityCallback(every=args.quality_every))
     try:
-        device = resolve_device(args.device)
+        device = rank_device(args.device, launch[2], world) if launch else resolve_device(args.device)
         resolve_backend(config.sampler_backend, device)
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
+    if config.batch_size % world:
+        raise UsageError(
+            f"--batch-size {config.batch_size} must be divisible by the {world} ranks: it is the total per iteration "
+            "and each rank takes an equal share"
+        )
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     threads = getattr(args, "threads", None)
     if threads is not None and not 1 <= threads <= 1024:
         raise UsageError(f"--threads must be in [1, 1024], got {threads}")
@@ -218,7 +277,36 @@ def run(args: argparse.Namespace) -> int:
             f"{out} already holds a run; continue it with --resume {existing}, choose another --out, "
             "or pass --overwrite"
         )
+    try:
+        ctx, device = init_distributed(args.device, args.dist_timeout) if launch else (DistContext(), device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"cannot join the torchrun process group: {exc}") from None
+    ok = False  # set once every rank has got through; a failed run leaves the process group without waiting
+    try:
+        code = _train(args, config, ctx, device, out, callbacks, threads)
+        ok = True
+        return code
+    except Exception as exc:
+        message = describe_failure(exc, ctx)
+        if message is None:
+            raise
+        last = out / "checkpoints" / "last.pt"
+        print(
+            f"ebmfast train: {message}. The job stops"
+            + (f"; resume from {last} with the same torchrun command and --resume {last}" if last.exists() else ""),
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        shutdown_distributed(ctx, wait=ok)
+
+
+def _train(args, config: TrainConfig, ctx: DistContext, device, out: Path, callbacks, threads) -> int:
+    if args.download and ctx.world_size > 1 and not ctx.is_main:
+        ctx.barrier("waiting for rank 0 to download the data")  # one download, then every rank reads it
     data = load_dataset(config.data, root=args.data_root, download=args.download)  # DataNotFoundError -> exit 2
+    if args.download and ctx.world_size > 1 and ctx.is_main:
+        ctx.barrier("waiting for rank 0 to download the data")
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -236,35 +324,43 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(exc, CheckpointError):
             raise
         raise UsageError(str(exc)) from None
-    print(
-        f"ebmfast train: {config.epochs} epochs of {len(trainer.batches)} iterations on {device} "
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    ranks = f" x {ctx.world_size} ranks ({ctx.backend}, torchrun)" if ctx.distributed else ""
+    say(
+        f"ebmfast train: {config.epochs} epochs of {len(trainer.batches)} iterations on {device}{ranks} "
         f"(sampler backend {config.sampler_backend}, data {config.data}; {trainer.runner.describe()}); "
         f"writing to {out}"
     )
     try:
         result = trainer.fit()
     except DivergenceError as exc:
-        print(f"ebmfast train: training diverged: {exc}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"ebmfast train: training diverged: {exc}", file=sys.stderr)
         return 1
     finally:
         trainer.close()
     m = result.metrics
     summary = ", ".join(f"{k} {m[k]:.4g}" for k in ("val_contrastive_divergence", "val_real_out", "rand_out") if k in m)
     if result.status == "interrupted":  # the trainer has printed where the checkpoint is and how to resume
+        if ctx.distributed:
+            say(
+                f"ebmfast train: all {ctx.world_size} ranks stopped at iteration {result.iteration}; resume with the "
+                f"same torchrun command and --resume {result.last_checkpoint} (any number of ranks)"
+            )
         return 128 + int(signal.Signals[result.signal])
     how = "finished" if result.status == "completed" else f"stopped at max_iterations={config.max_iterations}"
-    print(
+    say(
         f"ebmfast train: {how}: {result.epoch} epochs, {result.iteration} iterations, "
         f"{result.wall_time_s:.0f} s, {result.recoveries} divergence recoveries; {summary}"
     )
     t = result.timing
     if "first_iteration_s" in t and "iteration_ms" in t:
-        print(
+        say(
             f"ebmfast train: first iteration {t['first_iteration_s']:.1f} s (compilation, capture), then "
             f"{t['iteration_ms']:.1f} ms per iteration"
             + (f", {t['epoch_end_s']:.2f} s per epoch end" if "epoch_end_s" in t else "")
         )
-    print(
+    say(
         f"ebmfast train: checkpoints in {out / 'checkpoints'}, grids in {out / 'samples'}, metrics in "
         f"{out / 'metrics.csv'}"
     )

@@ -4,6 +4,10 @@ Layout of a file written by ``save_checkpoint(path, state)``: ``torch.save`` of 
 "format_version": FORMAT_VERSION, "ebmfast_version": ..., **state}``. Training checkpoints (``ebmfast.training``) put in
 ``state``: ``model`` ({"class", "kwargs", "state_dict"}), ``config`` (TrainConfig as a dict) and ``trainer``
 (everything that determines the rest of the run: optimizer, scheduler, replay buffer, RNG states, epoch/iteration).
+A checkpoint of a data-parallel run of N > 1 ranks adds ``distributed`` ({"world_size": N, "ranks": [per-rank buffer
+pointer and capacity, generator, sampler and global RNG states]}), with ``trainer["buffer"]`` holding all ranks'
+shards merged into one buffer (``state.py``). Still format version 1: a reader that does not know ``distributed``
+resumes such a file as one process would, with the merged buffer and rank 0's streams.
 
 Writes are atomic: the bytes go to a temporary file in the same folder, which is flushed and fsync'd, then renamed
 over the target with ``os.replace``, and the folder is fsync'd. A crash or ``kill -9`` at any moment leaves either

@@ -52,10 +52,9 @@ from ..sampler import LangevinSampler, resolve_backend
 from .batches import TensorBatches
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .config import TrainConfig
-from .divergence import Rollback
+from .distributed import DistContext
 from .pictures import TrainingPictures
 from .runlog import MetricsLogger, RunLog
-from .signals import StopSignals
 from .state import (
     S_DATA,
     S_GEN,
@@ -116,6 +115,11 @@ class Trainer:
         overwrite: allow ``out_dir`` to hold an earlier run (its files get replaced/appended).
         progress: show tqdm bars.
 
+    In a process group (``torchrun``, ``distributed.init_distributed``) build one Trainer per rank with the same
+    arguments: it trains data-parallel (``distributed.py``: DDP through ``forward_model``, a shard of every batch and
+    of the replay buffer per rank, agreed decisions), and only rank 0 (``dist.is_main``) writes files. Callbacks run
+    on every rank.
+
     Like the seed's ``seed_everything``, construction seeds torch's, Python's and NumPy's global generators with
     ``config.seed`` (the model's initial weights come from torch's); a resume restores them from the checkpoint.
     """
@@ -138,8 +142,9 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         cfg = self.config = config
         self.device = resolve_device(device)
+        self.dist = DistContext.current()  # one process, or this rank of a data-parallel run
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = bool(progress)
+        self.progress = bool(progress) and self.dist.is_main
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not callable(getattr(cb, "on_epoch_end", None)) and not callable(getattr(cb, "on_step_end", None)):
@@ -161,6 +166,7 @@ class Trainer:
         val_images = _check_images(data.val_images, "data.val_images", allow_empty=True)
         if cfg.batch_size > len(train_images):
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images")
+        self.dist.local_batch(cfg.batch_size)  # ValueError unless the ranks can take equal shares
         self.val_images = val_images.to(self.device)
 
         # ---- model, optimizer, schedule (seed_everything(seed) then build, as the seed does)
@@ -177,10 +183,10 @@ class Trainer:
         self._adopt_lr()
 
         # ---- random streams and the sampling machinery
-        self.gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_GEN))
+        self.gen = torch.Generator(device=self.device).manual_seed(self.dist.seed(cfg.seed, 0, S_GEN))
         self.buffer = ReplayBuffer(
             IMAGE_SHAPE,
-            capacity=cfg.buffer_size,
+            capacity=self.dist.shard_size(cfg.buffer_size),  # this rank's shard (all of it on one process)
             fresh_prob=cfg.buffer_fresh_prob,
             device=self.device,
             generator=self.gen,
@@ -199,36 +205,22 @@ class Trainer:
             self.model,
             steps=cfg.sampler_steps,
             backend=cfg.sampler_backend,
-            seed=derive_seed(cfg.seed, 0, S_SAMPLER),
+            seed=self.dist.seed(cfg.seed, 0, S_SAMPLER),
             check_finite=False,  # the step flags non-finite iterations on the device instead of waiting for it
             **sampler_kw,
         )
         self.pictures = TrainingPictures(self.model, cfg, self.device, **sampler_kw)
         self.batches = TensorBatches(
-            train_images.to(self.device), cfg.batch_size, seed=derive_seed(cfg.seed, 0, S_DATA)
+            train_images.to(self.device),
+            cfg.batch_size,
+            seed=derive_seed(cfg.seed, 0, S_DATA),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
-        self.rollback = Rollback(cfg)
+        self.rollback = self.dist.rollback(cfg)  # divergence verdicts agreed by all ranks
         g = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_MONITOR))
         self._monitor_noise = torch.rand((64, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
-        self.signals = StopSignals()
-        self.cd_step = CDStep(
-            self.model,
-            self.optimizer,
-            self.sampler,
-            self.buffer,
-            alpha=cfg.alpha,
-            real_noise_std=cfg.real_noise_std,
-            grad_norm_clip=cfg.grad_norm_clip,
-            generator=self.gen,
-        )
-        self.runner = IterationRunner(
-            self.cd_step,
-            iteration_graph_reason(cfg, self.device, backend),
-            on_fallback=lambda msg: self.note(msg, warn=True, echo=self.progress),
-        )
-        self.sync_every = resolve_sync_every(cfg, self.device)
-        self._history = StepHistory(self.sync_every, self.device)
-        self.timing: dict = {}
+        self.signals = self.dist.stop_signals()  # a stop on any rank stops all after the same iteration
 
         # ---- progress counters
         self.epoch = 0  # epochs completed (= index of the epoch in progress)
@@ -239,31 +231,60 @@ class Trainer:
         self.epoch_metrics: dict[str, float] = {}
         self.events: list[dict] = []
         self._fit_start: float | None = None
+        resharded = resume_from(self, ckpt, str(resume)) if ckpt is not None else None
+        # The module the training forward/backward runs through: DistributedDataParallel(model) in a process group
+        # (gradients averaged across ranks before the clip), else the model. The sampler samples from self.model.
+        # Under DDP the whole-iteration CUDA graph stays off (step.iteration_graph_reason says why).
+        self.forward_model = self.dist.wrap_model(self.model, self.device)
+        self.cd_step = CDStep(
+            self.model,
+            self.optimizer,
+            self.sampler,
+            self.buffer,
+            alpha=cfg.alpha,
+            real_noise_std=cfg.real_noise_std,
+            grad_norm_clip=cfg.grad_norm_clip,
+            generator=self.gen,
+            forward=self.forward_model,
+        )
+        self.runner = IterationRunner(
+            self.cd_step,
+            iteration_graph_reason(cfg, self.device, backend),
+            on_fallback=lambda msg: self.note(msg, warn=True, echo=self.progress),
+        )
+        self.sync_every = resolve_sync_every(cfg, self.device)
+        self._history = StepHistory(self.sync_every, self.device)
+        self.timing: dict = {}
         if ckpt is not None:
-            resume_from(self, ckpt, str(resume))
             self.state_restored()
 
-        # ---- files (only now: every check above has passed)
+        # ---- files (only now: every check above has passed; only rank 0 writes)
+        writes = self.out_dir if self.dist.is_main else None
         self.metrics = MetricsLogger(
-            self.out_dir, tensorboard=cfg.tensorboard, purge_step=self.iteration if ckpt is not None else None
+            writes, tensorboard=cfg.tensorboard, purge_step=self.iteration if ckpt is not None else None
         )
-        self.log = RunLog(self.out_dir)
+        self.log = RunLog(writes)
         if self.out_dir is not None:
             self.ckpt_dir = self.out_dir / "checkpoints"
+        else:
+            self.ckpt_dir = None
+        if writes is not None:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.ckpt_dir)
             (self.out_dir / "samples").mkdir(exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        else:
-            self.ckpt_dir = None
         if ckpt is not None:
             self.note(f"resumed from {resume} at epoch {self.epoch}, iteration {self.iteration}")
+            if resharded:
+                self.note(resharded, warn=True)
         else:
             self.note(
                 f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                 f"{len(train_images)} training images, {len(self.batches)} iterations per epoch"
             )
         self.note(f"iterations: {self.runner.describe()}; metrics copied to the host every {self.sync_every}")
+        if self.dist.distributed:
+            self.note(self.dist.describe(cfg))
 
     # ================================================================================================ training
     def train_step(self, real: torch.Tensor) -> dict[str, float]:
@@ -274,7 +295,8 @@ class Trainer:
                 f"real must be a batch of images (B, 1, 28, 28), got "
                 f"{tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__}"
             )
-        return dict(zip(CD_METRICS, self.runner(real.to(self.device, torch.float32)).tolist()))
+        metrics = self.dist.reduce_mean(self.runner(real.to(self.device, torch.float32)))  # mean over ranks
+        return dict(zip(CD_METRICS, metrics.tolist()))
 
     def state_restored(self) -> None:
         """After the run's state was loaded (resume, roll-back, ``load_state_dict``): the optimizer's new param groups
@@ -305,11 +327,12 @@ class Trainer:
                 fake_sum += float(fake_out.double().sum())
         finally:
             self.model.train(was_training)
-        return {
+        metrics = {
             "val_contrastive_divergence": (fake_sum - real_sum) / n,
             "val_real_out": real_sum / n,
             "val_fake_out": fake_sum / n,
         }
+        return self.dist.from_main(metrics)  # every rank decides (best checkpoint, divergence) on rank 0's numbers
 
     @torch.no_grad()
     def rand_out(self, epoch: int | None = None) -> float:
@@ -317,7 +340,7 @@ class Trainer:
         epoch = self.epoch if epoch is None else epoch
         g = torch.Generator(device=self.device).manual_seed(derive_seed(self.config.seed, 0, S_RANDOUT + epoch))
         x = torch.rand((self.config.rand_out_images, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
-        return float(self._score(x).double().mean())
+        return self.dist.from_main(float(self._score(x).double().mean()))
 
     @torch.no_grad()
     def _score(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,6 +359,8 @@ class Trainer:
     def save_grids(self, epoch: int | None = None) -> list[Path]:
         """The seed's GenerateCallback and SamplerCallback pictures: chains from noise, and buffer images."""
         epoch = self.epoch if epoch is None else epoch
+        if not self.dist.is_main:
+            return []
         return self.pictures.save(epoch, self.iteration, self.buffer, self.metrics, self.out_dir)
 
     # ================================================================================================ the loop
@@ -426,7 +451,7 @@ class Trainer:
         """One training iteration; its metrics (and, at gap-check iterations, the monitor's f(noise)) stay on the
         device in the step history until the next flush."""
         cfg = self.config
-        metrics = self.runner(real)
+        metrics = self.dist.reduce_mean(self.runner(real))  # the mean over ranks (identity on one process)
         self.iteration += 1
         self._fit_iterations += 1
         noise = None
@@ -631,13 +656,16 @@ class Trainer:
         if path is None:
             return None
         self.metrics.flush()
-        save_checkpoint(path, self.checkpoint_state())
+        state = self.checkpoint_state()  # in a process group: gathers every rank's shard and streams to rank 0
+        if state is not None:
+            save_checkpoint(path, state)
+        self.dist.barrier("saving a checkpoint")  # no rank goes on (or exits) before the file is written
         return path
 
     def note(self, msg: str, warn: bool = False, echo: bool = False) -> None:
         """A line in the run's log (``train.log`` and the ``ebmfast.train`` logger); ``echo`` also prints it."""
         (self.log.warning if warn else self.log.info)(msg)
-        if echo:
+        if echo and self.dist.is_main:
             from tqdm.auto import tqdm
 
             tqdm.write(f"[ebmfast] {msg}")
