@@ -12,6 +12,7 @@ same iteration with a checkpoint, and ``bench --distributed``.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -277,7 +278,8 @@ def test_killed_rank_ends_the_job_within_the_timeout(tmp_path):
         stop(proc)
     assert proc.returncode != 0, output[-3000:]
     assert elapsed < timeout, f"the job took {elapsed:.1f} s to end"
-    assert "rank 0 of 2: training failed: another rank died or did not answer" in output, output[-3000:]
+    # whichever collective notices first (the stop agreement, the metrics mean, DDP's all-reduce) names the cause
+    assert re.search(r"rank 0 of 2: [a-z ]+ failed: another rank died or did not answer", output), output[-3000:]
 
 
 @slow
