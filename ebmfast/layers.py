@@ -200,8 +200,12 @@ class _Plan:
         self.scratch = [torch.empty(batch * s.d_out, dtype=torch.float32, device=x.device) for s in specs[:-1]]
 
 
-class LayerProgram:
-    """One model's energy gradient on the layer kernels, in one precision ("fp32", "tf32" or "bf16")."""
+class KernelProgram:
+    """What the kernel programs (``LayerProgram`` here, ``ebmfast.persistent.PersistentProgram``) share: the model's
+    chain checked once, its affine layers, the precision, the per-shape plans, and the parameters read at each call.
+    Subclasses set ``WHAT`` (for messages) and build their own plans (``_plan``)."""
+
+    WHAT = "the layer kernels"
 
     def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
@@ -209,13 +213,38 @@ class LayerProgram:
         layers = _chain(model)
         found = _structure(layers) if not isinstance(layers, str) else layers
         if isinstance(found, str):
-            raise ValueError(f"the layer kernels cannot run this model: {found}")
+            raise ValueError(f"{self.WHAT} cannot run this model: {found}")
         self._layers = layers  # the model's own submodules (no reference to the model: the cache stays weak)
         self._fixed = _fixed_input_shape(model)
         self._affine = found[0]
         self.precision = precision
         self._prec = PRECISIONS[precision]
         self._plans: dict = {}
+
+    def _plan(self, x: torch.Tensor) -> _Plan:
+        raise NotImplementedError
+
+    def specs(self, x: torch.Tensor) -> list[LayerSpec]:
+        return list(self._plan(x).specs)
+
+    def release(self) -> None:
+        """Drop every plan and its scratch (plans are otherwise kept for the program's life: nothing is evicted
+        behind a captured graph's back). Graphs captured before must hold ``scratch(x)`` themselves."""
+        self._plans.clear()
+
+    def _params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        weights, biases = [], []
+        for layer in self._affine:  # read now: replaced parameters and in-place updates are both seen
+            w = layer.weight.detach()
+            if not w.is_contiguous():
+                raise ValueError(f"{type(layer).__name__}.weight must be contiguous for {self.WHAT}")
+            weights.append(w)
+            biases.append(layer.bias.detach() if layer.bias is not None else w)  # stand-in, never read
+        return weights, biases
+
+
+class LayerProgram(KernelProgram):
+    """One model's energy gradient on the layer kernels, in one precision ("fp32", "tf32" or "bf16")."""
 
     @property
     def launches_per_step(self) -> int:
@@ -244,28 +273,10 @@ class LayerProgram:
         """Plan and allocate the scratch for inputs like ``x`` now (e.g. before a CUDA-graph capture)."""
         self._plan(x)
 
-    def specs(self, x: torch.Tensor) -> list[LayerSpec]:
-        return list(self._plan(x).specs)
-
     def scratch(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The scratch buffers ``step_`` uses for inputs like ``x`` (planned now if needed). A CUDA graph captured
         over ``step_`` bakes their addresses in: keep this list with the graph so they outlive it."""
         return list(self._plan(x).scratch)
-
-    def release(self) -> None:
-        """Drop every plan and its scratch (plans are otherwise kept for the program's life: nothing is evicted
-        behind a captured graph's back). Graphs captured before must hold ``scratch(x)`` themselves."""
-        self._plans.clear()
-
-    def _params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        weights, biases = [], []
-        for layer in self._affine:  # read now: replaced parameters and in-place updates are both seen
-            w = layer.weight.detach()
-            if not w.is_contiguous():
-                raise ValueError(f"{type(layer).__name__}.weight must be contiguous for the layer kernels")
-            weights.append(w)
-            biases.append(layer.bias.detach() if layer.bias is not None else w)  # stand-in, never read
-        return weights, biases
 
     def energy_grad(self, x: torch.Tensor) -> torch.Tensor:
         """g = grad_x sum(-f(x)), shaped like x (contiguous)."""

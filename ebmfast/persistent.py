@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .kernels.geometry import PRECISIONS, LayerSpec, encode_geometry
-from .layers import _chain, _fixed_input_shape, _plan, _reason, _structure
+from .kernels.geometry import LayerSpec, encode_geometry
+from .layers import KernelProgram, _chain, _fixed_input_shape, _plan, _reason
 from .layers import unsupported_reason as _layers_reason
 
 if TYPE_CHECKING:
@@ -80,24 +80,14 @@ class _Plan:
         self.scratch = torch.empty(settings.programs * per_program, dtype=torch.float32, device=x.device)
 
 
-class PersistentProgram:
+class PersistentProgram(KernelProgram):
     """One model's whole Langevin chain as one persistent kernel, in one precision ("fp32", "tf32" or "bf16")."""
 
+    WHAT = "the persistent kernel"
     launches_per_chain = 1  # head noise, K steps and every layer inside one launch
 
     def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        layers = _chain(model)
-        found = _structure(layers) if not isinstance(layers, str) else layers
-        if isinstance(found, str):
-            raise ValueError(f"the persistent kernel cannot run this model: {found}")
-        self._layers = layers  # the model's own submodules (no reference to the model: the cache stays weak)
-        self._fixed = _fixed_input_shape(model)
-        self._affine = found[0]
-        self.precision = precision
-        self._prec = PRECISIONS[precision]
-        self._plans: dict = {}
+        super().__init__(model, precision)
         self.first_call_s: dict = {}  # (shape, noise supplied, trajectory) -> wall seconds of the first launch call
 
     def _plan(self, x: torch.Tensor, settings: ChainSettings | None = None) -> _Plan:
@@ -125,9 +115,6 @@ class PersistentProgram:
         (a ``kernels.persistent.ChainSettings``) replaces the default launch settings for this shape (benchmarks)."""
         self._plan(x, settings)
 
-    def specs(self, x: torch.Tensor) -> list[LayerSpec]:
-        return list(self._plan(x).specs)
-
     def settings(self, x: torch.Tensor) -> ChainSettings:
         """The ``ChainSettings`` (samples per program, warps, programs, tiles) used for inputs like ``x``."""
         return self._plan(x).settings
@@ -136,20 +123,6 @@ class PersistentProgram:
         """The scratch the chain uses for inputs like ``x`` (planned now if needed). A CUDA graph captured over
         ``chain_`` bakes its address in: keep this list with the graph so it outlives it."""
         return [self._plan(x).scratch]
-
-    def release(self) -> None:
-        """Drop every plan and its scratch. Graphs captured before must hold ``scratch(x)`` themselves."""
-        self._plans.clear()
-
-    def _params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        weights, biases = [], []
-        for layer in self._affine:  # read now: replaced parameters and in-place updates are both seen
-            w = layer.weight.detach()
-            if not w.is_contiguous():
-                raise ValueError(f"{type(layer).__name__}.weight must be contiguous for the persistent kernel")
-            weights.append(w)
-            biases.append(layer.bias.detach() if layer.bias is not None else w)  # stand-in, never read
-        return weights, biases
 
     def chain_(
         self,
