@@ -44,7 +44,9 @@ from ebmfast.kernels.geometry import ACT_NONE, ACT_SWISH, ACT_TANH, LayerSpec, d
 from ebmfast.layers import LayerProgram, layer_program, plan_layers, unsupported_reason
 from ebmfast.reference import energy_grad_reference, sampling_mode
 
-pytestmark = pytest.mark.skipif(ops._layer_kernels is None, reason="Triton is not installed")
+# The whole file is a kernel sweep under the Triton interpreter (minutes on 2 cores): marked slow, so that
+# `pytest -m "not slow"` stays quick; tests/test_sampler_kernels.py covers the kernels end to end there.
+pytestmark = [pytest.mark.skipif(ops._layer_kernels is None, reason="Triton is not installed"), pytest.mark.slow]
 
 if ops._layer_kernels is not None:
     from ebmfast.kernels import layers as L

@@ -39,7 +39,9 @@ from ebmfast.persistent import PersistentProgram, persistent_program, unsupporte
 from ebmfast.reference import sampling_mode
 from ebmfast.sampler import precision_context
 
-pytestmark = pytest.mark.skipif(ops._persistent_kernels is None, reason="Triton is not installed")
+# The whole file is a kernel sweep under the Triton interpreter (minutes on 2 cores): marked slow, so that
+# `pytest -m "not slow"` stays quick; tests/test_sampler_kernels.py covers the kernels end to end there.
+pytestmark = [pytest.mark.skipif(ops._persistent_kernels is None, reason="Triton is not installed"), pytest.mark.slow]
 
 if ops._persistent_kernels is not None:
     from ebmfast.kernels import persistent as P
