@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .sampler import KERNEL_BACKENDS, LangevinSampler
+
 __all__ = ["architecture_key", "choose", "tune", "cache_path", "TABLE_PATH", "CANDIDATES"]
 
-CANDIDATES = ("graph", "triton", "persistent")  # CUDA backends auto chooses among, in order of preference on a tie
+CANDIDATES = ("graph", *KERNEL_BACKENDS)  # CUDA backends auto chooses among, in order of preference on a tie
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 
 
@@ -141,8 +143,6 @@ def tune(
     """Time each candidate backend on ``model`` and a batch like ``x`` (CUDA events, median of ``reps`` chains
     after a warm-up that compiles and captures); returns microseconds per Langevin step and, with ``save``,
     records them in the timing cache that ``auto`` reads. A backend that fails is recorded as ``inf``."""
-    from .sampler import LangevinSampler
-
     if x.device.type != "cuda":
         raise ValueError(f"tune() measures CUDA backends; x is on {x.device}")
     backends = list(backends) if backends is not None else list(CANDIDATES)
