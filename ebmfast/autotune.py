@@ -1,10 +1,10 @@
 """How ``backend="auto"`` chooses on CUDA: the fastest *measured* backend for this GPU, model and batch size.
 
 Where the measurements come from, in this order:
-1. the user's timing cache, written by ``tune(model, x)`` (or by ``auto`` itself when ``EBMFAST_AUTOTUNE=1``): one
-   JSON file (``$EBMFAST_CACHE_DIR/autotune.json``, default ``~/.cache/ebmfast/autotune.json``) holding, per GPU
-   name, torch/triton versions, model architecture, sample shape, batch size and precision, the measured time per
-   Langevin step of each candidate backend;
+1. the user's timing cache, written by ``LangevinSampler.tune(x)`` (or by ``auto`` itself when
+   ``EBMFAST_AUTOTUNE=1``): one JSON file (``$EBMFAST_CACHE_DIR/autotune.json``, default
+   ``~/.cache/ebmfast/autotune.json``) holding, per GPU name, torch/triton versions, model architecture, sample shape,
+   batch size and precision, the measured time per Langevin step of each candidate backend;
 2. the table committed with the package (``ebmfast/backend_table.json``), filled from GPU check runs
    (``bench/device_check.sh``), looked up by GPU name, architecture, precision and the nearest measured batch size;
 3. otherwise ``graph``, the backend the project has measured longest.
@@ -19,16 +19,14 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .sampler import KERNEL_BACKENDS, LangevinSampler
+__all__ = ["architecture_key", "choose", "record", "cache_path", "TABLE_PATH"]
 
-__all__ = ["architecture_key", "choose", "tune", "cache_path", "TABLE_PATH", "CANDIDATES"]
-
-CANDIDATES = ("graph", *KERNEL_BACKENDS)  # CUDA backends auto chooses among, in order of preference on a tie
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 
 
@@ -89,7 +87,7 @@ def _fastest(times: dict[str, float], allowed: list[str]) -> str | None:
     usable = {b: t for b, t in times.items() if b in allowed and isinstance(t, (int, float)) and math.isfinite(t)}
     if "graph" not in usable:
         return None
-    best = min(usable, key=lambda b: (usable[b], CANDIDATES.index(b) if b in CANDIDATES else 99))
+    best = min(usable, key=lambda b: (usable[b], allowed.index(b)))
     return best if usable[best] < usable["graph"] else "graph"
 
 
@@ -112,16 +110,23 @@ def _from_table(model: nn.Module, x: torch.Tensor, precision: str, allowed: list
     return _fastest(nearest.get("us_per_step", {}), allowed)
 
 
-def choose(model: nn.Module, x: torch.Tensor, precision: str, allowed: list[str]) -> tuple[str, str]:
-    """(backend, where the choice came from) for CUDA input ``x``; ``allowed``: the candidates the model can run."""
+def choose(
+    model: nn.Module,
+    x: torch.Tensor,
+    precision: str,
+    allowed: list[str],
+    tuner: Callable[[], dict[str, float]] | None = None,
+) -> tuple[str, str]:
+    """(backend, where the choice came from) for CUDA input ``x``; ``allowed``: the candidates the model can run, in
+    order of preference on a tie. ``tuner``: times the candidates now (``LangevinSampler.tune``), used when
+    ``EBMFAST_AUTOTUNE=1`` and the cache has nothing for this entry."""
     cached = _load(cache_path()).get(_entry_key(model, x, precision))
     if cached:
         pick = _fastest(cached, allowed)
         if pick is not None:
             return pick, f"timing cache {cache_path()}"
-    if os.environ.get("EBMFAST_AUTOTUNE") == "1" and len(allowed) > 1:
-        times = tune(model, x, precision=precision, backends=allowed)
-        pick = _fastest(times, allowed)
+    if os.environ.get("EBMFAST_AUTOTUNE") == "1" and tuner is not None and len(allowed) > 1:
+        pick = _fastest(tuner(), allowed)
         if pick is not None:
             return pick, "timed now (EBMFAST_AUTOTUNE=1)"
     pick = _from_table(model, x, precision, allowed)
@@ -130,51 +135,16 @@ def choose(model: nn.Module, x: torch.Tensor, precision: str, allowed: list[str]
     return "graph", "default (no measurement for this GPU, model and batch)"
 
 
-def tune(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    precision: str = "fp32",
-    backends: list[str] | None = None,
-    steps: int = 60,
-    reps: int = 5,
-    save: bool = True,
-) -> dict[str, float]:
-    """Time each candidate backend on ``model`` and a batch like ``x`` (CUDA events, median of ``reps`` chains
-    after a warm-up that compiles and captures); returns microseconds per Langevin step and, with ``save``,
-    records them in the timing cache that ``auto`` reads. A backend that fails is recorded as ``inf``."""
-    if x.device.type != "cuda":
-        raise ValueError(f"tune() measures CUDA backends; x is on {x.device}")
-    backends = list(backends) if backends is not None else list(CANDIDATES)
-    times: dict[str, float] = {}
-    for backend in backends:
-        try:
-            sampler = LangevinSampler(
-                model, steps=steps, backend=backend, precision=precision, seed=0, check_finite=False
-            )
-            sampler.sample(x)  # compile, capture
-            runs = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                sampler.sample(x)
-                end.record()
-                end.synchronize()
-                runs.append(start.elapsed_time(end) * 1e3 / steps)
-            times[backend] = sorted(runs)[len(runs) // 2]
-        except Exception:  # a backend that cannot run here loses, it does not stop the timing
-            times[backend] = math.inf
-        finally:
-            torch.cuda.empty_cache()
-    if save:
-        path = cache_path()
-        data = _load(path)
-        data[_entry_key(model, x, precision)] = times
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home: the choice is still made, just not remembered
-    return times
+def record(model: nn.Module, x: torch.Tensor, precision: str, times: dict[str, float]) -> None:
+    """Remember measured microseconds per step of each backend for this GPU, model, batch and precision in the
+    timing cache that ``choose`` reads first. A read-only home is not an error: the times are just not kept."""
+    path = cache_path()
+    data = _load(path)
+    data[_entry_key(model, x, precision)] = times
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass

@@ -18,15 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
 from . import ops
-
-if TYPE_CHECKING:
-    from .layers import LayerProgram
-    from .persistent import PersistentProgram
 
 __all__ = [
     "StepSettings",
@@ -68,6 +64,45 @@ class Stepper(Protocol):
         """x <- clamp(x - s clamp(g(x))), then with ``add_noise`` the head of the next step (draw ``noise_index``)."""
 
 
+class StepProgram(Protocol):
+    """A kernel program that does a step's tail in one go (``ebmfast.layers.LayerProgram``)."""
+
+    def step_(
+        self,
+        x: torch.Tensor,
+        g: None,
+        rng: torch.Tensor,
+        *,
+        noise_index: int,
+        add_noise: bool,
+        z: torch.Tensor | None,
+        step_size: float,
+        grad_clip: float,
+        noise_std: float,
+        lo: float,
+        hi: float,
+    ) -> None: ...
+
+
+class ChainProgram(Protocol):
+    """A kernel program that runs a whole chain in one go (``ebmfast.persistent.PersistentProgram``)."""
+
+    def chain_(
+        self,
+        x: torch.Tensor,
+        rng: torch.Tensor,
+        steps: int,
+        *,
+        noise: torch.Tensor | None,
+        trajectory: torch.Tensor | None,
+        step_size: float,
+        grad_clip: float,
+        noise_std: float,
+        lo: float,
+        hi: float,
+    ) -> torch.Tensor: ...
+
+
 class _NoiseHead:
     """The head shared by every stepper: noise only, through the fused update op (no gradient)."""
 
@@ -95,7 +130,7 @@ class LayerStepper(_NoiseHead):
     """The tail on our layer kernels (``ebmfast.layers``): forward, input gradient and update, the update being the
     epilogue of the last launch. ``keep``: buffers a captured graph reads (the program's scratch for this shape)."""
 
-    def __init__(self, program: LayerProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, program: StepProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
         self.program = program
         self.settings = settings
         self.keep = keep
@@ -169,9 +204,7 @@ class PersistentChain:
     """The whole chain as one persistent kernel launch (``ebmfast.persistent``): the same head, steps and noise
     stream as ``run_chain_``, inside one kernel. ``keep``: buffers a captured graph reads (the scratch)."""
 
-    def __init__(
-        self, program: PersistentProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None
-    ) -> None:
+    def __init__(self, program: ChainProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
         self.program = program
         self.settings = settings
         self.keep = keep

@@ -19,14 +19,24 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from .chain import Chain
 
-if TYPE_CHECKING:
-    from .sampler import LangevinSampler
+
+class ChainOwner(Protocol):
+    """What the cache reads of its owner (a ``LangevinSampler``): the model and the settings a graph bakes in."""
+
+    model: nn.Module
+    step_size: float
+    noise_std: float
+    grad_clip: float
+    clamp: tuple[float, float]
+    precision: str
+
 
 __all__ = ["GraphCache", "capture_stream"]
 
@@ -64,7 +74,7 @@ class GraphCache:
         self.captures = 0  # how many graphs were captured (tests read it)
 
     @staticmethod
-    def key(sampler: LangevinSampler, x: torch.Tensor, steps: int, backend: str) -> tuple:
+    def key(sampler: ChainOwner, x: torch.Tensor, steps: int, backend: str) -> tuple:
         model = sampler.model
         tensors = tuple(
             (name, t.data_ptr(), tuple(t.shape), t.dtype)
@@ -75,7 +85,7 @@ class GraphCache:
 
     def run(
         self,
-        sampler: LangevinSampler,
+        sampler: ChainOwner,
         x: torch.Tensor,
         steps: int,
         rng: torch.Tensor,

@@ -245,7 +245,9 @@ class LangevinSampler:
                     allowed.append(candidate)
                 else:
                     skipped.append(f"{candidate}: {reason}")
-            chosen, source = autotune.choose(self.model, x, self.precision, allowed)
+            chosen, source = autotune.choose(
+                self.model, x, self.precision, allowed, tuner=lambda: self.tune(x, backends=allowed)
+            )
             why = f"auto on CUDA: {source}; candidates {allowed}"
             if skipped:
                 why += "; not candidates: " + "; ".join(skipped)
@@ -256,6 +258,52 @@ class LangevinSampler:
             choice = (base, "asked for")
         self._choices[key] = choice
         return choice
+
+    def tune(
+        self, x: torch.Tensor, backends: list[str] | None = None, reps: int = 5, save: bool = True
+    ) -> dict[str, float]:
+        """Time CUDA backends (default: ``graph`` and the kernel backends) on this model, precision and step count
+        with a batch like ``x`` (CUDA events, median of ``reps`` chains after a warm-up that compiles and captures);
+        returns microseconds per Langevin step, a backend that fails as ``inf``; with ``save`` the times go to the
+        timing cache that ``backend="auto"`` reads first (``ebmfast.autotune``)."""
+        from . import autotune
+
+        if x.device.type != "cuda":
+            raise ValueError(f"tune() measures CUDA backends; x is on {x.device}")
+        backends = list(backends) if backends is not None else ["graph", *KERNEL_BACKENDS]
+        times: dict[str, float] = {}
+        for backend in backends:
+            try:
+                sampler = LangevinSampler(
+                    self.model,
+                    steps=self.steps,
+                    step_size=self.step_size,
+                    noise_std=self.noise_std,
+                    grad_clip=self.grad_clip,
+                    clamp=self.clamp,
+                    backend=backend,
+                    precision=self.precision,
+                    seed=0,
+                    check_finite=False,
+                )
+                sampler.sample(x)  # compile, capture
+                runs = []
+                for _ in range(reps):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    sampler.sample(x)
+                    end.record()
+                    end.synchronize()
+                    runs.append(start.elapsed_time(end) * 1e3 / self.steps)
+                times[backend] = sorted(runs)[len(runs) // 2]
+            except Exception:  # a backend that cannot run here loses; it does not stop the timing
+                times[backend] = float("inf")
+            finally:
+                sampler = None
+                torch.cuda.empty_cache()
+        if save:
+            autotune.record(self.model, x, self.precision, times)
+        return times
 
     def explain(self, x: torch.Tensor) -> str:
         """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons)."""

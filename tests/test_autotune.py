@@ -94,5 +94,27 @@ def test_architecture_key_depends_on_shapes_not_values():
 
 
 def test_tune_needs_cuda():
+    from ebmfast import LangevinSampler
+
     with pytest.raises(ValueError, match="CUDA"):
-        autotune.tune(CNNModel(hidden_features=4), torch.zeros(2, 1, 28, 28))
+        LangevinSampler(CNNModel(hidden_features=4)).tune(torch.zeros(2, 1, 28, 28))
+
+
+def test_recorded_times_are_read_back(fake_gpu):
+    model, x = CNNModel(hidden_features=8), torch.zeros(32, 1, 28, 28)
+    autotune.record(model, x, "fp32", {"graph": 50.0, "persistent": 20.0})
+    assert autotune.choose(model, x, "fp32", ["graph", "persistent"])[0] == "persistent"
+
+
+def test_autotune_env_times_on_first_use(fake_gpu, monkeypatch):
+    model, x = CNNModel(hidden_features=8), torch.zeros(32, 1, 28, 28)
+    calls = []
+
+    def tuner():
+        calls.append(1)
+        return {"graph": 10.0, "triton": 5.0}
+
+    assert autotune.choose(model, x, "fp32", ["graph", "triton"], tuner=tuner)[0] == "graph"  # not asked to time
+    monkeypatch.setenv("EBMFAST_AUTOTUNE", "1")
+    backend, why = autotune.choose(model, x, "fp32", ["graph", "triton"], tuner=tuner)
+    assert backend == "triton" and "timed now" in why and calls == [1]
