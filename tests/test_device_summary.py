@@ -99,7 +99,9 @@ def test_summarize_device_check(tmp_path):
     assert "env ok 2s | cuda_tests FAILED rc=1 80s | bench_cli TIMEOUT 200s | pytest_bench skipped 0s" in text
     assert "7 passed, 1 failed, 0 errors, 2 skipped; failing: test_graph_cuda::test_replay" in text
     lines = text.rstrip().splitlines()
-    assert lines[-7].startswith("  [met]") and lines[-3] == "targets (issue 12; measured, not asserted):"
+    at = lines.index("targets (issue 4; measured, not asserted):")
+    assert lines[at + 1].startswith("  [met]"), lines[at:]
+    assert "targets (issue 12; measured, not asserted):" in lines[at:]
     assert json.loads((tmp_path / "summary.json").read_text())["targets_issue4"][0].startswith("[met]")
     assert "Fake H200" in text and "2,500,000" in text
     empty = device_summary.summarize_device_check(str(tmp_path / "nothing"))
@@ -137,7 +139,8 @@ def test_device_check_summary_includes_the_profile(tmp_path):
     lines = device_summary._profile_lines(str(tmp_path / "profile.json"))
     assert any("channels_last True  tf32:    123.4 us/step" in ln for ln in lines), lines
     assert any(
-        "graph channels_last batch 128: 25.5 kernels/step, GPU busy 90.0 of 400.0 us/step" in ln for ln in lines
+        "graph channels_last batch 128: ? kernels per chain (25.50/step), GPU busy 90.0 of 400.0 us/step" in ln
+        for ln in lines
     ), lines
     assert device_summary._profile_lines(str(tmp_path / "missing.json")) == []
 
@@ -251,3 +254,114 @@ def test_full_run_and_skipped_run(tmp_path):
     report = device_summary.train_run_report(str(skipped))
     assert report == {"skip": "50 s allow ~900 iterations, fewer than 2000 (40s left)"}
     assert "skipped: 50 s allow" in "\n".join(device_summary._train_run_lines(report))
+
+
+def _kernel_doc():
+    """A CUDA bench document with the kernel backends beside eager and graph, and the model key of the table."""
+    doc = _gpu_doc()
+    doc["model"] = {"architecture": "CNNModel-abc", "sample_shape": [1, 28, 28], "precision": "fp32"}
+    doc["sampler"] += [
+        _row("eager", 1, 60, 1e3, 1.0, mem=1.0),
+        _row("graph", 1, 60, 2e4, 20.0, mem=1.0),
+        _row("persistent", 1, 60, 1.5e5, 150.0),
+        _row("triton", 128, 60, 3e6, 30.0, mem=25.0),
+        _row("persistent", 128, 60, 4e6, 40.0),
+        _row("triton", 16384, 60, 9e6, 9.0, frac=0.5),
+        _row("persistent", 16384, 60, 7e6, 7.0, frac=0.3),
+    ]
+    for r in doc["sampler"]:
+        if r["backend"] == "persistent":
+            r["first_call_s"] = 12.5 if r["batch"] == 128 else 0.5
+    return doc
+
+
+def _kernel_profile_doc():
+    def variant(b, p, ssps):
+        return dict(backend=b, batch=16384, steps=60, precision=p, sample_steps_per_s=ssps, us_per_step=16384e6 / ssps)
+
+    busy = dict(busy_us_per_step=20.0, chain_us_per_step=25.0, top=[dict(name="kernel", us_per_step=10.0)])
+    return {
+        "chain_variants": [
+            variant("triton", "fp32", 1e6),
+            variant("triton", "tf32", 2.5e6),
+            variant("persistent", "fp32", 1e6),
+            variant("persistent", "tf32", 3e6),
+            dict(backend="persistent", batch=16384, steps=60, precision="bf16", error="RuntimeError: boom"),
+        ],
+        "profiles": [
+            dict(backend="triton", batch=128, steps=60, kernels=540, kernels_per_step=9.0, **busy),
+            dict(backend="persistent", batch=128, steps=60, kernels=1, kernels_per_step=1 / 60, **busy),
+        ],
+    }
+
+
+def test_kernel_backend_targets_are_judged_from_the_bench_and_the_profile():
+    issue10, issue11 = device_summary.kernel_backend_report(_kernel_doc(), _kernel_profile_doc())
+    assert [ln.split("]")[0] + "]" for ln in issue10] == ["[met]", "[met]", "[met]", "[met]", "[met]"], issue10
+    assert "30.0x" in issue10[0] and "9.00 kernels/step" in issue10[1] and "50.0%" in issue10[2]
+    assert "tf32 2.50x" in issue10[3] and "batch 128: 25.0 vs 30.0 MB" in issue10[4]
+    # persistent: 40x < 50x at 128; 150x >= 100x at batch 1; 30% < 40%; bf16 failed -> not judged; 1 kernel; 12.5 s
+    verdicts = [ln.split("]")[0] + "]" for ln in issue11]
+    assert verdicts == ["[NOT met]", "[met]", "[NOT met]", "[not measured]", "[met]", "[met]"], issue11
+    assert "tf32 3.00x" in issue11[3] and "not every precision measured" in issue11[3]
+    assert "1 kernel(s) per 60-step chain" in issue11[4] and "12.5 s (batch 128" in issue11[5]
+
+
+def test_kernel_backend_targets_without_measurements_or_off_cuda():
+    issue10, issue11 = device_summary.kernel_backend_report(None, {})
+    assert all(ln.startswith("[not measured]") and ln.endswith("n/a") for ln in issue10 + issue11)
+    cpu = _kernel_doc()
+    cpu["environment"]["device"] = "cpu"
+    issue10, _ = device_summary.kernel_backend_report(cpu, {})
+    assert issue10[0].startswith("[not measured]") and "[not CUDA: not judged]" in issue10[0]
+
+
+def test_backend_rows_and_merging_them_into_the_table(tmp_path):
+    rows = device_summary.backend_rows(_kernel_doc())
+    assert [r["batch"] for r in rows] == [1, 128, 16384]
+    b128 = rows[1]
+    assert b128["gpu"] == "Fake H200" and b128["architecture"] == "CNNModel-abc" and b128["sample_shape"] == [1, 28, 28]
+    assert set(b128["us_per_step"]) == {"eager", "graph", "triton", "persistent"}
+    # 128 samples x 60 steps at 3e6 sample-steps/s = 2.56 ms per chain = 42.667 us per step
+    assert b128["us_per_step"]["triton"] == pytest.approx(1e6 * 128 / 3e6, rel=1e-4)
+    assert device_summary.backend_rows({**_kernel_doc(), "model": None}) == []
+    table = tmp_path / "table.json"
+    table.write_text(
+        json.dumps({"about": "x", "rows": [dict(rows[1], us_per_step={"graph": 1.0}), dict(rows[0], gpu="B200")]})
+    )
+    merged = device_summary.merge_table(str(table), rows)
+    assert merged["about"] == "x" and len(merged["rows"]) == 4  # the old H200 batch-128 row replaced, B200 kept
+    assert [r["us_per_step"] for r in merged["rows"] if r["gpu"] == "Fake H200" and r["batch"] == 128] == [
+        b128["us_per_step"]
+    ]
+
+
+def test_summary_writes_backend_rows_and_merge_table_command(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text(json.dumps(_kernel_doc()))
+    (tmp_path / "profile.json").write_text(json.dumps(_kernel_profile_doc()))
+    text = device_summary.summarize_device_check(str(tmp_path))
+    assert "targets (issue 10, backend triton; measured, not asserted):" in text
+    assert "targets (issue 11, backend persistent; measured, not asserted):" in text
+    assert "persistent: boom" not in text and "RuntimeError: boom" in text  # the failed variant is shown as such
+    assert len(json.loads((tmp_path / "backend_rows.json").read_text())["rows"]) == 3
+    assert len(json.loads((tmp_path / "summary.json").read_text())["targets_issue11"]) == 6
+    table = tmp_path / "table.json"
+    assert device_summary.main(["--merge-table", str(tmp_path), str(table)]) == 0
+    assert len(json.loads(table.read_text())["rows"]) == 3
+    assert device_summary.main(["--merge-table", str(tmp_path / "none"), str(table)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_profile_plan_measures_what_the_targets_need_first():
+    """bench/profile_step.py's order: the kernel backends' precisions at the largest batch, then their profiles."""
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "bench" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    items = profile_step.plan([128, 16384])
+    first = [(i[1], i[4]) for i in items[:6]]
+    assert first == [(b, p) for b in ("triton", "persistent") for p in ("fp32", "tf32", "bf16")]
+    assert all(i[2] == 16384 for i in items[:6])
+    assert items[6:8] == [("profile", "triton", 128, None), ("profile", "persistent", 128, None)]
+    assert len(items) == len(set(items))  # nothing measured twice
+    variants = {(i[1], i[2], i[3], i[4]) for i in items if i[0] == "variant"}
+    assert ("graph", 128, True, "tf32") in variants and ("persistent", 128, None, "bf16") in variants

@@ -89,19 +89,19 @@ def fmt(v, spec: str, none: str = "n/a") -> str:
 
 def format_table(results: list[SamplerResult]) -> str:
     head = (
-        f"{'backend':<9} {'batch':>6} {'steps':>5} {'sample-steps/s':>15} {'x eager':>8} {'ms/chain':>10} "
+        f"{'backend':<10} {'batch':>6} {'steps':>5} {'sample-steps/s':>15} {'x eager':>8} {'ms/chain':>10} "
         f"{'TFLOP/s':>8} {'%fp32pk':>8} {'%tf32pk':>8} {'peak MB':>9} {'first s':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         if r.skipped:
-            lines.append(f"{r.backend:<9} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
+            lines.append(f"{r.backend:<10} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
             continue
         mem = fmt(r.peak_mem_mb, ".1f")
         if r.peak_mem_mb is not None and not r.device.startswith("cuda"):
             mem = f"rss+{r.peak_mem_mb:.0f}"
         lines.append(
-            f"{r.backend:<9} {r.batch:>6} {r.steps:>5} {fmt(r.sample_steps_per_s, ',.0f'):>15} "
+            f"{r.backend:<10} {r.batch:>6} {r.steps:>5} {fmt(r.sample_steps_per_s, ',.0f'):>15} "
             f"{fmt(r.ratio_to_eager, '.2f'):>8} {fmt(r.ms_per_chain, '.2f'):>10} {fmt(r.tflops, '.3f'):>8} "
             f"{fmt(None if r.frac_fp32_peak is None else 100 * r.frac_fp32_peak, '.1f'):>8} "
             f"{fmt(None if r.frac_tf32_peak is None else 100 * r.frac_tf32_peak, '.1f'):>8} "
@@ -112,17 +112,17 @@ def format_table(results: list[SamplerResult]) -> str:
 
 def format_train_table(results: list[TrainResult]) -> str:
     head = (
-        f"{'backend':<9} {'batch':>6} {'steps':>5} {'CD it/s':>9} {'x eager':>8} {'ms/it':>9} {'chain ms':>9} "
+        f"{'backend':<10} {'batch':>6} {'steps':>5} {'CD it/s':>9} {'x eager':>8} {'ms/it':>9} {'chain ms':>9} "
         f"{'it/chain':>9} {'60 ep (min)':>12} {'first s':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         if r.skipped:
-            lines.append(f"{r.backend:<9} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
+            lines.append(f"{r.backend:<10} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
             continue
         chain_ms = getattr(r, "chain_median_s", None)
         lines.append(
-            f"{r.backend:<9} {r.batch:>6} {r.steps:>5} {fmt(r.iters_per_s, '.2f'):>9} "
+            f"{r.backend:<10} {r.batch:>6} {r.steps:>5} {fmt(r.iters_per_s, '.2f'):>9} "
             f"{fmt(r.ratio_to_eager, '.2f'):>8} "
             f"{fmt(None if r.median_s is None else r.median_s * 1e3, '.1f'):>9} "
             f"{fmt(None if chain_ms is None else chain_ms * 1e3, '.1f'):>9} "

@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import torch
 
+from ..autotune import architecture_key
 from ..benchmark.flops import flops_per_sample_step
 from ..benchmark.report import (
     check_csv_history,
@@ -245,6 +246,12 @@ def run(args) -> int:
             "config": config,
             "matmul_peak": peak,
             "flop_per_sample_step": fpss,
+            # what backend="auto"'s committed table is keyed by (bench/device_summary.py writes rows from this run)
+            "model": {
+                "architecture": architecture_key(model),
+                "sample_shape": list(model.input_shape),
+                "precision": args.precision,
+            },
             "sampler": [asdict(r) for r in sampler_results],
             "train": [asdict(r) for r in train_results],
         }
