@@ -849,10 +849,19 @@ def test_hopper_compile():
     print(f"HOPPER COMPILE {res.stdout.strip()}")
 
 
-def test_without_triton_the_reason_is_given():
-    """No Triton: the planner still imports and says why; running the program raises a clear RuntimeError."""
+@pytest.mark.parametrize(
+    "module, program",
+    [
+        ("ebmfast.layers", "LayerProgram(CNNModel()).energy_grad(x)"),
+        ("ebmfast.persistent", "PersistentProgram(CNNModel()).prepare(x)"),
+    ],
+    ids=["layers", "persistent"],
+)
+def test_without_triton_the_reason_is_given(module, program):
+    """No Triton: the planners still import and say why; running a program raises a clear RuntimeError."""
+    name = program.split("(")[0]
     code = textwrap.dedent(
-        """
+        f"""
         import builtins
         real = builtins.__import__
         def block(name, *args, **kwargs):
@@ -862,10 +871,11 @@ def test_without_triton_the_reason_is_given():
         builtins.__import__ = block
         import torch
         from ebmfast import CNNModel
-        from ebmfast.layers import LayerProgram, unsupported_reason
-        print(unsupported_reason(CNNModel(), torch.zeros(2, 1, 28, 28)))
+        from {module} import {name}, unsupported_reason
+        x = torch.zeros(2, 1, 28, 28)
+        print(unsupported_reason(CNNModel(), x))
         try:
-            LayerProgram(CNNModel()).energy_grad(torch.zeros(2, 1, 28, 28))
+            {program}
         except RuntimeError as exc:
             print("RuntimeError", exc)
         """
