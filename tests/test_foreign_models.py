@@ -45,7 +45,8 @@ def test_scores_generation_flops_and_benchmark_with_an_n_by_1_model():
     x = torch.rand(5, *SHAPE) * 2 - 1
     scores = energy_scores(model, x, batch_size=2)
     assert scores.shape == (5,)
-    assert torch.allclose(scores, model(x).reshape(5))
+    # batches of 2 and of 5 take different GEMM kernels, whose 784-term float32 sums round differently (CI saw 5e-8)
+    assert torch.allclose(scores, model(x).reshape(5), rtol=1e-5, atol=1e-6)
     samples = generate(model, n=3, steps=2, backend="eager", device="cpu")
     assert samples.shape == (3, *SHAPE) and bool(((samples >= -1) & (samples <= 1)).all())
     assert flops_per_sample_step(model, SHAPE) == 2 * (2 * 784 * 16 + 2 * 16 * 1)
