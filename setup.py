@@ -46,5 +46,5 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={"train": TRAIN, "bench": BENCH, "test": TEST},
-    entry_points={"console_scripts": ["ebmfast=ebmfast.cli:main"]},
+    entry_points={"console_scripts": ["ebmfast=ebmfast.cli:entry"]},
 )

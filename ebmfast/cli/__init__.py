@@ -14,7 +14,7 @@ import sys
 
 from ..errors import UsageError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "entry", "main"]
 
 COMMANDS = {
     "train": ("ebmfast.cli.train", "train an energy model by contrastive divergence (the seed's recipe)"),
@@ -63,5 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The process entry point (the ``ebmfast`` script, ``python -m ebmfast``): ``main()``, then exit with its code."""
+    from ..training.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

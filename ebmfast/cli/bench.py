@@ -406,4 +406,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..training.distributed import exit_process
+
+    exit_process(main())

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -63,10 +64,12 @@ __all__ = [
     "init_distributed",
     "shutdown_distributed",
     "describe_failure",
+    "exit_process",
 ]
 
 DEFAULT_TIMEOUT_S = 600.0  # seconds a rank waits for the others in one collective before the job ends
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_joined = False  # set once this process has joined a process group (see exit_process)
 
 # Under DDP the whole-iteration CUDA graph must stay off: DDP launches its gradient all-reduce from autograd hooks
 # with host-side bucket bookkeeping on every backward, which a replayed graph would skip (per-rank chain graphs, the
@@ -419,6 +422,8 @@ def init_distributed(device="auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tup
     else:
         dist.init_process_group("gloo", timeout=timeout)
         control, backend = None, "gloo"
+    global _joined
+    _joined = True
     ctx = DistContext(rank, world, local, backend, control, timeout_s)
     DistContext._current = ctx
     return ctx, dev
@@ -438,6 +443,21 @@ def shutdown_distributed(ctx: DistContext, wait: bool = True) -> None:
         except Exception:  # after a lost rank the group may already be broken
             pass
         DistContext._current = None
+
+
+def exit_process(code: int):
+    """End the process with exit code ``code`` (the command line's last step). A process that joined a process group
+    flushes stdout and stderr and leaves with ``os._exit``, skipping interpreter finalization: there, tensors still
+    held by gloo's worker threads can abort the process (SIGABRT) after its checkpoint is written, which made a clean
+    stop look like a crashed rank. Its files are closed by then (the trainer closes them before ``main`` returns)."""
+    if _joined:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 _FAILURE_MARKERS = (
