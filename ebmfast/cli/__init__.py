@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from ..errors import UsageError
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def entry() -> None:
+def entry() -> NoReturn:
     """The process entry point (the ``ebmfast`` script, ``python -m ebmfast``): ``main()``, then exit with its code."""
     from ..training.distributed import exit_process
 

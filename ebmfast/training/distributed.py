@@ -44,6 +44,7 @@ import os
 import signal
 import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -445,7 +446,7 @@ def shutdown_distributed(ctx: DistContext, wait: bool = True) -> None:
         DistContext._current = None
 
 
-def exit_process(code: int):
+def exit_process(code: int) -> NoReturn:
     """End the process with exit code ``code`` (the command line's last step). A process that joined a process group
     flushes stdout and stderr and leaves with ``os._exit``, skipping interpreter finalization: there, tensors still
     held by gloo's worker threads can abort the process (SIGABRT) after its checkpoint is written, which made a clean
