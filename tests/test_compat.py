@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from recording import recorded_here
+from recording import TOLERANCE, recorded_here
 
 from ebmfast.data import DataSplits, load_mnist5k
 from ebmfast.training.checkpoint import load_checkpoint, load_model
@@ -117,7 +117,7 @@ def test_old_checkpoint_resumes_bit_identically(tmp_path, one_thread):
     if recorded_here(RESUMED_TO_6["platform"]):
         assert _digest(tr) == RESUMED_TO_6["digest"]
     else:
-        assert _sums(tr) == pytest.approx(RESUMED_TO_6["sums"], rel=1e-5, abs=1e-7)
+        assert _sums(tr) == pytest.approx(RESUMED_TO_6["sums"], **TOLERANCE)
     # today's checkpoint has the old file's layout, key for key, plus the config fields added since (their defaults
     # are what the old file's run did)
     new, old = _keys(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")), _keys(load_checkpoint(FIXTURE))

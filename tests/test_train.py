@@ -10,7 +10,7 @@ import torch
 from conftest import assert_close_verbose
 from grid_checks import assert_honest_grid
 from PIL import Image
-from recording import recorded_here
+from recording import TOLERANCE, recorded_here
 from train_helpers import one_thread, small_data, tiny_config  # noqa: F401  (one_thread is a fixture)
 
 from ebmfast.data import DataSplits
@@ -258,7 +258,7 @@ def test_trainer_reproduces_the_old_trainer(sync_every):
     exact = recorded_here(OLD_RUN["platform"])
 
     def same(a, b):
-        return a == b if exact else a == pytest.approx(b, rel=1e-5, abs=1e-7)
+        return a == b if exact else a == pytest.approx(b, **TOLERANCE)
 
     assert result.iteration == OLD_RUN["iteration"] == 20
     assert [it for it, _ in steps] == [it for it, _ in OLD_RUN["steps"]]
