@@ -6,7 +6,9 @@ in-process through ``ebmfast.cli.main`` (argparse's own errors raise SystemExit(
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +26,16 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 @pytest.fixture
 def paths(tmp_path):
     """Placeholders used in the table: OUT (a folder nothing may be written to), MISSING, FOREIGN (a torch file that
-    is not an ebmfast checkpoint), FILE (a plain file), OTHER_CSV (a CSV with other columns)."""
+    is not an ebmfast checkpoint), FILE (a plain file), OTHER_CSV (a CSV with other columns), MODEL (a copy of a
+    training checkpoint), MODEL_PNG (the same under a picture's name). None of them may change."""
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     (tmp_path / "file.txt").write_text("not a folder\n")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    shutil.copyfile(CKPT, tmp_path / "model.pt")
+    shutil.copyfile(CKPT, tmp_path / "model.png")
     return {
+        "MODEL": tmp_path / "model.pt",
+        "MODEL_PNG": tmp_path / "model.png",
         "OUT": tmp_path / "out",
         "MISSING": tmp_path / "missing.pt",
         "FOREIGN": tmp_path / "foreign.pt",
@@ -96,6 +103,11 @@ BAD = [
     (["evaluate", "--checkpoint", "FOREIGN", "--out", "OUT"], "not an ebmfast checkpoint"),
     (["evaluate", "--checkpoint", CKPT, "--out", "/proc/report"], "cannot write in /proc"),
     (["evaluate", "--checkpoint", CKPT, "--out", "FILE"], "exists and is not a folder"),
+    # output files never replace another kind of file (issue 22: the checkpoint became a classifier cache)
+    (["evaluate", "--checkpoint", "MODEL", "--out", "OUT", "--classifier", "MODEL"], "is not an ebmfast classifier"),
+    ([*EVALUATE, "--classifier", "FOREIGN"], "is not an ebmfast classifier cache (another torch file)"),
+    ([*EVALUATE, "--classifier", "FILE"], "is not an ebmfast classifier cache (not a torch file)"),
+    (["sample", "--checkpoint", CKPT, "--out", "MODEL_PNG"], "holds a torch file"),
     # bench
     ([*BENCH, "--batch", "0"], "--batch values must be positive"),
     ([*BENCH, "--steps", "-2"], "--steps values must be positive"),
@@ -122,8 +134,13 @@ def _argv(argv, paths):
     return out
 
 
+def _digests(paths) -> dict:
+    return {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in paths.items() if p.is_file()}
+
+
 @pytest.mark.parametrize("argv, message", BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_invocation_exits_2_with_one_line(argv, message, paths, capsys):
+    before = _digests(paths)
     try:
         rc = main(_argv(argv, paths))
     except SystemExit as exc:  # argparse
@@ -136,6 +153,7 @@ def test_bad_invocation_exits_2_with_one_line(argv, message, paths, capsys):
     assert message in lines[0], lines[0]
     assert lines[0].startswith("ebmfast"), lines[0]
     assert not paths["OUT"].exists(), "a refused command wrote output"
+    assert _digests(paths) == before, "a refused command changed an existing file"
 
 
 def test_bad_invocation_in_a_real_process():

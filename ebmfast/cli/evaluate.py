@@ -10,7 +10,7 @@ from pathlib import Path
 from ..data import DATASETS, load_dataset
 from ..devices import resolve_device
 from ..errors import UsageError, require
-from ..evaluation.quality import CLASSIFIER_FILENAME, ClassifierConfig
+from ..evaluation.quality import CLASSIFIER_FILENAME, ClassifierConfig, check_classifier_cache
 from ..evaluation.report import check_n_samples, checkpoint_provenance, evaluate_model
 from ..sampler import BACKENDS, resolve_backend
 from ..training.checkpoint import load_model
@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
     out = output_dir(args.out if args.out else ckpt.parent / f"eval_{ckpt.stem}", "--out")
+    clf_path = check_classifier_cache(
+        (Path(args.classifier) if args.classifier else ckpt.parent / CLASSIFIER_FILENAME).resolve()
+    )  # a file that is not a classifier cache (the checkpoint itself, say) is refused, never overwritten
     require("matplotlib.figure", "the evaluate report's charts", package="matplotlib")
     require("PIL.Image", "the evaluate report's sample pictures", package="pillow")
     model, config = load_model(str(ckpt), map_location=device)  # CheckpointError is a UsageError: exit 2
@@ -127,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
     if data_name not in DATASETS:
         raise UsageError(f"the checkpoint's data set {data_name!r} is not one of {list(DATASETS)}; pass --data")
     data = load_dataset(data_name, args.data_root or config_value(config, "data_root"))
-    clf_path = (Path(args.classifier) if args.classifier else ckpt.parent / CLASSIFIER_FILENAME).resolve()
     problem = check_n_samples(args.n_samples, data)
     if problem:
         raise UsageError(f"--n-samples: {problem}")

@@ -4,6 +4,9 @@
 A check creates nothing that stays: it finds the nearest folder that exists on the way to the path and writes (and
 removes) a temporary file there, which is the only test that root, read-only mounts and pseudo file systems such as
 ``/proc`` all answer truthfully.
+
+An output file never replaces a file of another kind that the commands write: an existing ``torch.save`` archive (a
+checkpoint, a classifier cache) at a picture, JSON or CSV path is refused, not overwritten.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def _probe(folder: Path, flag: str, target: Path) -> None:
     os.unlink(tmp)
 
 
+def _is_torch_archive(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    except OSError:
+        return False
+
+
 def output_file(path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
     """A file the command will write (replacing it if it exists); ``suffixes``: the allowed endings."""
     path = Path(path)
@@ -49,6 +60,11 @@ def output_file(path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
         raise OutputPathError(f"{flag} {path} is a folder; give a file name such as {example}")
     if _exists(path) and not os.access(path, os.W_OK):
         raise OutputPathError(f"{flag} {path}: the file exists and is not writable")
+    if _is_torch_archive(path):
+        raise OutputPathError(
+            f"{flag} {path} holds a torch file (a checkpoint or cache), which this output would replace; "
+            "give another file name"
+        )
     _probe(path.parent, flag, path)
     return path
 
