@@ -17,6 +17,7 @@ __all__ = [
     "MissingDependencyError",
     "DivergenceError",
     "DistributedError",
+    "StopRequested",
     "require",
 ]
 
@@ -48,6 +49,12 @@ class DivergenceError(RuntimeError):
 class DistributedError(RuntimeError):
     """A data-parallel run lost one of its processes: a rank died, or did not answer a collective within the
     time-out (``ebmfast.training.distributed``)."""
+
+
+class StopRequested(Exception):
+    """A stop request (SIGINT/SIGTERM in training) seen between the chunks of a long Langevin chain: the chain gave up
+    and put its noise counter back where the call started, so redoing the call draws the same noise
+    (``LangevinSampler.stop_check``)."""
 
 
 def require(module: str, purpose: str, package: str | None = None, extra: str = "train"):

@@ -26,6 +26,12 @@ consume to check any backend trajectory by trajectory. On CUDA "exactly" means b
 ``torch.backends.cudnn.deterministic = True``: otherwise cuDNN may sum in another order from one capture to the next
 (seen on an H200: two seeded runs agreed to 4 digits, within the 1e-4 parity tolerance, not bitwise).
 ``sample(noise=...)`` takes explicit draws instead.
+
+Stopping. With ``stop_check`` set (a callable returning True when a stop was asked for; the trainer sets it), a chain
+longer than ``chunk_steps`` (default ``CHUNK_STEPS``) runs as consecutive chains of at most that many steps, the same
+steps and noise as one chain, and asks ``stop_check`` before each: a stop raises ``ebmfast.errors.StopRequested``
+with the noise counter back where the call started. Shorter chains, persistent-kernel chains, chains with a
+trajectory or explicit noise and chains inside a caller's CUDA-graph capture run whole as before.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch import nn
 from . import ops
 from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain, StepSettings
 from .energy_grad import compiled_energy_grad, eager_energy_grad
+from .errors import StopRequested
 from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
     capturing,
@@ -50,11 +57,20 @@ from .validation import (
     check_samples,
 )
 
-__all__ = ["LangevinSampler", "BACKENDS", "KERNEL_BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
+__all__ = [
+    "LangevinSampler",
+    "CHUNK_STEPS",
+    "BACKENDS",
+    "KERNEL_BACKENDS",
+    "PRECISIONS",
+    "precision_context",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton", "persistent")
 KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for plain layer chains only
 PRECISIONS = ("fp32", "tf32", "bf16")
+CHUNK_STEPS = 1000  # a chain longer than this looks at stop_check between chunks of this many steps
 
 
 @contextmanager
@@ -152,6 +168,8 @@ class LangevinSampler:
         self._rng: dict[torch.device, torch.Tensor] = {}
         self.manual_seed(seed)
         self.last_backend: str | None = None
+        self.stop_check: Callable[[], bool] | None = None  # asked between the chunks of a long chain (module doc)
+        self.chunk_steps = CHUNK_STEPS
 
     # ----------------------------------------------------------------------------------------------- RNG state
     def manual_seed(self, seed: int | None = None) -> None:
@@ -370,6 +388,15 @@ class LangevinSampler:
             noise = noise.to(device=x.device, dtype=x.dtype)
         self._check_model_output(x)
         backend, _ = self._choose(x)
+        if (
+            self.stop_check is not None
+            and steps > self.chunk_steps
+            and noise is None
+            and not return_trajectory
+            and backend != "persistent"
+            and not capturing(x)
+        ):
+            return self._sample_in_chunks(x, steps)
         # A captured chain keeps only the final state and draws its own noise; inside a caller's CUDA-graph capture
         # (e.g. a whole training iteration) the chain is recorded inline into that graph instead.
         inline = return_trajectory or noise is not None or capturing(x) or x.device.type != "cuda"
@@ -404,6 +431,20 @@ class LangevinSampler:
         if return_trajectory:
             return out, traj
         return out
+
+    def _sample_in_chunks(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` steps as chains of at most ``chunk_steps``, asking ``stop_check`` before each (module doc)."""
+        rng = self.rng_state(x.device)
+        start = rng[1].clone()
+        done = 0
+        while done < steps:
+            if self.stop_check():
+                rng[1].copy_(start)
+                raise StopRequested(f"stop requested after {done} of {steps} Langevin steps")
+            n = min(self.chunk_steps, steps - done)
+            x = self.sample(x, n)
+            done += n
+        return x
 
     def _settings(self) -> StepSettings:
         lo, hi = self.clamp

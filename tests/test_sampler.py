@@ -17,6 +17,7 @@ from conftest import assert_close_verbose
 from energies import MLPEnergy, Quadratic
 
 from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference, ops
+from ebmfast.errors import StopRequested
 from ebmfast.sampler import resolve_backend
 
 CPU_BACKENDS = ["eager", "compiled", "fused"]
@@ -332,3 +333,29 @@ def test_compiled_gradients_do_not_keep_dropped_models_alive():
     gc.collect()
     assert sum(r() is not None for r in refs) == 0
     assert len(_COMPILED) == before
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_long_chains_run_in_chunks_that_look_at_the_stop_flag(backend):
+    """A chain longer than chunk_steps runs as chunks with the same steps and noise as one chain (bitwise on CPU), asks
+    stop_check between chunks, and a stop puts the noise counter back where the call started (issue 22)."""
+    torch.manual_seed(0)
+    model = MLPEnergy(12)
+    x = torch.rand(5, 12) * 2 - 1
+    whole = LangevinSampler(model, steps=25, step_size=0.5, backend=backend, seed=3).sample(x)
+    chunked = LangevinSampler(model, steps=25, step_size=0.5, backend=backend, seed=3)
+    chunked.chunk_steps = 10
+    asked = []
+    chunked.stop_check = lambda: asked.append(1) and False
+    assert torch.equal(chunked.sample(x), whole)
+    assert len(asked) == 3  # before each of the chunks of 10, 10 and 5 steps
+    assert chunked.state_dict() == {"seed": 3, "counters": {"cpu": 25}}
+
+    calls = iter([False, False, True])
+    chunked.stop_check = lambda: next(calls)
+    with pytest.raises(StopRequested, match="after 20 of 25"):
+        chunked.sample(x)
+    assert chunked.state_dict()["counters"] == {"cpu": 25}, "a stopped chain must leave the noise counter alone"
+    short = LangevinSampler(model, steps=25, step_size=0.5, backend=backend, seed=3)
+    short.stop_check = lambda: pytest.fail("a chain of chunk_steps or fewer steps runs whole")
+    short.sample(x, steps=short.chunk_steps)

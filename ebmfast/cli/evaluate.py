@@ -88,6 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
+# (flag, upper bound, why): a typo must not start an evaluation that never ends
+_BOUNDS = (
+    ("n_samples", 1_000_000, "chains held in memory at once"),
+    ("steps", 1_000_000, "the seed uses 256; more is a typo or an evaluation that never ends"),
+    ("n_ood", 1_000_000, "images per out-of-distribution set; the test splits hold far fewer"),
+    ("classifier_epochs", 1000, "the default is a few; more is a typo"),
+)
+
+
 class _Log:
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -103,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise UsageError(f"--checkpoint: no file at {str(ckpt)!r}")
-    for name in ("n_samples", "steps", "n_ood", "classifier_epochs"):
+    for name, hi, why in _BOUNDS:
         v = getattr(args, name)
-        if v <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        if not 1 <= v <= hi:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [1, {hi:,}] ({why}), got {v}")
     if args.n_samples < 2:
         raise UsageError(f"--n-samples must be >= 2 (the Fréchet distance needs a covariance), got {args.n_samples}")
     if args.seed < 0:

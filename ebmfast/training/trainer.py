@@ -45,7 +45,7 @@ from ..buffer import ReplayBuffer
 from ..cd import CD_METRICS, CDStep
 from ..data import DataSplits, load_dataset
 from ..devices import resolve_device
-from ..errors import DivergenceError
+from ..errors import DivergenceError, StopRequested
 from ..models import CNNModel
 from ..reference import energy_scores
 from ..sampler import LangevinSampler, resolve_backend
@@ -221,6 +221,10 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_MONITOR))
         self._monitor_noise = torch.rand((64, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
         self.signals = self.dist.stop_signals()  # a stop on any rank stops all after the same iteration
+        if not self.dist.distributed:
+            # A long chain looks at the flag between its chunks (sampler.CHUNK_STEPS); under torchrun the ranks agree
+            # on stops between iterations only (a rank leaving mid-iteration would leave the others in a collective).
+            self.sampler.stop_check = lambda: self.signals.signum is not None
 
         # ---- progress counters
         self.epoch = 0  # epochs completed (= index of the epoch in progress)
@@ -434,7 +438,10 @@ class Trainer:
             )
             try:
                 for real in self.batches:
-                    self._iterate(real)
+                    try:
+                        self._iterate(real)
+                    except StopRequested:  # in a long chain; the iteration is undone (see _iterate)
+                        return "rollback" if self._flush(bar) == "rollback" else "interrupted"
                     if self._flush_due():
                         outcome = self._flush(bar)
                         if outcome is not None:
@@ -451,7 +458,18 @@ class Trainer:
         """One training iteration; its metrics (and, at gap-check iterations, the monitor's f(noise)) stay on the
         device in the step history until the next flush."""
         cfg = self.config
-        metrics = self.dist.reduce_mean(self.runner(real))  # the mean over ranks (identity on one process)
+        # A stop inside a long chain (StopRequested) abandons the iteration before it changed the model, the
+        # optimizer or the buffer; what it consumed is put back (the sampler rewinds its own noise counter), so the
+        # resumed run redoes this iteration exactly.
+        long_chain = self.sampler.stop_check is not None and cfg.sampler_steps > self.sampler.chunk_steps
+        undo = (self.gen.get_state(), self.batches.pos - self.batches.batch_size) if long_chain else None
+        try:
+            metrics = self.dist.reduce_mean(self.runner(real))  # the mean over ranks (identity on one process)
+        except StopRequested:
+            if undo is not None:
+                self.gen.set_state(undo[0])
+                self.batches.pos = undo[1]
+            raise
         self.iteration += 1
         self._fit_iterations += 1
         noise = None
