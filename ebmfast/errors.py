@@ -7,7 +7,9 @@ command line reports them in one line and exits with code 2. Library modules rai
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 
 __all__ = [
     "UsageError",
@@ -18,6 +20,8 @@ __all__ = [
     "DivergenceError",
     "DistributedError",
     "StopRequested",
+    "WRITE_FAULTS",
+    "write_failure",
     "require",
 ]
 
@@ -36,6 +40,34 @@ class DataNotFoundError(UsageError, FileNotFoundError):
 
 class OutputPathError(UsageError, ValueError):
     """An output path that cannot be written (checked before any work starts)."""
+
+
+# Faults of the machine or of the path a user gave, met while writing a file: each becomes one line naming the path and
+# the cause (exit 2), never a traceback. The hints say what to do about them.
+WRITE_FAULTS: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device: free some space or write elsewhere",
+    errno.EFBIG: "file too large for the file system or for this process's file-size limit (ulimit -f)",
+    errno.EDQUOT: "disk quota exceeded: free some space or write elsewhere",
+    errno.ENAMETOOLONG: "a file name is longer than the file system allows (usually 255 bytes per name)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike | None = None, what: str = "") -> OutputPathError | None:
+    """The one-line ``OutputPathError`` for a write that failed with one of ``WRITE_FAULTS`` (naming ``path``, else
+    the file the error names), or None for any other error (a bug to show in full). The ``OSError`` may also be the
+    cause or context of ``exc`` (``torch.save`` re-raises a failed write as a ``RuntimeError``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_FAULTS:
+            target = path if path is not None else (exc.filename or "a file")
+            cause = WRITE_FAULTS[exc.errno]
+            return OutputPathError(f"cannot write {what + ' ' if what else ''}{target}: {cause} ([Errno {exc.errno}])")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class MissingDependencyError(UsageError, ImportError):

@@ -110,6 +110,11 @@ BAD = [
     (["evaluate", "--checkpoint", "FOREIGN", "--out", "OUT"], "not an ebmfast checkpoint"),
     (["evaluate", "--checkpoint", CKPT, "--out", "/proc/report"], "cannot write in /proc"),
     (["evaluate", "--checkpoint", CKPT, "--out", "FILE"], "exists and is not a folder"),
+    # names longer than the file system allows (issue 22: OSError [Errno 36] tracebacks)
+    (["sample", "--checkpoint", CKPT, "--out", "OUT/" + "n" * 300 + ".png"], "is 304 bytes long"),
+    (["train", "--device", "cpu", "--out", "OUT/" + "n" * 300], "is 300 bytes long"),
+    (["evaluate", "--checkpoint", CKPT, "--out", "OUT/" + "n" * 300], "is 300 bytes long"),
+    (["bench", "--device", "cpu", "--json", "OUT/" + "n" * 300 + ".json"], "is 305 bytes long"),
     # output files never replace another kind of file (issue 22: the checkpoint became a classifier cache)
     (["evaluate", "--checkpoint", "MODEL", "--out", "OUT", "--classifier", "MODEL"], "is not an ebmfast classifier"),
     ([*EVALUATE, "--classifier", "FOREIGN"], "is not an ebmfast classifier cache (another torch file)"),
@@ -170,3 +175,26 @@ def test_bad_invocation_in_a_real_process():
     assert res.returncode == 2, res.stderr
     assert res.stderr.splitlines() == [f"ebmfast sample: error: --out /proc/x.png: cannot write in /proc ({_ENOENT})"]
     assert res.stdout == ""
+
+
+@pytest.mark.slow
+def test_file_size_limit_while_saving_is_one_line(tmp_path):
+    """Issue 22: ``ulimit -f`` below the checkpoint's size gave an ``OSError: [Errno 27] File too large`` traceback."""
+    import resource
+
+    out = tmp_path / "fz"
+    argv = ["train", "--preset", "quick", "--device", "cpu", "--out", str(out), "--max-iterations", "1"]
+    argv += ["--hidden", "8", "--batch-size", "16", "--sampler-steps", "2", "--sampler-backend", "eager"]
+    argv += ["--sample-every", "0", "--no-tensorboard", "--quiet", "--threads", "1"]  # buffer 8192: a 26 MB file
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000 * 1024, 20_000 * 1024))  # ulimit -f 20000
+
+    res = subprocess.run(
+        [sys.executable, "-m", "ebmfast", *argv], capture_output=True, text=True, timeout=300, preexec_fn=limit
+    )
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"ebmfast train: error: cannot write checkpoint {out}"), res.stderr
+    assert "file too large" in lines[-1] and "Traceback" not in res.stderr
+    assert not list((out / "checkpoints").glob("*"))  # no torn file, no temporary file left

@@ -27,11 +27,31 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def _nearest_existing(folder: Path) -> Path:
+    while not _exists(folder) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _check_names(target: Path, flag: str) -> None:
+    """No name on the way to ``target`` may be longer than the file system allows (checked before anything looks at
+    the path itself, which would fail with ENAMETOOLONG)."""
+    try:
+        name_max = os.pathconf(_nearest_existing(target.parent), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in target.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise OutputPathError(
+                f"{flag}: the name {part[:24]}... is {size} bytes long; this file system allows {name_max} bytes "
+                "per file or folder name"
+            )
+
+
 def _probe(folder: Path, flag: str, target: Path) -> None:
     """``folder`` (or, where it does not exist yet, its nearest existing parent) must be a folder we can write in."""
-    existing = folder
-    while not _exists(existing) and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise OutputPathError(f"{flag} {target}: {existing} is not a folder")
     try:
@@ -53,6 +73,7 @@ def _is_torch_archive(path: Path) -> bool:
 def output_file(path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
     """A file the command will write (replacing it if it exists); ``suffixes``: the allowed endings."""
     path = Path(path)
+    _check_names(path, flag)
     if suffixes and path.suffix.lower() not in suffixes:
         raise OutputPathError(f"{flag} must name a {'/'.join(suffixes)} file, got {str(path)!r}")
     if path.is_dir():
@@ -72,6 +93,7 @@ def output_file(path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
 def output_dir(path, flag: str) -> Path:
     """A folder the command will create (if needed) and write files into."""
     path = Path(path)
+    _check_names(path, flag)
     if _exists(path) and not path.is_dir():
         raise OutputPathError(f"{flag} {path} exists and is not a folder")
     _probe(path, flag, path)
