@@ -20,6 +20,7 @@ __all__ = [
     "DivergenceError",
     "DistributedError",
     "StopRequested",
+    "NonFiniteError",
     "WRITE_FAULTS",
     "write_failure",
     "require",
@@ -81,6 +82,11 @@ class DivergenceError(RuntimeError):
 class DistributedError(RuntimeError):
     """A data-parallel run lost one of its processes: a rank died, or did not answer a collective within the
     time-out (``ebmfast.training.distributed``)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A Langevin chain produced NaN or inf (``LangevinSampler(check_finite=True)``); the message names the samples
+    and, where known, the step. Not a usage error: the command line reports it in one line with exit code 1."""
 
 
 class StopRequested(Exception):

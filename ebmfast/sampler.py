@@ -51,6 +51,7 @@ from .validation import (
     capturing,
     check_choice,
     check_clamp,
+    check_finite_result,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
@@ -122,13 +123,14 @@ class LangevinSampler:
 
     Per step: x <- clamp(x + noise_std*z); g <- clamp(grad_x sum(-f(x)), +-grad_clip); x <- clamp(x - step_size*g).
 
-    ``check_finite`` (default True) rejects inputs holding NaN/inf with a clear error; on CUDA that check waits for
-    the device once per call (not per step). Turn it off where inputs are known finite (e.g. replay-buffer draws)
-    and every host synchronisation counts. ``compile_kwargs`` go to ``torch.compile`` (CUDA default:
-    ``dynamic=False``). ``channels_last`` (compiled / fused / graph backends, 4-D inputs): run the compiled gradient
-    in channels-last layout; ``None`` = on CPU only (measured faster there). On an H200, cuDNN spent 40 of 220 us
-    per step of the NCHW graph chain at batch 128 converting layouts (20 transposes), so ``True`` is the candidate
-    to measure there (``bench/profile_step.py``).
+    ``check_finite`` (default True) rejects inputs holding NaN/inf with a clear error and checks the returned state
+    (``ebmfast.errors.NonFiniteError`` naming the samples, and the step where a trajectory is returned); on CUDA each
+    check waits for the device once per call (not per step). Turn it off where inputs are known finite (e.g.
+    replay-buffer draws) and every host synchronisation counts. ``compile_kwargs`` go to ``torch.compile`` (CUDA
+    default: ``dynamic=False``). ``channels_last`` (compiled / fused / graph backends, 4-D inputs): run the compiled
+    gradient in channels-last layout; ``None`` = on CPU only (measured faster there). On an H200, cuDNN spent 40 of 220
+    us per step of the NCHW graph chain at batch 128 converting layouts (20 transposes), so ``True`` is the candidate to
+    measure there (``bench/profile_step.py``).
     """
 
     def __init__(
@@ -428,6 +430,8 @@ class LangevinSampler:
                 out, traj = res if return_trajectory else (res, None)
             if noise is None and not captured:  # a captured chain advances its counter itself
                 rng[1] += steps
+        if self.check_finite:
+            check_finite_result(out, steps, traj)
         if return_trajectory:
             return out, traj
         return out

@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from ..errors import UsageError, write_failure
+from ..errors import NonFiniteError, UsageError, write_failure
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
 
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ebmfast {args.command}: error: {_one_line(fault)}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # the model's fault, not the command line's: one line, exit 1
+        print(f"ebmfast {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ebmfast {args.command}: interrupted", file=sys.stderr)
         return 130
