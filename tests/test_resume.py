@@ -221,3 +221,28 @@ def test_sigterm_stops_a_chain_of_a_million_steps(signals, tmp_path):
     else:
         assert proc.returncode == 130, output
         assert "interrupted" in output
+
+
+def test_checkpoint_before_the_first_epoch_ends_and_fresh_metrics(tmp_path):
+    """Issue 22: a kill -9 before the first epoch end left no checkpoint; a new run in a folder with a killed run's
+    metrics.csv appended to it. Now last.pt is written mid-epoch every checkpoint_every_s seconds (0 here: at every
+    flush), and a new run starts metrics.csv afresh."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("step,epoch,metric,value,wall_time\n1,0,loss,9.0,0\n2,0,loss,9.0,0\n")
+    tr = Trainer(tiny_config(**CFG, max_iterations=3), data=small_data(), device="cpu", out_dir=out, progress=False)
+    tr.checkpoint_every_s = 0.0
+    saved = []
+
+    class SeesLastCheckpoint:  # step hooks run at a flush, before that flush's save
+        def on_step_end(self, trainer, iteration, metrics):
+            if iteration > 1:
+                saved.append(load_checkpoint(trainer.checkpoint_path("last"))["trainer"]["iteration"])
+
+    tr.callbacks.append(SeesLastCheckpoint())
+    tr.fit()
+    tr.close()
+    assert saved == [1, 2], "last.pt after every flush, before any epoch end"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,metric,value,wall_time"
+    assert not [r for r in rows if ",loss,9.0," in r], "the earlier run's rows were kept"

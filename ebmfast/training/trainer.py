@@ -7,7 +7,9 @@ synchronisation); each flush hands every iteration's metrics, in order, to the C
 ``on_step_end`` callbacks and the divergence monitor. Snapshots, stops (signals, ``max_iterations``) and epoch ends
 come right after a flush. Every epoch: validation (held-out images vs U(-1, 1) noise), rand_out (mean score of 1,024
 noise images), StepLR, checkpoints (best by val_contrastive_divergence, and last), callbacks; every ``sample_every``
-epochs PNG grids of chains from noise and of buffer images (``pictures.py``).
+epochs PNG grids of chains from noise and of buffer images (``pictures.py``). Between epoch ends ``last.pt`` is also
+written at the first flush ``checkpoint_every_s`` seconds after the previous save, so a kill -9 loses at most that
+much.
 
 Output layout under ``out_dir``::
 
@@ -82,6 +84,9 @@ __all__ = ["Trainer", "FitResult", "STEP_METRICS", "VAL_METRICS"]
 
 VAL_METRICS = ("val_contrastive_divergence", "val_real_out", "val_fake_out")
 IMAGE_SHAPE = (1, 28, 28)
+
+
+CHECKPOINT_EVERY_S = 120.0  # a mid-epoch last.pt at the first flush this long after the previous save
 
 
 @dataclass
@@ -257,6 +262,7 @@ class Trainer:
             on_fallback=lambda msg: self.note(msg, warn=True, echo=self.progress),
         )
         self.sync_every = resolve_sync_every(cfg, self.device)
+        self.checkpoint_every_s = CHECKPOINT_EVERY_S
         self._history = StepHistory(self.sync_every, self.device)
         self.timing: dict = {}
         if ckpt is not None:
@@ -371,6 +377,7 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train until ``config.epochs`` (or ``config.max_iterations``), a signal, or too many divergences."""
         self._fit_start = time.time()
+        self._last_save = time.monotonic()
         self._fit_iterations = 0
         self._clock = {"first": None, "loop_s": 0.0, "loop_iterations": 0, "epoch_end_s": []}
         status = "completed"
@@ -477,6 +484,12 @@ class Trainer:
             noise = self._noise_out()
         self._history.record(self.iteration, metrics, noise)
 
+    def _checkpoint_due(self) -> bool:
+        """A mid-epoch ``last.pt`` when ``checkpoint_every_s`` seconds have passed since the last save (so a kill -9
+        loses at most that much, also before the first epoch ends); the ranks of a data-parallel run agree."""
+        due = self.ckpt_dir is not None and time.monotonic() - self._last_save >= self.checkpoint_every_s
+        return bool(self.dist.agree_max(int(due))) if self.dist.distributed else due
+
     def _flush_due(self) -> bool:
         """A flush now: at every ``sync_every``-th iteration (or when the history is full), when a snapshot or a stop
         is due (both need checked metrics), or after the run's first iteration (so its time, with compilation and
@@ -535,6 +548,8 @@ class Trainer:
         self._clock_rows(len(rows))
         if self.iteration % cfg.snapshot_every == 0:
             self.rollback.snapshot(self)
+        if self._checkpoint_due():
+            self._save("last")
         if self.signals.requested:
             return "interrupted"
         if self._limit_reached():
@@ -673,6 +688,7 @@ class Trainer:
         path = self.checkpoint_path(name)
         if path is None:
             return None
+        self._last_save = time.monotonic()
         self.metrics.flush()
         state = self.checkpoint_state()  # in a process group: gathers every rank's shard and streams to rank 0
         if state is not None:
