@@ -81,6 +81,7 @@ BAD = [
     # sample
     ([*SAMPLE, "--n", "0"], "--n must be in"),
     ([*SAMPLE, "--steps", "-1"], "--steps must be in"),
+    ([*SAMPLE, "--steps", "100000000"], "--steps must be in [1, 1,000,000] (the seed uses 256"),
     ([*SAMPLE, "--seed", "-1"], "--seed must be in"),
     ([*SAMPLE, "--nrow", "0"], "--nrow"),
     ([*SAMPLE, "--backend", "turbo"], "invalid choice"),
@@ -127,6 +128,9 @@ BAD = [
     ([*BENCH, "--train-iters", "0"], "--train-iters"),
     ([*BENCH, "--train-batch", "0"], "--train-batch"),
     ([*BENCH, "--hidden-features", "3"], "--hidden-features must be an even integer"),
+    ([*BENCH, "--steps", "100000000"], "--steps must be <= 1,000,000"),
+    ([*BENCH, "--batch", "100000000"], "--batch must be <= 1,048,576"),
+    ([*BENCH, "--rounds", "100000000"], "--rounds must be <= 10,000"),
     ([*BENCH, "--backends", "turbo"], "backend must be one of"),
     ([*BENCH, "--backends", "graph"], "not available on cpu"),
     ([*BENCH, "--precision", "fp8"], "invalid choice"),
