@@ -27,13 +27,17 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 def paths(tmp_path):
     """Placeholders used in the table: OUT (a folder nothing may be written to), MISSING, FOREIGN (a torch file that
     is not an ebmfast checkpoint), FILE (a plain file), OTHER_CSV (a CSV with other columns), MODEL (a copy of a
-    training checkpoint), MODEL_PNG (the same under a picture's name). None of them may change."""
+    training checkpoint), MODEL_PNG (the same under a picture's name), RUN (a run folder whose classifier cache path
+    holds a checkpoint). None of them may change."""
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     (tmp_path / "file.txt").write_text("not a folder\n")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     shutil.copyfile(CKPT, tmp_path / "model.pt")
     shutil.copyfile(CKPT, tmp_path / "model.png")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(CKPT, tmp_path / "run" / "checkpoints" / "mnist_classifier.pt")  # not a classifier cache
     return {
+        "RUN": tmp_path / "run",
         "MODEL": tmp_path / "model.pt",
         "MODEL_PNG": tmp_path / "model.png",
         "OUT": tmp_path / "out",
@@ -121,6 +125,7 @@ BAD = [
     ([*EVALUATE, "--classifier", "FOREIGN"], "is not an ebmfast classifier cache (another torch file)"),
     ([*EVALUATE, "--classifier", "FILE"], "is not an ebmfast classifier cache (not a torch file)"),
     (["sample", "--checkpoint", CKPT, "--out", "MODEL_PNG"], "holds a torch file"),
+    (["train", "--device", "cpu", "--quality-every", "1", "--out", "RUN"], "is not an ebmfast classifier cache"),
     # bench
     ([*BENCH, "--batch", "0"], "--batch values must be positive"),
     ([*BENCH, "--steps", "-2"], "--steps values must be positive"),
