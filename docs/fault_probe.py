@@ -94,6 +94,7 @@ class Probe:
         self.run_dir = w / "earlier_run"
         (self.run_dir / "checkpoints").mkdir(parents=True)
         shutil.copyfile(CKPT, self.run_dir / "checkpoints" / "last.pt")
+        shutil.copyfile(CKPT, self.run_dir / "checkpoints" / "mnist_classifier.pt")
         self.protected = [
             self.model,
             self.model_png,
@@ -104,6 +105,7 @@ class Probe:
             self.other_csv,
             self.picture,
             self.run_dir / "checkpoints" / "last.pt",
+            self.run_dir / "checkpoints" / "mnist_classifier.pt",
         ]
         self.long = "n" * 300
         self.abbreviations: dict[str, str] = {}  # long, repeated command prefixes -> a short name (legend in the doc)
@@ -289,6 +291,13 @@ def cli_cases(p: Probe) -> None:
     p.cli("train", [*base, "--out", "/proc/ebmfast-run"], match="cannot write in /proc")
     p.cli("train", [*base, "--out", w / p.long], match="is 300 bytes long")
     p.cli("train", [*base, "--out", p.run_dir], match="already holds a run")
+    p.cli(
+        "train",
+        [*base, "--out", p.run_dir, "--resume", p.run_dir / "checkpoints" / "last.pt", "--quality-every", "1"],
+        match="is not an ebmfast classifier cache",
+        case="train --resume RUN/checkpoints/last.pt --quality-every 1, where RUN/checkpoints/mnist_classifier.pt is a "
+        "checkpoint",
+    )
 
     sample = ["sample", "--checkpoint", p.model, "--device", "cpu", "--backend", "eager"]
     out_png = ["--out", w / "s_out" / "grid.png"]
