@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputPathError
+from ..training.checkpoint import is_torch_archive
 
 __all__ = ["output_file", "output_dir"]
 
@@ -62,14 +63,6 @@ def _probe(folder: Path, flag: str, target: Path) -> None:
     os.unlink(tmp)
 
 
-def _is_torch_archive(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-    except OSError:
-        return False
-
-
 def output_file(path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
     """A file the command will write (replacing it if it exists); ``suffixes``: the allowed endings."""
     path = Path(path)
@@ -81,7 +74,7 @@ def output_file(path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
         raise OutputPathError(f"{flag} {path} is a folder; give a file name such as {example}")
     if _exists(path) and not os.access(path, os.W_OK):
         raise OutputPathError(f"{flag} {path}: the file exists and is not writable")
-    if _is_torch_archive(path):
+    if is_torch_archive(path):
         raise OutputPathError(
             f"{flag} {path} holds a torch file (a checkpoint or cache), which this output would replace; "
             "give another file name"

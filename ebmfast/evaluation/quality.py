@@ -36,7 +36,7 @@ from torch import nn
 from ..data import DataSplits, load_dataset
 from ..errors import OutputPathError
 from ..sampler import LangevinSampler
-from ..training.checkpoint import FORMAT
+from ..training.checkpoint import FORMAT, is_torch_archive
 from ..training.config import config_value
 from .generate import generate_from_noise
 
@@ -274,12 +274,7 @@ def check_classifier_cache(path) -> Path:
     )
     if not path.is_file():
         raise OutputPathError(refusal.format("not a regular file"))
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise OutputPathError(refusal.format(f"unreadable: {exc.strerror or exc}")) from None
-    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+    if not is_torch_archive(path):
         raise OutputPathError(refusal.format("not a torch file"))
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

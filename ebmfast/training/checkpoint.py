@@ -43,10 +43,22 @@ __all__ = [
     "load_model",
     "model_record",
     "remove_stale_temps",
+    "TORCH_MAGIC",
+    "is_torch_archive",
 ]
 
 FORMAT = "ebmfast.checkpoint"
 FORMAT_VERSION = 1
+TORCH_MAGIC = b"PK\x03\x04"  # how a file written by torch.save (a zip archive) starts
+
+
+def is_torch_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a readable file that starts like a ``torch.save`` archive (a checkpoint, a cache)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(TORCH_MAGIC)) == TORCH_MAGIC
+    except OSError:
+        return False
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -144,7 +156,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or never written")
     with open(path, "rb") as fh:
         head = fh.read(4)
-    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+    if head != TORCH_MAGIC:
         raise CheckpointError(
             f"{path} is not an ebmfast checkpoint: not a torch.save zip archive (it starts with {head!r})"
         )
