@@ -452,6 +452,12 @@ def api_cases(p: Probe) -> None:
             "first at step 1 of 2",
         ),
         (
+            "NaN energy with a finite gradient (f = -|x|^2/2 + NaN), eager",
+            lambda: s(_Scores(lambda x, w: -0.5 * (x**2).sum(1) + w * float("nan"))).sample(torch.rand(3, 4)),
+            NonFiniteError,
+            "first at step 1 of 2",
+        ),
+        (
             "expanded input gradient (f = w * sum x), eager",
             lambda: s(_Scores(lambda x, w: x.flatten(1).sum(1) * w)).sample(torch.zeros(3, 4)),
             None,

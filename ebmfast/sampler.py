@@ -118,14 +118,35 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+class _EnergyWatch:
+    """A forward hook on the model while an eager chain runs: per sample, the first step (1-based, 0 = none) whose
+    energy was NaN or inf, kept on the device (no synchronisation; read once after the chain)."""
+
+    def __init__(self, model: nn.Module, n: int, device: torch.device) -> None:
+        self.first_bad = torch.zeros(n, dtype=torch.long, device=device)
+        self.step = 0
+        self.handle = model.register_forward_hook(self._seen)
+
+    def _seen(self, module: nn.Module, args: tuple, out: object) -> None:
+        self.step += 1
+        n = self.first_bad.shape[0]
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == n:
+            bad = ~torch.isfinite(out.detach().reshape(n, -1)).all(1)
+            self.first_bad = torch.where(bad & (self.first_bad == 0), self.step, self.first_bad)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 class LangevinSampler:
     """Langevin dynamics on an energy model ``f(x) = -E(x)`` (any ``nn.Module`` giving one score per sample).
 
     Per step: x <- clamp(x + noise_std*z); g <- clamp(grad_x sum(-f(x)), +-grad_clip); x <- clamp(x - step_size*g).
 
     ``check_finite`` (default True) rejects inputs holding NaN/inf with a clear error and checks the returned state
-    (``ebmfast.errors.NonFiniteError`` naming the samples, and the step where a trajectory is returned); on CUDA each
-    check waits for the device once per call (not per step). Turn it off where inputs are known finite (e.g.
+    and, on the eager backend, the energy of every step (``ebmfast.errors.NonFiniteError`` naming the samples, and the
+    step where the energy or a returned trajectory shows it); on CUDA each check waits for the device once per call
+    (not per step). Turn it off where inputs are known finite (e.g.
     replay-buffer draws) and every host synchronisation counts. ``compile_kwargs`` go to ``torch.compile`` (CUDA
     default: ``dynamic=False``). ``channels_last`` (compiled / fused / graph backends, 4-D inputs): run the compiled
     gradient in channels-last layout; ``None`` = on CPU only (measured faster there). On an H200, cuDNN spent 40 of 220
@@ -407,6 +428,7 @@ class LangevinSampler:
         self.last_backend = backend
         rng = self.rng_state(x.device)
         captured = backend == "graph" or (backend in KERNEL_BACKENDS and not inline)
+        watch = None
         with sampling_mode(self.model), precision_context(self.precision, x.device.type):
             if captured:
                 out, traj = self._graph_chain(x, steps, rng, backend), None
@@ -415,23 +437,29 @@ class LangevinSampler:
                 out, traj = self._chain(backend, state).run_(state, steps, rng, noise, return_trajectory)
             else:
                 stream = noise if noise is not None else (lambda k: self._draw(rng, x, k))
-                res = langevin_reference(
-                    self.model,
-                    x,
-                    steps,
-                    self.step_size,
-                    self.noise_std,
-                    self.grad_clip,
-                    self.clamp,
-                    noise=stream,
-                    return_trajectory=return_trajectory,
-                    energy_grad=self._energy_grad(x.device, backend),
-                )
+                if self.check_finite and backend == "eager" and not capturing(x):
+                    watch = _EnergyWatch(self.model, x.shape[0], x.device)  # the energy autograd computes anyway
+                try:
+                    res = langevin_reference(
+                        self.model,
+                        x,
+                        steps,
+                        self.step_size,
+                        self.noise_std,
+                        self.grad_clip,
+                        self.clamp,
+                        noise=stream,
+                        return_trajectory=return_trajectory,
+                        energy_grad=self._energy_grad(x.device, backend),
+                    )
+                finally:
+                    if watch is not None:
+                        watch.remove()
                 out, traj = res if return_trajectory else (res, None)
             if noise is None and not captured:  # a captured chain advances its counter itself
                 rng[1] += steps
         if self.check_finite:
-            check_finite_result(out, steps, traj)
+            check_finite_result(out, steps, traj, None if watch is None else watch.first_bad)
         if return_trajectory:
             return out, traj
         return out
