@@ -118,8 +118,8 @@ def langevin_reference(
                 z = noise[k]
             x.add_(noise_std * z.to(device=x.device, dtype=x.dtype)).clamp_(lo, hi)
             g = energy_grad_reference(model, x) if energy_grad is None else energy_grad(x)
-            g.clamp_(-grad_clip, grad_clip)
-            x.add_(-step_size * g).clamp_(lo, hi)
+            # out of place: g may be autograd's own (possibly expanded) tensor; clamp keeps NaN as NaN
+            x.add_(-step_size * g.clamp(-grad_clip, grad_clip)).clamp_(lo, hi)
             if traj is not None:
                 traj.append(x.clone())
     if traj is not None:

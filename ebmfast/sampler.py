@@ -26,6 +26,12 @@ consume to check any backend trajectory by trajectory. On CUDA "exactly" means b
 ``torch.backends.cudnn.deterministic = True``: otherwise cuDNN may sum in another order from one capture to the next
 (seen on an H200: two seeded runs agreed to 4 digits, within the 1e-4 parity tolerance, not bitwise).
 ``sample(noise=...)`` takes explicit draws instead.
+
+Stopping. With ``stop_check`` set (a callable returning True when a stop was asked for; the trainer sets it), a chain
+longer than ``chunk_steps`` (default ``CHUNK_STEPS``) runs as consecutive chains of at most that many steps, the same
+steps and noise as one chain, and asks ``stop_check`` before each: a stop raises ``ebmfast.errors.StopRequested``
+with the noise counter back where the call started. Shorter chains, persistent-kernel chains, chains with a
+trajectory or explicit noise and chains inside a caller's CUDA-graph capture run whole as before.
 """
 
 from __future__ import annotations
@@ -39,22 +45,33 @@ from torch import nn
 from . import ops
 from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain, StepSettings
 from .energy_grad import compiled_energy_grad, eager_energy_grad
+from .errors import StopRequested
 from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
     capturing,
     check_choice,
     check_clamp,
+    check_finite_result,
     check_nonneg_float,
     check_positive_float,
     check_positive_int,
     check_samples,
 )
 
-__all__ = ["LangevinSampler", "BACKENDS", "KERNEL_BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
+__all__ = [
+    "LangevinSampler",
+    "CHUNK_STEPS",
+    "BACKENDS",
+    "KERNEL_BACKENDS",
+    "PRECISIONS",
+    "precision_context",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton", "persistent")
 KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for plain layer chains only
 PRECISIONS = ("fp32", "tf32", "bf16")
+CHUNK_STEPS = 1000  # a chain longer than this looks at stop_check between chunks of this many steps
 
 
 @contextmanager
@@ -101,18 +118,40 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+class _EnergyWatch:
+    """A forward hook on the model while an eager chain runs: per sample, the first step (1-based, 0 = none) whose
+    energy was NaN or inf, kept on the device (no synchronisation; read once after the chain)."""
+
+    def __init__(self, model: nn.Module, n: int, device: torch.device) -> None:
+        self.first_bad = torch.zeros(n, dtype=torch.long, device=device)
+        self.step = 0
+        self.handle = model.register_forward_hook(self._seen)
+
+    def _seen(self, module: nn.Module, args: tuple, out: object) -> None:
+        self.step += 1
+        n = self.first_bad.shape[0]
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == n:
+            bad = ~torch.isfinite(out.detach().reshape(n, -1)).all(1)
+            self.first_bad = torch.where(bad & (self.first_bad == 0), self.step, self.first_bad)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 class LangevinSampler:
     """Langevin dynamics on an energy model ``f(x) = -E(x)`` (any ``nn.Module`` giving one score per sample).
 
     Per step: x <- clamp(x + noise_std*z); g <- clamp(grad_x sum(-f(x)), +-grad_clip); x <- clamp(x - step_size*g).
 
-    ``check_finite`` (default True) rejects inputs holding NaN/inf with a clear error; on CUDA that check waits for
-    the device once per call (not per step). Turn it off where inputs are known finite (e.g. replay-buffer draws)
-    and every host synchronisation counts. ``compile_kwargs`` go to ``torch.compile`` (CUDA default:
-    ``dynamic=False``). ``channels_last`` (compiled / fused / graph backends, 4-D inputs): run the compiled gradient
-    in channels-last layout; ``None`` = on CPU only (measured faster there). On an H200, cuDNN spent 40 of 220 us
-    per step of the NCHW graph chain at batch 128 converting layouts (20 transposes), so ``True`` is the candidate
-    to measure there (``bench/profile_step.py``).
+    ``check_finite`` (default True) rejects inputs holding NaN/inf with a clear error and checks the returned state
+    and, on the eager backend, the energy of every step (``ebmfast.errors.NonFiniteError`` naming the samples, and the
+    step where the energy or a returned trajectory shows it); on CUDA each check waits for the device once per call
+    (not per step). Turn it off where inputs are known finite (e.g.
+    replay-buffer draws) and every host synchronisation counts. ``compile_kwargs`` go to ``torch.compile`` (CUDA
+    default: ``dynamic=False``). ``channels_last`` (compiled / fused / graph backends, 4-D inputs): run the compiled
+    gradient in channels-last layout; ``None`` = on CPU only (measured faster there). On an H200, cuDNN spent 40 of 220
+    us per step of the NCHW graph chain at batch 128 converting layouts (20 transposes), so ``True`` is the candidate to
+    measure there (``bench/profile_step.py``).
     """
 
     def __init__(
@@ -152,6 +191,8 @@ class LangevinSampler:
         self._rng: dict[torch.device, torch.Tensor] = {}
         self.manual_seed(seed)
         self.last_backend: str | None = None
+        self.stop_check: Callable[[], bool] | None = None  # asked between the chunks of a long chain (module doc)
+        self.chunk_steps = CHUNK_STEPS
 
     # ----------------------------------------------------------------------------------------------- RNG state
     def manual_seed(self, seed: int | None = None) -> None:
@@ -370,6 +411,15 @@ class LangevinSampler:
             noise = noise.to(device=x.device, dtype=x.dtype)
         self._check_model_output(x)
         backend, _ = self._choose(x)
+        if (
+            self.stop_check is not None
+            and steps > self.chunk_steps
+            and noise is None
+            and not return_trajectory
+            and backend != "persistent"
+            and not capturing(x)
+        ):
+            return self._sample_in_chunks(x, steps)
         # A captured chain keeps only the final state and draws its own noise; inside a caller's CUDA-graph capture
         # (e.g. a whole training iteration) the chain is recorded inline into that graph instead.
         inline = return_trajectory or noise is not None or capturing(x) or x.device.type != "cuda"
@@ -378,6 +428,7 @@ class LangevinSampler:
         self.last_backend = backend
         rng = self.rng_state(x.device)
         captured = backend == "graph" or (backend in KERNEL_BACKENDS and not inline)
+        watch = None
         with sampling_mode(self.model), precision_context(self.precision, x.device.type):
             if captured:
                 out, traj = self._graph_chain(x, steps, rng, backend), None
@@ -386,24 +437,46 @@ class LangevinSampler:
                 out, traj = self._chain(backend, state).run_(state, steps, rng, noise, return_trajectory)
             else:
                 stream = noise if noise is not None else (lambda k: self._draw(rng, x, k))
-                res = langevin_reference(
-                    self.model,
-                    x,
-                    steps,
-                    self.step_size,
-                    self.noise_std,
-                    self.grad_clip,
-                    self.clamp,
-                    noise=stream,
-                    return_trajectory=return_trajectory,
-                    energy_grad=self._energy_grad(x.device, backend),
-                )
+                if self.check_finite and backend == "eager" and not capturing(x):
+                    watch = _EnergyWatch(self.model, x.shape[0], x.device)  # the energy autograd computes anyway
+                try:
+                    res = langevin_reference(
+                        self.model,
+                        x,
+                        steps,
+                        self.step_size,
+                        self.noise_std,
+                        self.grad_clip,
+                        self.clamp,
+                        noise=stream,
+                        return_trajectory=return_trajectory,
+                        energy_grad=self._energy_grad(x.device, backend),
+                    )
+                finally:
+                    if watch is not None:
+                        watch.remove()
                 out, traj = res if return_trajectory else (res, None)
             if noise is None and not captured:  # a captured chain advances its counter itself
                 rng[1] += steps
+        if self.check_finite:
+            check_finite_result(out, steps, traj, None if watch is None else watch.first_bad)
         if return_trajectory:
             return out, traj
         return out
+
+    def _sample_in_chunks(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` steps as chains of at most ``chunk_steps``, asking ``stop_check`` before each (module doc)."""
+        rng = self.rng_state(x.device)
+        start = rng[1].clone()
+        done = 0
+        while done < steps:
+            if self.stop_check():
+                rng[1].copy_(start)
+                raise StopRequested(f"stop requested after {done} of {steps} Langevin steps")
+            n = min(self.chunk_steps, steps - done)
+            x = self.sample(x, n)
+            done += n
+        return x
 
     def _settings(self) -> StepSettings:
         lo, hi = self.clamp

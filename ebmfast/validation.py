@@ -9,11 +9,14 @@ from typing import TypeVar
 
 import torch
 
+from .errors import NonFiniteError
+
 T = TypeVar("T")
 
 __all__ = [
     "capturing",
     "check_samples",
+    "check_finite_result",
     "check_positive_int",
     "check_positive_float",
     "check_nonneg_float",
@@ -36,6 +39,10 @@ def check_samples(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> N
     waits for the device; it is skipped during CUDA-graph capture)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}; convert it with .to_dense()")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values); create it on 'cpu' or 'cuda'")
     if x.dim() < 2:
         raise ValueError(
             f"{name} must have a batch dimension and at least one feature dimension "
@@ -48,6 +55,34 @@ def check_samples(x: torch.Tensor, name: str = "x", *, finite: bool = True) -> N
     if finite and not capturing(x) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} must be finite, got {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_finite_result(
+    out: torch.Tensor, steps: int, trajectory: torch.Tensor | None = None, energy_bad_step: torch.Tensor | None = None
+) -> None:
+    """The state a chain returned holds only finite values (and, where the backend watched it, every step's energy was
+    finite: ``energy_bad_step``, per sample the first bad step, 1-based, 0 for none), else ``NonFiniteError`` naming
+    the samples and the first bad step when the energy or a trajectory shows it. One read of the device per call
+    (skipped during capture)."""
+    if capturing(out):
+        return
+    bad = ~torch.isfinite(out).flatten(1).all(1)
+    if energy_bad_step is not None:
+        bad = bad | (energy_bad_step > 0)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+    when = f"after the chain of {steps} steps"
+    if energy_bad_step is not None and bool((energy_bad_step > 0).any()):
+        when = f"first at step {int(energy_bad_step[energy_bad_step > 0].min())} of {steps}"
+    elif trajectory is not None:
+        per_step = (~torch.isfinite(trajectory)).flatten(2).any(2).any(1)  # (steps,): any sample non-finite
+        when = f"first at step {int(per_step.nonzero()[0]) + 1} of {steps}"
+    raise NonFiniteError(
+        f"the Langevin chain met NaN or inf in {len(rows)} of {out.shape[0]} samples (rows {shown}), {when}: "
+        "the energy model returned a non-finite energy or gradient there (check_finite=True)"
+    )
 
 
 def check_positive_int(value: object, name: str) -> int:

@@ -1,5 +1,6 @@
 """Checkpoints: round trip, atomic writes (also under kill -9), and clear errors for files we cannot use."""
 
+import errno
 import os
 import pickle
 import random
@@ -13,7 +14,7 @@ import pytest
 import torch
 from train_helpers import one_thread, small_data, tiny_config  # noqa: F401
 
-from ebmfast.errors import UsageError
+from ebmfast.errors import OutputPathError, UsageError
 from ebmfast.models import CNNModel
 from ebmfast.training.checkpoint import (
     FORMAT_VERSION,
@@ -127,20 +128,60 @@ def test_resume_with_other_model_config_is_refused(trained_ckpt, tmp_path):
     assert not (tmp_path / "metrics.csv").exists()  # nothing written before the checks
 
 
-def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "err, cause",
+    [
+        (errno.ENOSPC, "no space left"),
+        (errno.EDQUOT, "quota"),
+        (errno.EACCES, "permission denied"),
+        (errno.EFBIG, "file-size limit"),
+        (errno.EIO, None),  # not a fault of the machine's space or the path: shown in full
+    ],
+)
+def test_failed_save_keeps_the_old_file(err, cause, tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"value": torch.tensor([1.0])})
 
     def broken_save(obj, fh, *a, **k):
         fh.write(b"partial bytes")
-        raise OSError("disk full (simulated)")
+        raise OSError(err, os.strerror(err))
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"value": torch.tensor([2.0])})
+    if cause is None:
+        with pytest.raises(OSError) as info:
+            save_checkpoint(path, {"value": torch.tensor([2.0])})
+        assert not isinstance(info.value, UsageError)
+    else:
+        with pytest.raises(OutputPathError, match=f"cannot write checkpoint {path}: .*{cause}.*unchanged"):
+            save_checkpoint(path, {"value": torch.tensor([2.0])})
     monkeypatch.undo()
     assert load_checkpoint(path)["value"].item() == 1.0
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # the temporary file was removed
+
+
+_FSIZE_SAVER = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from ebmfast.errors import OutputPathError
+    from ebmfast.training.checkpoint import save_checkpoint
+    save_checkpoint(sys.argv[1], {"big": torch.ones(1000)})  # 4 kB: fits
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB per file
+    try:
+        save_checkpoint(sys.argv[1], {"big": torch.zeros(1_000_000)})  # 4 MB: EFBIG
+    except OutputPathError as exc:
+        print(exc)
+    """
+)
+
+
+def test_file_size_limit_is_one_line_and_keeps_the_old_file(tmp_path):
+    """A real EFBIG (RLIMIT_FSIZE in a child process; Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    path = tmp_path / "c.pt"
+    res = subprocess.run([sys.executable, "-c", _FSIZE_SAVER, str(path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"cannot write checkpoint {path}: file too large" in res.stdout and "unchanged" in res.stdout, res.stdout
+    assert bool((load_checkpoint(path)["big"] == 1).all())
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
 def test_save_argument_checks(tmp_path):

@@ -1,6 +1,8 @@
 """Sample quality: the Fréchet distance, the classifier and its cache, class statistics, QualityCallback."""
 
 import math
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 
 from ebmfast import CNNModel, LangevinSampler
 from ebmfast.data import DataSplits, load_dataset
+from ebmfast.errors import OutputPathError
 from ebmfast.evaluation import quality as q
 from ebmfast.evaluation.generate import generate_from_noise
 from ebmfast.evaluation.quality import (
@@ -167,15 +170,30 @@ def test_stale_cache_is_detected_and_rewritten(tmp_path, data):
     _, info = load_or_train_classifier(path, changed, other_cfg, progress=False)
     assert info["cache"] == "retrained" and "training data differ" in info["stale_reason"], info
 
-    path.write_bytes(b"not a torch file")
-    _, info = load_or_train_classifier(path, changed, other_cfg, progress=False)
-    assert info["cache"] == "retrained" and "could not be read" in info["stale_reason"], info
-
     blob = torch.load(path, weights_only=True)
     blob["meta"]["version"] = q.CLASSIFIER_VERSION - 1  # an older classifier recipe
     torch.save(blob, path)
     _, info = load_or_train_classifier(path, changed, other_cfg, progress=False)
     assert info["cache"] == "retrained" and "version" in info["stale_reason"], info
+
+
+@pytest.mark.parametrize("kind", ["text", "checkpoint", "torch", "folder"])
+def test_a_file_that_is_not_a_cache_is_never_overwritten(tmp_path, data, kind, monkeypatch):
+    """Issue 22: a classifier path naming the checkpoint replaced the checkpoint with the classifier."""
+    path = tmp_path / "m.pt"
+    if kind == "text":
+        path.write_bytes(b"not a torch file")
+    elif kind == "checkpoint":
+        shutil.copyfile(Path(__file__).parent / "data" / "checkpoint_v1.pt", path)
+    elif kind == "torch":
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.mkdir()
+    before = path.read_bytes() if path.is_file() else None
+    monkeypatch.setattr(q, "train_classifier", lambda *a, **k: pytest.fail("trained instead of refusing"))
+    with pytest.raises(OutputPathError, match="not an ebmfast classifier cache|is a folder"):
+        load_or_train_classifier(path, data, TINY_CFG, progress=False)
+    assert (path.read_bytes() if path.is_file() else None) == before
 
 
 @pytest.mark.slow

@@ -105,3 +105,23 @@ def test_bad_arguments(kwargs, match):
 def test_bad_inputs(x, match):
     with pytest.raises((ValueError, TypeError), match=match):
         langevin_reference(Quadratic(torch.zeros(4), 1.0), x, steps=1)
+
+
+class _ExpandedGradient(torch.nn.Module):
+    """f(x) = w * sum(x): autograd's input gradient is an expanded (stride-0) tensor, read-only in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return x.flatten(1).sum(1) * self.w
+
+
+def test_reference_never_writes_into_autograds_gradient():
+    """Issue 22: ``g.clamp_`` ran in place on autograd's gradient and crashed for expanded gradients."""
+    x = torch.zeros(3, 1, 4, 4)
+    z = torch.zeros(2, *x.shape)
+    out = langevin_reference(_ExpandedGradient(), x, steps=2, step_size=1.0, grad_clip=0.03, noise=z)
+    # g = -w everywhere, clipped to -0.03: each step moves every pixel by +0.03
+    assert torch.allclose(out, torch.full_like(x, 0.06))

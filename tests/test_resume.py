@@ -157,3 +157,92 @@ def test_signal_saves_resumable_checkpoint(sig, tmp_path):
     for name, p in a["model"]["state_dict"].items():
         assert torch.equal(p, b["model"]["state_dict"][name]), name
     assert torch.equal(a["trainer"]["buffer"]["storage"], b["trainer"]["buffer"]["storage"])
+
+
+def test_stop_inside_a_long_chain_saves_and_resumes_exactly(tmp_path):
+    """A stop asked for in the middle of an iteration's chain (chains longer than chunk_steps look at the flag between
+    chunks) abandons that iteration and puts back what it consumed: the resumed run equals an uninterrupted one."""
+    full, _ = _run(tmp_path / "full", 5, sampler_steps=30)
+    tr = Trainer(
+        tiny_config(**CFG, sampler_steps=30, max_iterations=5),
+        data=small_data(),
+        device="cpu",
+        out_dir=tmp_path / "part",
+        progress=False,
+    )
+    tr.sampler.chunk_steps = 10
+    looks = []
+
+    def stop_in_third_iteration():
+        looks.append(tr.iteration)
+        if len(looks) == 8:  # iterations 1 and 2 look 3 times each; the third's second look sees the stop
+            tr.request_stop(signal.SIGTERM)
+        return tr.signals.signum is not None
+
+    tr.sampler.stop_check = stop_in_third_iteration
+    result = tr.fit()
+    tr.close()
+    assert result.status == "interrupted" and result.iteration == 2, result
+    assert looks[-1] == 2
+    resumed, r_res = _run(tmp_path / "part", 5, resume=result.last_checkpoint, sampler_steps=30)
+    assert r_res.iteration == 5
+    assert _same_state(full, resumed) == []
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["one signal", "two signals"])
+def test_sigterm_stops_a_chain_of_a_million_steps(signals, tmp_path):
+    """Issue 22: one SIGTERM during the first iteration of a very long chain used to wait for the whole chain. Now
+    the chain stops at its next chunk boundary and a resumable checkpoint of iteration 0 is saved (exit 143); a
+    second signal ends at once (exit 130)."""
+    out = tmp_path / "run"
+    flags = TINY_CLI[: TINY_CLI.index("--sampler-steps")] + TINY_CLI[TINY_CLI.index("--sampler-steps") + 2 :]
+    cmd = [sys.executable, "-m", "ebmfast", "train", "--preset", "quick", "--out", str(out), *flags]
+    cmd += ["--max-iterations", "1", "--sampler-steps", "1000000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        t0 = time.time()
+        while not (out / "train.log").exists() or "iterations:" not in (out / "train.log").read_text():
+            assert proc.poll() is None and time.time() - t0 < 120, "training did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # inside the first iteration's chain
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in output
+    if signals == 1:
+        assert proc.returncode == 128 + signal.SIGTERM, output
+        assert load_checkpoint(out / "checkpoints" / "last.pt")["trainer"]["iteration"] == 0
+    else:
+        assert proc.returncode == 130, output
+        assert "interrupted" in output
+
+
+def test_checkpoint_before_the_first_epoch_ends_and_fresh_metrics(tmp_path):
+    """Issue 22: a kill -9 before the first epoch end left no checkpoint; a new run in a folder with a killed run's
+    metrics.csv appended to it. Now last.pt is written mid-epoch every checkpoint_every_s seconds (0 here: at every
+    flush), and a new run starts metrics.csv afresh."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("step,epoch,metric,value,wall_time\n1,0,loss,9.0,0\n2,0,loss,9.0,0\n")
+    tr = Trainer(tiny_config(**CFG, max_iterations=3), data=small_data(), device="cpu", out_dir=out, progress=False)
+    tr.checkpoint_every_s = 0.0
+    saved = []
+
+    class SeesLastCheckpoint:  # step hooks run at a flush, before that flush's save
+        def on_step_end(self, trainer, iteration, metrics):
+            if iteration > 1:
+                saved.append(load_checkpoint(trainer.checkpoint_path("last"))["trainer"]["iteration"])
+
+    tr.callbacks.append(SeesLastCheckpoint())
+    tr.fit()
+    tr.close()
+    assert saved == [1, 2], "last.pt after every flush, before any epoch end"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,metric,value,wall_time"
+    assert not [r for r in rows if ",loss,9.0," in r], "the earlier run's rows were kept"

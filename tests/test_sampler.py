@@ -17,6 +17,7 @@ from conftest import assert_close_verbose
 from energies import MLPEnergy, Quadratic
 
 from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference, ops
+from ebmfast.errors import NonFiniteError, StopRequested
 from ebmfast.sampler import resolve_backend
 
 CPU_BACKENDS = ["eager", "compiled", "fused"]
@@ -209,6 +210,10 @@ def test_outputs_detached_and_input_untouched_and_flags_restored():
         (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.int32), "floating-point"),
         (lambda: torch.zeros(0, 1, 28, 28), "empty batch"),
         (lambda: [[0.0]], "torch.Tensor"),
+        (lambda: torch.zeros(2, 1, 28, 28, device="meta"), "meta device"),  # issue 22: Tensor.item() on meta
+        (lambda: torch.zeros(2, 1, 28, 28).to_sparse(), "dense tensor"),
+        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.complex64), "floating-point"),
+        (lambda: torch.zeros(2, 1, 28, 28, dtype=torch.bool), "floating-point"),
     ],
 )
 def test_bad_samples_rejected(make_x, match):
@@ -332,3 +337,90 @@ def test_compiled_gradients_do_not_keep_dropped_models_alive():
     gc.collect()
     assert sum(r() is not None for r in refs) == 0
     assert len(_COMPILED) == before
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_long_chains_run_in_chunks_that_look_at_the_stop_flag(backend):
+    """A chain longer than chunk_steps runs as chunks with the same steps and noise as one chain (bitwise on CPU), asks
+    stop_check between chunks, and a stop puts the noise counter back where the call started (issue 22)."""
+    torch.manual_seed(0)
+    model = MLPEnergy(12)
+    x = torch.rand(5, 12) * 2 - 1
+    whole = LangevinSampler(model, steps=25, step_size=0.5, backend=backend, seed=3).sample(x)
+    chunked = LangevinSampler(model, steps=25, step_size=0.5, backend=backend, seed=3)
+    chunked.chunk_steps = 10
+    asked = []
+    chunked.stop_check = lambda: asked.append(1) and False
+    assert torch.equal(chunked.sample(x), whole)
+    assert len(asked) == 3  # before each of the chunks of 10, 10 and 5 steps
+    assert chunked.state_dict() == {"seed": 3, "counters": {"cpu": 25}}
+
+    calls = iter([False, False, True])
+    chunked.stop_check = lambda: next(calls)
+    with pytest.raises(StopRequested, match="after 20 of 25"):
+        chunked.sample(x)
+    assert chunked.state_dict()["counters"] == {"cpu": 25}, "a stopped chain must leave the noise counter alone"
+    short = LangevinSampler(model, steps=25, step_size=0.5, backend=backend, seed=3)
+    short.stop_check = lambda: pytest.fail("a chain of chunk_steps or fewer steps runs whole")
+    short.sample(x, steps=short.chunk_steps)
+
+
+class _NaNBeyond(torch.nn.Module):
+    """f(x) = -||x||^2 / 2, NaN for samples whose first coordinate is above 0.5 (rows 1 and 3 below)."""
+
+    def forward(self, x):
+        scale = torch.where(x.flatten(1)[:, 0] > 0.5, float("nan"), 1.0)
+        return -0.5 * (x**2).flatten(1).sum(1) * scale
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_energy_is_reported_with_samples_and_step(backend):
+    """Issue 22: a model returning NaN gave all-NaN samples and no error although check_finite=True."""
+    x = torch.zeros(4, 6)
+    x[1, 0] = x[3, 0] = 0.9
+    sampler = LangevinSampler(_NaNBeyond(), steps=3, noise_std=0.0, backend=backend, seed=0)
+    # the eager backend watches the energy it computes (the step is known); the others check the returned state
+    when = "first at step 1 of 3" if backend == "eager" else "after the chain of 3 steps"
+    with pytest.raises(NonFiniteError, match=rf"2 of 4 samples \(rows 1, 3\), {when}"):
+        sampler.sample(x)
+    with pytest.raises(NonFiniteError, match=r"rows 1, 3\), first at step 1 of 3"):
+        sampler.sample(x, return_trajectory=True)
+    out = LangevinSampler(_NaNBeyond(), steps=3, noise_std=0.0, backend=backend, check_finite=False).sample(x)
+    bad = ~torch.isfinite(out).all(1)
+    assert bad.tolist() == [False, True, False, True], "a NaN gradient must stay NaN through the clip and clamp"
+
+
+class _NaNEnergyOnly(torch.nn.Module):
+    """f(x) = -||x||^2 / 2, plus a constant NaN for samples whose first coordinate is above 0.5 from the second call
+    on: the energy is NaN there but its input gradient stays finite, so the samples do too."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        bad = (x.flatten(1)[:, 0] > 0.5) & (self.calls > 2)  # call 1: the output check; call 2: step 1
+        return -0.5 * (x**2).flatten(1).sum(1) + torch.where(bad, float("nan"), 0.0)
+
+
+def test_a_non_finite_energy_with_a_finite_gradient_is_seen_by_the_eager_backend():
+    x = torch.zeros(4, 6)
+    x[2, 0] = 0.9
+    sampler = LangevinSampler(_NaNEnergyOnly(), steps=3, noise_std=0.0, backend="eager", seed=0)
+    with pytest.raises(NonFiniteError, match=r"1 of 4 samples \(rows 2\), first at step 2 of 3"):
+        sampler.sample(x)
+    assert not sampler.model._forward_hooks, "the energy watch is removed after the chain"
+    fine = LangevinSampler(_NaNEnergyOnly(), steps=3, noise_std=0.0, backend="eager", check_finite=False).sample(x)
+    assert bool(torch.isfinite(fine).all())
+
+
+def test_a_nan_gradient_is_not_clipped_to_a_number():
+    """The clip and clamp of the update propagate NaN (the fused op's torch code, as the reference)."""
+    x = torch.zeros(2, 3)
+    g = torch.tensor([[float("nan"), 1.0, -1.0], [0.0, 0.0, 0.0]])
+    rng = torch.tensor([0, 0], dtype=torch.int64)
+    ops.fused_step_(
+        x, g, rng, noise_index=0, add_noise=False, z=None, step_size=1.0, grad_clip=0.03, noise_std=0.0, lo=-1.0, hi=1.0
+    )
+    assert torch.isnan(x[0, 0]) and x[0, 1] == -0.03 and x[0, 2] == 0.03 and bool((x[1] == 0).all())

@@ -3,7 +3,8 @@
 Each subcommand is a module of this package (``ebmfast.cli.train``, ...) with ``add_arguments(parser)`` and
 ``run(args) -> int``; the work itself is done by the library (``ebmfast.training``, ``ebmfast.evaluation``,
 ``ebmfast.benchmark``), which never imports from here. Errors the user can fix (``ebmfast.errors.UsageError``: bad
-values, missing data or checkpoints, unwritable outputs) print one line and exit with code 2.
+values, missing data or checkpoints, unwritable outputs) and faults met while writing (a full disk, a file-size
+limit: ``ebmfast.errors.WRITE_FAULTS``) print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from ..errors import UsageError
+from ..errors import NonFiniteError, UsageError, write_failure
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
 
@@ -59,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"ebmfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:  # a full disk, a file-size limit, ... while writing: one line
+        fault = write_failure(exc)
+        if fault is None:
+            raise
+        print(f"ebmfast {args.command}: error: {_one_line(fault)}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:  # the model's fault, not the command line's: one line, exit 1
+        print(f"ebmfast {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ebmfast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -151,6 +151,12 @@ def add_arguments(parser) -> None:
     )
 
 
+def _bounded(flag: str, value: int, hi: int, why: str) -> None:
+    """Upper bounds of the size flags: a typo must not start a measurement that cannot end or fit in memory."""
+    if value > hi:
+        raise UsageError(f"{flag} must be <= {hi:,} ({why}), got {value:,}")
+
+
 def run(args) -> int:
     try:
         device = resolve_device(args.device)
@@ -171,10 +177,17 @@ def run(args) -> int:
     for name, values in (("--batch", batches), ("--steps", steps_list)):
         if any(v <= 0 for v in values):
             raise UsageError(f"{name} values must be positive integers, got {values}")
+    _bounded("--batch", max(batches), 1 << 20, "images held on the device at once")
+    _bounded("--steps", max(steps_list), 1_000_000, "a bound against typos that would never finish")
     rounds = args.rounds if args.rounds is not None else (10 if cuda else 5)
     iters = args.train_iters if args.train_iters is not None else (20 if cuda else 5)
     if rounds < 1 or iters < 1:
         raise UsageError(f"--rounds and --train-iters must be >= 1, got {rounds} and {iters}")
+    _bounded("--rounds", rounds, 10_000, "a bound against typos that would never finish")
+    _bounded("--train-iters", iters, 100_000, "a bound against typos that would never finish")
+    _bounded("--train-batch", args.train_batch, 1 << 20, "images held on the device at once")
+    _bounded("--train-steps", args.train_steps, 1_000_000, "a bound against typos that would never finish")
+    _bounded("--hidden-features", args.hidden_features, 4096, "the CNN's width")
     for flag, value, ok, wanted in (
         ("--train-batch", args.train_batch, args.train_batch >= 1, "a positive integer"),
         ("--train-steps", args.train_steps, args.train_steps >= 1, "a positive integer"),
@@ -184,10 +197,10 @@ def run(args) -> int:
             args.hidden_features >= 2 and args.hidden_features % 2 == 0,
             "an even integer >= 2",
         ),
-        ("--peak-n", args.peak_n, args.peak_n is None or args.peak_n >= 1, "a positive integer"),
+        ("--peak-n", args.peak_n, args.peak_n is None or 1 <= args.peak_n <= 1 << 16, "an integer in [1, 65536]"),
         ("--max-call-s", args.max_call_s, args.max_call_s is None or args.max_call_s > 0, "> 0"),
         ("--time-budget-s", args.time_budget_s, args.time_budget_s is None or args.time_budget_s >= 0, ">= 0"),
-        ("--threads", args.threads, args.threads is None or args.threads >= 1, "a positive integer"),
+        ("--threads", args.threads, args.threads is None or 1 <= args.threads <= 1024, "an integer in [1, 1024]"),
         ("--seed", args.seed, args.seed >= 0, "a non-negative integer"),
     ):
         if not ok:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..data import DATASETS, load_dataset
 from ..devices import resolve_device
 from ..errors import UsageError, require
-from ..evaluation.quality import CLASSIFIER_FILENAME, ClassifierConfig
+from ..evaluation.quality import CLASSIFIER_FILENAME, ClassifierConfig, check_classifier_cache
 from ..evaluation.report import check_n_samples, checkpoint_provenance, evaluate_model
 from ..sampler import BACKENDS, resolve_backend
 from ..training.checkpoint import load_model
@@ -88,6 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
+# (flag, upper bound, why): a typo must not start an evaluation that never ends
+_BOUNDS = (
+    ("n_samples", 1_000_000, "chains held in memory at once"),
+    ("steps", 1_000_000, "the seed uses 256; more is a typo or an evaluation that never ends"),
+    ("n_ood", 1_000_000, "images per out-of-distribution set; the test splits hold far fewer"),
+    ("classifier_epochs", 1000, "the default is a few; more is a typo"),
+)
+
+
 class _Log:
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -103,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise UsageError(f"--checkpoint: no file at {str(ckpt)!r}")
-    for name in ("n_samples", "steps", "n_ood", "classifier_epochs"):
+    for name, hi, why in _BOUNDS:
         v = getattr(args, name)
-        if v <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        if not 1 <= v <= hi:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [1, {hi:,}] ({why}), got {v}")
     if args.n_samples < 2:
         raise UsageError(f"--n-samples must be >= 2 (the Fréchet distance needs a covariance), got {args.n_samples}")
     if args.seed < 0:
@@ -118,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
     out = output_dir(args.out if args.out else ckpt.parent / f"eval_{ckpt.stem}", "--out")
+    clf_path = check_classifier_cache(
+        (Path(args.classifier) if args.classifier else ckpt.parent / CLASSIFIER_FILENAME).resolve()
+    )  # a file that is not a classifier cache (the checkpoint itself, say) is refused, never overwritten
     require("matplotlib.figure", "the evaluate report's charts", package="matplotlib")
     require("PIL.Image", "the evaluate report's sample pictures", package="pillow")
     model, config = load_model(str(ckpt), map_location=device)  # CheckpointError is a UsageError: exit 2
@@ -127,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
     if data_name not in DATASETS:
         raise UsageError(f"the checkpoint's data set {data_name!r} is not one of {list(DATASETS)}; pass --data")
     data = load_dataset(data_name, args.data_root or config_value(config, "data_root"))
-    clf_path = (Path(args.classifier) if args.classifier else ckpt.parent / CLASSIFIER_FILENAME).resolve()
     problem = check_n_samples(args.n_samples, data)
     if problem:
         raise UsageError(f"--n-samples: {problem}")

@@ -59,10 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name, lo, hi in (("n", 1, 100_000), ("steps", 1, 1_000_000), ("seed", 0, 2**62)):
+    for name, lo, hi, why in (
+        ("n", 1, 100_000, "chains held in memory at once, all drawn into one picture"),
+        ("steps", 1, 1_000_000, "the seed uses 256; more is a typo or a chain that never ends"),
+        ("seed", 0, 2**62, "stored as a 64-bit integer"),
+    ):
         v = getattr(args, name)
         if not lo <= v <= hi:
-            raise UsageError(f"--{name} must be in [{lo}, {hi}], got {v}")
+            raise UsageError(f"--{name} must be in [{lo}, {hi:,}] ({why}), got {v}")
     if args.nrow is not None and args.nrow < 1:
         raise UsageError(f"--nrow must be >= 1, got {args.nrow}")
     out = output_file(args.out, "--out", IMAGE_SUFFIXES)

@@ -271,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path("runs") / (args.preset or "tutorial")
     output_dir(out, "--out")
+    if callbacks:  # the quality callback's classifier cache goes next to the checkpoints: refuse a foreign file now
+        from ..evaluation.quality import CLASSIFIER_FILENAME, check_classifier_cache
+
+        check_classifier_cache(out / "checkpoints" / CLASSIFIER_FILENAME)
     existing = out / "checkpoints" / "last.pt"
     if not args.resume and not args.overwrite and existing.exists():
         raise UsageError(

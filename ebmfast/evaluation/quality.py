@@ -4,7 +4,9 @@
   evaluation data set (``mnist5k``: 4,500 images, 8 epochs of batch 128: 5.5 s on an idle 2-core CPU, 96.4% accuracy
   on the 500 held-out digits, measured), and cached next to the checkpoint (:func:`load_or_train_classifier`). The
   cache stores a fingerprint of the training data and the training settings; a cache that does not match (other
-  data, other settings, another classifier version, an unreadable file) is reported as stale and retrained.
+  data, other settings, another classifier version) is reported as stale and retrained. A file at the cache path
+  that is not a classifier cache of ours (a checkpoint, anything else) is never overwritten: ``OutputPathError``
+  (:func:`check_classifier_cache`).
 - For a batch of generated samples: the predicted class distribution, the mean max-softmax confidence and the
   entropy of the class histogram (:func:`class_statistics`): a model that generates every digit gives near-uniform
   fractions (entropy close to ln 10 = 2.30 nats) with high confidence; blobs give low confidence.
@@ -32,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataSplits, load_dataset
+from ..errors import OutputPathError
 from ..sampler import LangevinSampler
+from ..training.checkpoint import FORMAT, is_torch_archive
 from ..training.config import config_value
 from .generate import generate_from_noise
 
@@ -48,6 +52,7 @@ __all__ = [
     "train_classifier",
     "evaluate_classifier",
     "load_cached_classifier",
+    "check_classifier_cache",
     "load_or_train_classifier",
     "classifier_outputs",
     "class_statistics",
@@ -252,6 +257,38 @@ def load_cached_classifier(path, expected_meta: dict, device="cpu") -> tuple[Dig
     return clf.to(device).eval(), dict(blob.get("info", {}))
 
 
+def check_classifier_cache(path) -> Path:
+    """``path`` as a place to write the classifier cache: nothing there yet, or a classifier cache of ours (current
+    or stale). Anything else (a folder, a checkpoint, any other file) raises ``OutputPathError`` rather than being
+    overwritten."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return path
+    if path.is_dir():
+        raise OutputPathError(
+            f"classifier cache {path} is a folder; give a file name such as {path / CLASSIFIER_FILENAME}"
+        )
+    refusal = (
+        f"classifier cache {path} exists and is not an ebmfast classifier cache ({{}}); it is left alone: "
+        "give another classifier path or move the file"
+    )
+    if not path.is_file():
+        raise OutputPathError(refusal.format("not a regular file"))
+    if not is_torch_archive(path):
+        raise OutputPathError(refusal.format("not a torch file"))
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise OutputPathError(refusal.format(f"unreadable: {type(exc).__name__}")) from None
+    meta = blob.get("meta") if isinstance(blob, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
+        kind = (
+            "an ebmfast checkpoint" if isinstance(blob, dict) and blob.get("format") == FORMAT else "another torch file"
+        )
+        raise OutputPathError(refusal.format(kind))
+    return path
+
+
 def load_or_train_classifier(
     path,
     data: DataSplits,
@@ -263,8 +300,9 @@ def load_or_train_classifier(
 
     Returns the classifier and an info dict: ``cache`` is ``"hit"``, ``"trained"`` (no cache) or ``"retrained"``
     (``stale_reason`` says why), plus ``val_accuracy``, ``train_seconds`` (of the training that made the weights),
-    ``path``, and ``cache_error`` when the file could not be written."""
-    path = Path(path)
+    ``path``, and ``cache_error`` when the file could not be written. A file at ``path`` that is not a classifier
+    cache raises ``OutputPathError`` before any training (:func:`check_classifier_cache`)."""
+    path = check_classifier_cache(path)
     meta = classifier_meta(data, cfg)
     stale_reason = None
     try:

@@ -12,7 +12,9 @@ resumes such a file as one process would, with the merged buffer and rank 0's st
 Writes are atomic: the bytes go to a temporary file in the same folder, which is flushed and fsync'd, then renamed
 over the target with ``os.replace``, and the folder is fsync'd. A crash or ``kill -9`` at any moment leaves either
 the old file or the new one, never a torn one (at worst a stray ``.NAME.*.tmp`` file, removed by
-``remove_stale_temps``).
+``remove_stale_temps``). A write that fails for a reason of the machine or the path (disk full, file-size limit,
+quota, name too long, permissions: ``ebmfast.errors.WRITE_FAULTS``) raises ``OutputPathError`` naming the path and
+the cause, and leaves the previous file as it was.
 
 Reading uses ``torch.load(weights_only=True)``: a file holding arbitrary pickled objects is refused rather than
 executed. Every problem raises ``CheckpointError`` (``ebmfast.errors``), a ``ValueError`` that the CLI reports in one
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, write_failure
 
 __all__ = [
     "FORMAT",
@@ -41,10 +43,22 @@ __all__ = [
     "load_model",
     "model_record",
     "remove_stale_temps",
+    "TORCH_MAGIC",
+    "is_torch_archive",
 ]
 
 FORMAT = "ebmfast.checkpoint"
 FORMAT_VERSION = 1
+TORCH_MAGIC = b"PK\x03\x04"  # how a file written by torch.save (a zip archive) starts
+
+
+def is_torch_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a readable file that starts like a ``torch.save`` archive (a checkpoint, a cache)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(TORCH_MAGIC)) == TORCH_MAGIC
+    except OSError:
+        return False
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -70,26 +84,40 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     from .. import __version__
 
     path = Path(path)
-    if path.is_dir():
+    if _quietly(path.is_dir):
         raise IsADirectoryError(f"checkpoint path {path} is a folder; give a file name such as {path / 'last.pt'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "ebmfast_version": __version__, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        fault = write_failure(exc, path, "checkpoint") if isinstance(exc, Exception) else None
+        if fault is None:
+            raise
+        kept = "; the previous checkpoint there is unchanged" if _quietly(path.is_file) else ""
+        raise type(fault)(f"{fault}{kept}") from None
     _fsync_dir(path.parent)
     return path
+
+
+def _quietly(check) -> bool:
+    """``check()``, False where the path cannot even be looked at (e.g. a name too long)."""
+    try:
+        return check()
+    except OSError:
+        return False
 
 
 def _umask() -> int:
@@ -128,7 +156,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): truncated or never written")
     with open(path, "rb") as fh:
         head = fh.read(4)
-    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+    if head != TORCH_MAGIC:
         raise CheckpointError(
             f"{path} is not an ebmfast checkpoint: not a torch.save zip archive (it starts with {head!r})"
         )

@@ -183,6 +183,33 @@ def _is_int(v) -> bool:
     return isinstance(v, Integral) and not isinstance(v, bool)
 
 
+# Upper bounds of the size fields, with their reasons: a typo (an extra zero or six) must not start a run that cannot
+# end or allocate more memory than any machine has; a stop request is honoured within a chain (every 1,000 steps).
+_STEPS_WHY = "the seed uses 60 to 256; more is a typo or a run that never ends"
+_IMAGES_WHY = "images held on the device at once, 3,136 bytes each in fp32"
+_COUNT_WHY = "a count this large is a typo"
+_BOUNDS: dict[str, tuple[int, str]] = {
+    "hidden_features": (4096, "the CNN's width"),
+    "batch_size": (1 << 20, _IMAGES_WHY),
+    "epochs": (1_000_000, _COUNT_WHY),
+    "max_iterations": (1 << 40, _COUNT_WHY),
+    "sampler_steps": (1_000_000, _STEPS_WHY),
+    "buffer_size": (1 << 24, _IMAGES_WHY),
+    "val_batch_size": (1 << 20, _IMAGES_WHY),
+    "rand_out_images": (1 << 20, _IMAGES_WHY),
+    "sample_every": (1_000_000, _COUNT_WHY),
+    "gen_chains": (1024, "chains in the generation picture"),
+    "gen_steps": (1_000_000, _STEPS_WHY),
+    "gen_show_every": (1_000_000, _COUNT_WHY),
+    "buffer_grid_images": (1 << 16, "images in the buffer picture"),
+    "sync_every": (10_000, "iterations whose metrics wait on the device"),
+    "max_recoveries": (1000, _COUNT_WHY),
+    "snapshot_every": (1_000_000, _COUNT_WHY),
+    "collapse_check_every": (1_000_000, _COUNT_WHY),
+    "collapse_patience": (1_000_000, _COUNT_WHY),
+}
+
+
 def _int(cfg, name, lo=None, hi=None, allow_none=False):
     v = getattr(cfg, name)
     if v is None and allow_none:
@@ -191,6 +218,10 @@ def _int(cfg, name, lo=None, hi=None, allow_none=False):
         raise TypeError(f"TrainConfig.{name} must be an integer, got {type(v).__name__} {v!r}")
     if lo is not None and v < lo:
         raise ValueError(f"TrainConfig.{name} must be >= {lo}, got {v!r}")
+    if hi is None and name in _BOUNDS:
+        hi, why = _BOUNDS[name]
+        if v > hi:
+            raise ValueError(f"TrainConfig.{name} must be <= {hi:,} ({why}), got {v!r}")
     if hi is not None and v > hi:
         raise ValueError(f"TrainConfig.{name} must be <= {hi}, got {v!r}")
 
@@ -222,12 +253,12 @@ def _bool(cfg, name):
 
 def _validate(cfg: TrainConfig) -> None:
     _choice(cfg, "data", DATASETS)
-    _int(cfg, "hidden_features", lo=2, hi=4096)
+    _int(cfg, "hidden_features", lo=2)
     if cfg.hidden_features % 2:
         raise ValueError(
             f"TrainConfig.hidden_features must be even (the first layer has half as many), got {cfg.hidden_features}"
         )
-    _int(cfg, "batch_size", lo=1, hi=1 << 20)
+    _int(cfg, "batch_size", lo=1)
     _float(cfg, "lr", lo=0.0, lo_open=True)
     b = cfg.betas
     if not isinstance(b, tuple) or len(b) != 2:
@@ -270,7 +301,7 @@ def _validate(cfg: TrainConfig) -> None:
         )
     _bool(cfg, "tensorboard")
     _bool(cfg, "iteration_graph")
-    _int(cfg, "sync_every", lo=1, hi=10_000, allow_none=True)
+    _int(cfg, "sync_every", lo=1, allow_none=True)
     _bool(cfg, "divergence_check")
     _int(cfg, "max_recoveries", lo=0)
     _float(cfg, "recovery_lr_factor", lo=0.0, hi=1.0, lo_open=True)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from typing import NoReturn
 
@@ -194,22 +195,34 @@ class DistContext:
 
     # ------------------------------------------------------------------------------------------ collectives
     def _collective(self, what: str, fn):
+        start = time.monotonic()
         try:
             return fn()
         except RuntimeError as exc:
             if isinstance(exc, DistributedError):
                 raise
-            raise DistributedError(self.lost_message(what, exc)) from exc
+            raise DistributedError(self.lost_message(what, exc, time.monotonic() - start)) from exc
 
-    def lost_message(self, what: str, exc: BaseException | None = None) -> str:
+    def lost_message(self, what: str, exc: BaseException | None = None, waited_s: float | None = None) -> str:
+        """What happened to the other rank, as far as this one can tell: a time-out when the collective waited about
+        the whole time-out (or, without a measured wait, the error says so), else a rank that died (its connection
+        closed)."""
         detail = ""
+        text = ""
         if exc is not None:
             lines = str(exc).strip().splitlines()
             detail = f" ({type(exc).__name__}: {lines[0][:300] if lines else ''})"
-        return (
-            f"rank {self.rank} of {self.world_size}: {what} failed: another rank died or did not answer within "
-            f"the {self.timeout_s:g} s time-out{detail}"
-        )
+            text = str(exc).lower()
+        if waited_s is not None:
+            timed_out = waited_s >= 0.9 * self.timeout_s
+        else:
+            timed_out = any(m in text for m in ("timed out", "timeout", "watchdog"))
+        if timed_out:
+            how = f"another rank did not answer within the {self.timeout_s:g} s time-out"
+        else:
+            after = f" after {waited_s:.1f} s" if waited_s is not None else ""
+            how = f"another rank died (its connection closed{after}, well before the {self.timeout_s:g} s time-out)"
+        return f"rank {self.rank} of {self.world_size}: {what} failed: {how}{detail}"
 
     def reduce_mean(self, metrics):
         """The mean over ranks of a dict of floats (same keys on every rank) or of a device tensor (in place, on the

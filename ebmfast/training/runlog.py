@@ -4,8 +4,9 @@
 appear later (validation, callbacks, divergence events) need no header change; load it with
 ``csv.DictReader`` or ``pandas.read_csv(...).pivot_table(index="step", columns="metric", values="value")``.
 
-On resume, ``truncate_after(step)`` drops rows written after the checkpoint's step (they belong to the part of the
-run being replayed), and TensorBoard is opened with ``purge_step`` for the same reason.
+A new run (no ``purge_step``) starts ``metrics.csv`` afresh. On resume, ``truncate_after(step)`` drops rows written
+after the checkpoint's step (they belong to the part of the run being replayed), and TensorBoard is opened with
+``purge_step`` for the same reason.
 """
 
 from __future__ import annotations
@@ -45,13 +46,16 @@ class MetricsLogger:
         path = self.out_dir / "metrics.csv"
         if purge_step is not None:
             self.truncate_after(purge_step)
-        new = not path.exists() or path.stat().st_size == 0
-        self._csv = open(path, "a", newline="", encoding="utf-8")
+            new = not path.exists() or path.stat().st_size == 0
+        else:  # a new run: whatever an earlier (killed or overwritten) run left there is not part of it
+            new = True
+        self._csv = open(path, "w" if new else "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._csv)
         if new:
             self._writer.writerow(CSV_FIELDS)
         if summary_writer is not None:
-            self._tb = summary_writer(str(self.out_dir / "tb"), purge_step=purge_step)
+            # a new run also hides an earlier run's TensorBoard events (purge from step 0)
+            self._tb = summary_writer(str(self.out_dir / "tb"), purge_step=0 if purge_step is None else purge_step)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of metrics.csv with a step greater than ``step`` (atomically rewritten)."""

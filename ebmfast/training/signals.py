@@ -1,9 +1,10 @@
 """Ctrl-C and SIGTERM during training: finish the iteration, save a resumable checkpoint, stop.
 
 ``StopSignals`` is a context manager around ``Trainer.fit``: inside it (in the main thread) SIGINT and SIGTERM only
-record the request, which the loop checks after each iteration; a second signal raises ``KeyboardInterrupt`` at once
-(the last checkpoint stays valid). ``request(signum)`` does the same from code. The previous handlers come back on
-exit.
+record the request, which the loop checks after each iteration, and a long Langevin chain between its chunks (the
+iteration is then abandoned and redone on resume; ``LangevinSampler.stop_check``); a second signal raises
+``KeyboardInterrupt`` at once (the last checkpoint stays valid). ``request(signum)`` does the same from code. The
+previous handlers come back on exit.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class StopSignals:
         from tqdm.auto import tqdm
 
         tqdm.write(
-            f"[ebmfast] {signal.Signals(signum).name}: finishing this iteration, then saving a "
-            "resumable checkpoint (signal again to stop at once)"
+            f"[ebmfast] {signal.Signals(signum).name}: finishing this iteration (a long chain stops at its next "
+            "chunk and the iteration is redone on resume), then saving a resumable checkpoint (signal again to stop "
+            "at once)"
         )
 
     def __enter__(self) -> StopSignals:

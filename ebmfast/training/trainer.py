@@ -7,7 +7,9 @@ synchronisation); each flush hands every iteration's metrics, in order, to the C
 ``on_step_end`` callbacks and the divergence monitor. Snapshots, stops (signals, ``max_iterations``) and epoch ends
 come right after a flush. Every epoch: validation (held-out images vs U(-1, 1) noise), rand_out (mean score of 1,024
 noise images), StepLR, checkpoints (best by val_contrastive_divergence, and last), callbacks; every ``sample_every``
-epochs PNG grids of chains from noise and of buffer images (``pictures.py``).
+epochs PNG grids of chains from noise and of buffer images (``pictures.py``). Between epoch ends ``last.pt`` is also
+written at the first flush ``checkpoint_every_s`` seconds after the previous save, so a kill -9 loses at most that
+much.
 
 Output layout under ``out_dir``::
 
@@ -45,7 +47,7 @@ from ..buffer import ReplayBuffer
 from ..cd import CD_METRICS, CDStep
 from ..data import DataSplits, load_dataset
 from ..devices import resolve_device
-from ..errors import DivergenceError
+from ..errors import DivergenceError, StopRequested
 from ..models import CNNModel
 from ..reference import energy_scores
 from ..sampler import LangevinSampler, resolve_backend
@@ -82,6 +84,9 @@ __all__ = ["Trainer", "FitResult", "STEP_METRICS", "VAL_METRICS"]
 
 VAL_METRICS = ("val_contrastive_divergence", "val_real_out", "val_fake_out")
 IMAGE_SHAPE = (1, 28, 28)
+
+
+CHECKPOINT_EVERY_S = 120.0  # a mid-epoch last.pt at the first flush this long after the previous save
 
 
 @dataclass
@@ -221,6 +226,10 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0, S_MONITOR))
         self._monitor_noise = torch.rand((64, *IMAGE_SHAPE), generator=g, device=self.device).mul_(2).sub_(1)
         self.signals = self.dist.stop_signals()  # a stop on any rank stops all after the same iteration
+        if not self.dist.distributed:
+            # A long chain looks at the flag between its chunks (sampler.CHUNK_STEPS); under torchrun the ranks agree
+            # on stops between iterations only (a rank leaving mid-iteration would leave the others in a collective).
+            self.sampler.stop_check = lambda: self.signals.signum is not None
 
         # ---- progress counters
         self.epoch = 0  # epochs completed (= index of the epoch in progress)
@@ -253,6 +262,7 @@ class Trainer:
             on_fallback=lambda msg: self.note(msg, warn=True, echo=self.progress),
         )
         self.sync_every = resolve_sync_every(cfg, self.device)
+        self.checkpoint_every_s = CHECKPOINT_EVERY_S
         self._history = StepHistory(self.sync_every, self.device)
         self.timing: dict = {}
         if ckpt is not None:
@@ -367,6 +377,7 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train until ``config.epochs`` (or ``config.max_iterations``), a signal, or too many divergences."""
         self._fit_start = time.time()
+        self._last_save = time.monotonic()
         self._fit_iterations = 0
         self._clock = {"first": None, "loop_s": 0.0, "loop_iterations": 0, "epoch_end_s": []}
         status = "completed"
@@ -434,7 +445,10 @@ class Trainer:
             )
             try:
                 for real in self.batches:
-                    self._iterate(real)
+                    try:
+                        self._iterate(real)
+                    except StopRequested:  # in a long chain; the iteration is undone (see _iterate)
+                        return "rollback" if self._flush(bar) == "rollback" else "interrupted"
                     if self._flush_due():
                         outcome = self._flush(bar)
                         if outcome is not None:
@@ -451,13 +465,30 @@ class Trainer:
         """One training iteration; its metrics (and, at gap-check iterations, the monitor's f(noise)) stay on the
         device in the step history until the next flush."""
         cfg = self.config
-        metrics = self.dist.reduce_mean(self.runner(real))  # the mean over ranks (identity on one process)
+        # A stop inside a long chain (StopRequested) abandons the iteration before it changed the model, the
+        # optimizer or the buffer; what it consumed is put back (the sampler rewinds its own noise counter), so the
+        # resumed run redoes this iteration exactly.
+        long_chain = self.sampler.stop_check is not None and cfg.sampler_steps > self.sampler.chunk_steps
+        undo = (self.gen.get_state(), self.batches.pos - self.batches.batch_size) if long_chain else None
+        try:
+            metrics = self.dist.reduce_mean(self.runner(real))  # the mean over ranks (identity on one process)
+        except StopRequested:
+            if undo is not None:
+                self.gen.set_state(undo[0])
+                self.batches.pos = undo[1]
+            raise
         self.iteration += 1
         self._fit_iterations += 1
         noise = None
         if cfg.divergence_check and self.iteration % cfg.collapse_check_every == 0:
             noise = self._noise_out()
         self._history.record(self.iteration, metrics, noise)
+
+    def _checkpoint_due(self) -> bool:
+        """A mid-epoch ``last.pt`` when ``checkpoint_every_s`` seconds have passed since the last save (so a kill -9
+        loses at most that much, also before the first epoch ends); the ranks of a data-parallel run agree."""
+        due = self.ckpt_dir is not None and time.monotonic() - self._last_save >= self.checkpoint_every_s
+        return bool(self.dist.agree_max(int(due))) if self.dist.distributed else due
 
     def _flush_due(self) -> bool:
         """A flush now: at every ``sync_every``-th iteration (or when the history is full), when a snapshot or a stop
@@ -517,6 +548,8 @@ class Trainer:
         self._clock_rows(len(rows))
         if self.iteration % cfg.snapshot_every == 0:
             self.rollback.snapshot(self)
+        if self._checkpoint_due():
+            self._save("last")
         if self.signals.requested:
             return "interrupted"
         if self._limit_reached():
@@ -655,6 +688,7 @@ class Trainer:
         path = self.checkpoint_path(name)
         if path is None:
             return None
+        self._last_save = time.monotonic()
         self.metrics.flush()
         state = self.checkpoint_state()  # in a process group: gathers every rank's shard and streams to rank 0
         if state is not None:
