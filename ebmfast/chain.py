@@ -17,12 +17,12 @@ be captured in a CUDA graph as it is (``ebmfast.graph``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from . import ops
+from .reference import StepSettings
 
 __all__ = [
     "StepSettings",
@@ -34,22 +34,6 @@ __all__ = [
     "StepChain",
     "PersistentChain",
 ]
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """The sampler's step hyper-parameters as the kernels take them."""
-
-    step_size: float
-    grad_clip: float
-    noise_std: float
-    lo: float
-    hi: float
-
-    def as_kwargs(self) -> dict[str, float]:
-        return dict(
-            step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=self.lo, hi=self.hi
-        )
 
 
 class Stepper(Protocol):

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from . import ops
-from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain, StepSettings
+from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain
 from .energy_grad import compiled_energy_grad, eager_energy_grad
-from .reference import energy_scores, langevin_reference, sampling_mode
+from .reference import SEED_STEP, StepSettings, energy_scores, langevin_reference, sampling_mode
 from .validation import (
     capturing,
     check_choice,
@@ -119,10 +119,10 @@ class LangevinSampler:
         self,
         model: nn.Module,
         steps: int = 60,
-        step_size: float = 10.0,
-        noise_std: float = 0.005,
-        grad_clip: float = 0.03,
-        clamp: tuple[float, float] = (-1.0, 1.0),
+        step_size: float = SEED_STEP.step_size,
+        noise_std: float = SEED_STEP.noise_std,
+        grad_clip: float = SEED_STEP.grad_clip,
+        clamp: tuple[float, float] = SEED_STEP.clamp,
         backend: str = "auto",
         precision: str = "fp32",
         seed: int | None = None,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..reference import SEED_STEP
 from ..sampler import LangevinSampler
 from ..training.config import config_value
 
 __all__ = ["noise_start", "generate_from_noise", "generate", "SAMPLER_DEFAULTS", "sampler_settings"]
 
-SAMPLER_DEFAULTS = {"step_size": 10.0, "noise_std": 0.005, "grad_clip": 0.03}  # the seed's
+SAMPLER_DEFAULTS = {k: getattr(SEED_STEP, k) for k in ("step_size", "noise_std", "grad_clip")}  # the seed's
 
 
 def sampler_settings(config) -> dict[str, float]:
