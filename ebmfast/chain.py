@@ -17,12 +17,16 @@ be captured in a CUDA graph as it is (``ebmfast.graph``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from . import ops
+from . import langevin
 from .reference import StepSettings
+
+if TYPE_CHECKING:  # the programs import this module (for the loop), so their types are named for the checker only
+    from .layers import LayerProgram
+    from .persistent import PersistentProgram
 
 __all__ = [
     "StepSettings",
@@ -48,56 +52,17 @@ class Stepper(Protocol):
         """x <- clamp(x - s clamp(g(x))), then with ``add_noise`` the head of the next step (draw ``noise_index``)."""
 
 
-class StepProgram(Protocol):
-    """A kernel program that does a step's tail in one go (``ebmfast.layers.LayerProgram``)."""
-
-    def step_(
-        self,
-        x: torch.Tensor,
-        g: None,
-        rng: torch.Tensor,
-        *,
-        noise_index: int,
-        add_noise: bool,
-        z: torch.Tensor | None,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-    ) -> None: ...
-
-
-class ChainProgram(Protocol):
-    """A kernel program that runs a whole chain in one go (``ebmfast.persistent.PersistentProgram``)."""
-
-    def chain_(
-        self,
-        x: torch.Tensor,
-        rng: torch.Tensor,
-        steps: int,
-        *,
-        noise: torch.Tensor | None,
-        trajectory: torch.Tensor | None,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-    ) -> torch.Tensor: ...
-
-
 class _NoiseHead:
     """The head shared by every stepper: noise only, through the fused update op (no gradient)."""
 
     settings: StepSettings
 
     def head_(self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, z: torch.Tensor | None) -> None:
-        ops.fused_step_(x, None, rng, noise_index=noise_index, add_noise=True, z=z, **self.settings.as_kwargs())
+        langevin.step_(x, None, rng, self.settings, noise_index=noise_index, add_noise=True, z=z)
 
 
 class FusedStepper(_NoiseHead):
-    """Gradient from a function (compiled or eager), then one fused update op (``ops.fused_step_``)."""
+    """Gradient from a function (compiled or eager), then one fused update op (``langevin.step_``)."""
 
     def __init__(self, grad: Callable[[torch.Tensor], torch.Tensor], settings: StepSettings) -> None:
         self.grad = grad
@@ -107,14 +72,14 @@ class FusedStepper(_NoiseHead):
         self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, add_noise: bool, z: torch.Tensor | None
     ) -> None:
         g = self.grad(x).contiguous()
-        ops.fused_step_(x, g, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
+        langevin.step_(x, g, rng, self.settings, noise_index=noise_index, add_noise=add_noise, z=z)
 
 
 class LayerStepper(_NoiseHead):
     """The tail on our layer kernels (``ebmfast.layers``): forward, input gradient and update, the update being the
     epilogue of the last launch. ``keep``: buffers a captured graph reads (the program's scratch for this shape)."""
 
-    def __init__(self, program: StepProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, program: LayerProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
         self.program = program
         self.settings = settings
         self.keep = keep
@@ -188,7 +153,9 @@ class PersistentChain:
     """The whole chain as one persistent kernel launch (``ebmfast.persistent``): the same head, steps and noise
     stream as ``run_chain_``, inside one kernel. ``keep``: buffers a captured graph reads (the scratch)."""
 
-    def __init__(self, program: ChainProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, program: PersistentProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None
+    ) -> None:
         self.program = program
         self.settings = settings
         self.keep = keep

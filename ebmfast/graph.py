@@ -1,7 +1,7 @@
 """The ``graph`` backend: a whole K-step Langevin chain captured once in a CUDA graph and replayed.
 
 What is captured, per cache entry: copy-in into a static input buffer, then the chain (``ebmfast.chain``: one
-noise launch, then K x (energy gradient, fused update): the compiled gradient and ``ops.fused_step_`` for the
+noise launch, then K x (energy gradient, fused update): the compiled gradient and ``langevin.step_`` for the
 ``graph`` backend, the layer kernels for ``triton``; one launch for ``persistent``), then ``rng[1] += K``.
 Everything reads its inputs from device memory at replay time:
 - the chain state lives in the entry's static buffer ``x``;

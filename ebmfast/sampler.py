@@ -3,7 +3,7 @@
 Backends (``backend=``):
 - ``eager``: the reference loop (``ebmfast.reference``), autograd gradient.
 - ``compiled``: the same loop with the energy gradient from ``torch.compile`` (``ebmfast.energy_grad``).
-- ``fused``: compiled gradient + one fused update op per step (``ebmfast.ops`` -> Triton on CUDA): the op applies
+- ``fused``: compiled gradient + one fused update op per step (``ebmfast.langevin`` -> Triton on CUDA): the op applies
   step k's clipped gradient step and clamp together with step k+1's noise and clamp, so a K-step chain is one
   noise launch + K gradients + K fused updates.
 - ``graph`` (CUDA only): the whole ``fused`` chain captured once in a CUDA graph and replayed (``ebmfast.graph``).
@@ -36,9 +36,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import ops
+from . import langevin, ops
 from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain
 from .energy_grad import compiled_energy_grad, eager_energy_grad
+from .opdef import HAS_TRITON, triton_unavailable_reason
 from .reference import SEED_STEP, StepSettings, energy_scores, langevin_reference, sampling_mode
 from .validation import (
     capturing,
@@ -86,9 +87,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_choice(backend, BACKENDS, "backend")
     if device.type == "cuda":
         if backend == "auto":
-            return "graph" if ops.HAS_TRITON else "compiled"
-        if backend in ("fused", "graph", *KERNEL_BACKENDS) and not ops.HAS_TRITON:
-            raise RuntimeError(f"backend={backend!r} on CUDA needs Triton: {ops.triton_unavailable_reason()}")
+            return "graph" if HAS_TRITON else "compiled"
+        if backend in ("fused", "graph", *KERNEL_BACKENDS) and not HAS_TRITON:
+            raise RuntimeError(f"backend={backend!r} on CUDA needs Triton: {triton_unavailable_reason()}")
         return backend
     if backend == "auto":
         return "compiled"
@@ -201,9 +202,9 @@ class LangevinSampler:
         return torch.stack([self._draw(rng, x, k) for k in range(steps)])
 
     def _draw(self, rng: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
-        if x.device.type == "cuda" and not ops.HAS_TRITON:
+        if x.device.type == "cuda" and not HAS_TRITON:
             # No Triton: torch's own CUDA Philox, seeded from (seed, counter + k) on the host.
-            gen = torch.Generator(device=x.device).manual_seed(ops._mix(*(int(v) for v in rng.tolist())) + k)
+            gen = torch.Generator(device=x.device).manual_seed(langevin.mix(*(int(v) for v in rng.tolist())) + k)
             return torch.randn(x.shape, device=x.device, generator=gen)
         z = torch.ops.ebmfast.langevin_normal(rng, x.numel(), k)
         return z.view(x.shape)
@@ -253,7 +254,7 @@ class LangevinSampler:
                 why += "; not candidates: " + "; ".join(skipped)
             choice = (chosen, why)
         elif self.backend == "auto":
-            choice = (base, f"auto on {x.device.type}" + ("" if ops.HAS_TRITON else " (no Triton)"))
+            choice = (base, f"auto on {x.device.type}" + ("" if HAS_TRITON else " (no Triton)"))
         else:
             choice = (base, "asked for")
         self._choices[key] = choice

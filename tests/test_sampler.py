@@ -16,7 +16,8 @@ import torch
 from conftest import assert_close_verbose
 from energies import MLPEnergy, Quadratic
 
-from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference, ops
+from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference
+from ebmfast.opdef import HAS_TRITON
 from ebmfast.sampler import resolve_backend
 
 CPU_BACKENDS = ["eager", "compiled", "fused"]
@@ -98,7 +99,7 @@ def test_fused_chain_through_triton_interpreter(cnn, monkeypatch):
 
     20 steps, not 60: the numpy interpreter runs the Philox rounds program by program (~1 s per step here); the
     60-step parity of the same chain code is covered by test_cnn_chain_parity_all_backends."""
-    if not ops.HAS_TRITON:
+    if not HAS_TRITON:
         pytest.skip("Triton is not installed")
     if torch.cuda.is_available():
         pytest.skip("on CUDA the compiled kernel is tested by tests/test_graph_cuda.py")
@@ -261,7 +262,7 @@ def test_graph_backend_needs_cuda_on_cpu():
 
 def test_auto_resolves_per_device():
     assert resolve_backend("auto", torch.device("cpu")) == "compiled"
-    if ops.HAS_TRITON:
+    if HAS_TRITON:
         assert resolve_backend("auto", torch.device("cuda")) == "graph"
 
 
