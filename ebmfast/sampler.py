@@ -51,11 +51,21 @@ from .validation import (
     check_samples,
 )
 
-__all__ = ["LangevinSampler", "BACKENDS", "KERNEL_BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
+__all__ = [
+    "LangevinSampler",
+    "BACKENDS",
+    "KERNEL_BACKENDS",
+    "PRECISION_MODES",
+    "precision_context",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton", "persistent")
 KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for plain layer chains only
-PRECISIONS = ("fp32", "tf32", "bf16")
+# the sampler's precision modes (what ``precision=`` accepts); the layer kernels encode them as numbers in
+# kernels/geometry.py's PRECISIONS
+PRECISION_MODES = ("fp32", "tf32", "bf16")
+PRECISIONS = PRECISION_MODES  # compatibility: the name the command-line modules still import
 
 
 @contextmanager
@@ -65,7 +75,7 @@ def precision_context(precision: str, device_type: str) -> Iterator[None]:
     On CUDA, fp32 turns TF32 off for cuDNN and cuBLAS (true fp32 products) and tf32/bf16 turn it on (bf16 itself is
     an autocast around the gradient, see ``LangevinSampler._energy_grad``). Other devices have no TF32 switch, so
     nothing is changed there."""
-    check_choice(precision, PRECISIONS, "precision")
+    check_choice(precision, PRECISION_MODES, "precision")
     if device_type != "cuda":
         yield
         return
@@ -140,7 +150,7 @@ class LangevinSampler:
         self.grad_clip = check_positive_float(grad_clip, "grad_clip")
         self.clamp = check_clamp(clamp)
         self.backend = check_choice(backend, BACKENDS, "backend")
-        self.precision = check_choice(precision, PRECISIONS, "precision")
+        self.precision = check_choice(precision, PRECISION_MODES, "precision")
         self.compile_kwargs = dict(compile_kwargs or {})
         self.check_finite = bool(check_finite)
         if channels_last is not None and not isinstance(channels_last, bool):
@@ -247,7 +257,7 @@ class LangevinSampler:
                 else:
                     skipped.append(f"{candidate}: {reason}")
             chosen, source = autotune.choose(
-                self.model, x, self.precision, allowed, tuner=lambda: self.tune(x, backends=allowed)
+                self.model, x, self.precision, allowed, tuner=lambda: autotune.tune(self, x, backends=allowed)
             )
             why = f"auto on CUDA: {source}; candidates {allowed}"
             if skipped:
@@ -259,52 +269,6 @@ class LangevinSampler:
             choice = (base, "asked for")
         self._choices[key] = choice
         return choice
-
-    def tune(
-        self, x: torch.Tensor, backends: list[str] | None = None, reps: int = 5, save: bool = True
-    ) -> dict[str, float]:
-        """Time CUDA backends (default: ``graph`` and the kernel backends) on this model, precision and step count
-        with a batch like ``x`` (CUDA events, median of ``reps`` chains after a warm-up that compiles and captures);
-        returns microseconds per Langevin step, a backend that fails as ``inf``; with ``save`` the times go to the
-        timing cache that ``backend="auto"`` reads first (``ebmfast.autotune``)."""
-        from . import autotune
-
-        if x.device.type != "cuda":
-            raise ValueError(f"tune() measures CUDA backends; x is on {x.device}")
-        backends = list(backends) if backends is not None else ["graph", *KERNEL_BACKENDS]
-        times: dict[str, float] = {}
-        for backend in backends:
-            try:
-                sampler = LangevinSampler(
-                    self.model,
-                    steps=self.steps,
-                    step_size=self.step_size,
-                    noise_std=self.noise_std,
-                    grad_clip=self.grad_clip,
-                    clamp=self.clamp,
-                    backend=backend,
-                    precision=self.precision,
-                    seed=0,
-                    check_finite=False,
-                )
-                sampler.sample(x)  # compile, capture
-                runs = []
-                for _ in range(reps):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    sampler.sample(x)
-                    end.record()
-                    end.synchronize()
-                    runs.append(start.elapsed_time(end) * 1e3 / self.steps)
-                times[backend] = sorted(runs)[len(runs) // 2]
-            except Exception:  # a backend that cannot run here loses; it does not stop the timing
-                times[backend] = float("inf")
-            finally:
-                sampler = None
-                torch.cuda.empty_cache()
-        if save:
-            autotune.record(self.model, x, self.precision, times)
-        return times
 
     def explain(self, x: torch.Tensor) -> str:
         """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons)."""
@@ -431,4 +395,8 @@ class LangevinSampler:
 
         if self._graphs is None:
             self._graphs = GraphCache()
-        return self._graphs.run(self, x, steps, rng, lambda x_static: self._chain(backend, x_static), backend)
+
+        def make_chain(x_static: torch.Tensor) -> Chain:
+            return self._chain(backend, x_static)
+
+        return self._graphs.run(self.model, self._settings(), self.precision, x, steps, rng, make_chain, backend)

@@ -158,9 +158,9 @@ def evaluate_model(
     samples = samples.float().cpu()
     steps_shown = shown_steps(steps)
     plot_generation_steps(traj[steps_shown], steps_shown, out_dir / "generation_steps.png")
-    chain_scores = _ood.energy_scores(model, traj.reshape(-1, 1, 28, 28).float(), device=device)
+    chain_scores = _ood.batch_scores(model, traj.reshape(-1, 1, 28, 28).float(), device=device)
     chain_scores = chain_scores.reshape(steps + 1, N_TRAJECTORY_CHAINS).double().numpy()
-    sample_scores = _ood.energy_scores(model, samples, device=device)
+    sample_scores = _ood.batch_scores(model, samples, device=device)
 
     # ---- 2. out-of-distribution
     fashion, fashion_note = None, None
@@ -227,7 +227,7 @@ def evaluate_model(
         pick = torch.randperm(len(buffer_images), generator=torch.Generator().manual_seed(seed + 3))[:n_samples]
         buf = buffer_images[pick].float().cpu()
         buffer_q = _q.sample_quality(clf, buf, base["reference_feats"])
-        buffer_q["score_mean"] = float(_ood.energy_scores(model, buf, device=device).mean())
+        buffer_q["score_mean"] = float(_ood.batch_scores(model, buf, device=device).mean())
         _, buf_probs = _q.classifier_outputs(clf, buf[:N_SHOWN_SAMPLES])
         plot_samples(
             buf[:N_SHOWN_SAMPLES],

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..data import DATASETS
 from ..reference import SEED_STEP
-from ..sampler import BACKENDS, PRECISIONS
+from ..sampler import BACKENDS, PRECISION_MODES
 
 __all__ = ["TrainConfig", "PRESETS", "config_value"]
 
@@ -248,7 +248,7 @@ def _validate(cfg: TrainConfig) -> None:
     _float(cfg, "sampler_noise_std", lo=0.0)
     _float(cfg, "sampler_grad_clip", lo=0.0, lo_open=True)
     _choice(cfg, "sampler_backend", BACKENDS)
-    _choice(cfg, "sampler_precision", PRECISIONS)
+    _choice(cfg, "sampler_precision", PRECISION_MODES)
     _int(cfg, "buffer_size", lo=1)
     if cfg.batch_size > cfg.buffer_size:
         raise ValueError(
