@@ -34,6 +34,7 @@ from torch import nn
 from ..data import DataSplits, load_dataset
 from ..sampler import LangevinSampler
 from ..training.config import config_value
+from ..validation import check_int
 from .generate import generate_from_noise
 
 __all__ = [
@@ -450,15 +451,9 @@ class QualityCallback:
         data: DataSplits | None = None,
         progress: bool = False,
     ):
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"every must be a positive number of epochs, got {every!r}")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-            raise ValueError(f"n_samples must be an integer >= 2 (a covariance needs 2 samples), got {n_samples!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        self.every = every
-        self.n_samples = n_samples
-        self.steps = steps
+        self.every = check_int(every, "every", note=" (a number of epochs)")
+        self.n_samples = check_int(n_samples, "n_samples", minimum=2, note=" (a covariance needs 2 samples)")
+        self.steps = check_int(steps, "steps")
         self.seed = seed
         self.classifier_path = classifier_path
         self.classifier_config = classifier_config
