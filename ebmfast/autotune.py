@@ -173,18 +173,8 @@ def tune(
     times: dict[str, float] = {}
     for backend in backends:
         try:
-            candidate = LangevinSampler(
-                sampler.model,
-                steps=sampler.steps,
-                step_size=sampler.step_size,
-                noise_std=sampler.noise_std,
-                grad_clip=sampler.grad_clip,
-                clamp=sampler.clamp,
-                backend=backend,
-                precision=sampler.precision,
-                seed=0,
-                check_finite=False,
-            )
+            same = dict(sampler.settings.sampler_kwargs(), steps=sampler.steps, precision=sampler.precision)
+            candidate = LangevinSampler(sampler.model, backend=backend, seed=0, check_finite=False, **same)
             candidate.sample(x)  # compile, capture
             runs = []
             for _ in range(reps):

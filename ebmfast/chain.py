@@ -119,19 +119,6 @@ def run_chain_(
     return x, (torch.stack(traj) if traj is not None else None)
 
 
-class Chain(Protocol):
-    """A whole K-step chain on ``x`` in place, the form the sampler and the CUDA-graph cache run."""
-
-    def run_(
-        self,
-        x: torch.Tensor,
-        steps: int,
-        rng: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        return_trajectory: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-
 class StepChain:
     """The one loop (``run_chain_``) over a ``Stepper``'s steps."""
 
@@ -173,3 +160,6 @@ class PersistentChain:
         noise = None if noise is None else noise.contiguous()
         self.program.chain_(x, rng, steps, noise=noise, trajectory=traj, **self.settings.as_kwargs())
         return x, traj
+
+
+Chain = StepChain | PersistentChain  # a whole K-step chain on ``x`` in place: what the sampler and graph cache run

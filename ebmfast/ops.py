@@ -44,18 +44,13 @@ def fused_step_(
     g: torch.Tensor | None,
     rng: torch.Tensor,
     *,
-    step_size: float,
-    grad_clip: float,
-    noise_std: float,
-    lo: float,
-    hi: float,
     noise_index: int,
     add_noise: bool,
     z: torch.Tensor | None = None,
+    **settings: float,
 ) -> None:
-    """``langevin.step_`` with the settings spelled out (the form ``layers.py``'s callers use)."""
-    settings = StepSettings(step_size, grad_clip, noise_std, lo, hi)
-    langevin.step_(x, g, rng, settings, noise_index=noise_index, add_noise=add_noise, z=z)
+    """``langevin.step_`` with the ``StepSettings`` fields as keywords (the form ``layers.py``'s callers use)."""
+    langevin.step_(x, g, rng, StepSettings(**settings), noise_index=noise_index, add_noise=add_noise, z=z)
 
 
 # ================================================================================ layer program (kernels/layers.py)
@@ -133,28 +128,11 @@ def layers_energy_grad(
 if not USES_TRITON_OP:
 
     @layers_step_.register_fake
-    def _(
-        x: torch.Tensor,
-        z: torch.Tensor | None,
-        rng: torch.Tensor,
-        weights: list[torch.Tensor],
-        biases: list[torch.Tensor],
-        scratch: list[torch.Tensor],
-        geometry: list[int],
-        precision: int,
-        *rest: object,
-    ) -> None:
+    def _(x: torch.Tensor, *rest: object) -> None:
         return None
 
     @layers_energy_grad.register_fake
-    def _(
-        x: torch.Tensor,
-        weights: list[torch.Tensor],
-        biases: list[torch.Tensor],
-        scratch: list[torch.Tensor],
-        geometry: list[int],
-        precision: int,
-    ) -> torch.Tensor:
+    def _(x: torch.Tensor, *rest: object) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -211,17 +189,5 @@ def persistent_chain_(
 if not USES_TRITON_OP:
 
     @persistent_chain_.register_fake
-    def _(
-        x: torch.Tensor,
-        noise: torch.Tensor | None,
-        trajectory: torch.Tensor | None,
-        rng: torch.Tensor,
-        weights: list[torch.Tensor],
-        biases: list[torch.Tensor],
-        scratch: torch.Tensor,
-        geometry: list[int],
-        precision: int,
-        settings: list[int],
-        *rest: object,
-    ) -> None:
+    def _(x: torch.Tensor, *rest: object) -> None:
         return None

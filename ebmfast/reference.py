@@ -53,6 +53,10 @@ class StepSettings:
             step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=self.lo, hi=self.hi
         )
 
+    def sampler_kwargs(self) -> dict[str, object]:
+        """The same settings as ``LangevinSampler`` / ``langevin_reference`` take them (``clamp`` a pair)."""
+        return dict(step_size=self.step_size, noise_std=self.noise_std, grad_clip=self.grad_clip, clamp=self.clamp)
+
 
 SEED_STEP = StepSettings()  # the seed's recipe: every default step size, noise, clip and clamp is read from here
 

@@ -370,14 +370,16 @@ class LangevinSampler:
             return out, traj
         return out
 
-    def _settings(self) -> StepSettings:
+    @property
+    def settings(self) -> StepSettings:
+        """The step settings (step size, gradient clip, noise, clamp) as the chains take them."""
         lo, hi = self.clamp
         return StepSettings(self.step_size, self.grad_clip, self.noise_std, lo, hi)
 
     def _chain(self, backend: str, x: torch.Tensor) -> Chain:
         """The chain of ``backend`` for tensors like ``x``: "fused" / "graph": compiled gradient + fused update;
         "triton": the layer kernels, step by step; "persistent": the whole chain in one kernel."""
-        settings = self._settings()
+        settings = self.settings
         if backend == "persistent":
             from .persistent import persistent_program
 
@@ -399,4 +401,4 @@ class LangevinSampler:
         def make_chain(x_static: torch.Tensor) -> Chain:
             return self._chain(backend, x_static)
 
-        return self._graphs.run(self.model, self._settings(), self.precision, x, steps, rng, make_chain, backend)
+        return self._graphs.run(self.model, self.settings, self.precision, x, steps, rng, make_chain, backend)

@@ -501,16 +501,9 @@ class QualityCallback:
         if device.type != "cpu" or getattr(sampler, "backend", "eager") == "eager":
             return sampler
         if self._cpu_sampler is None or self._cpu_sampler.model is not trainer.model:
+            same = dict(sampler.settings.sampler_kwargs(), precision=sampler.precision)
             self._cpu_sampler = LangevinSampler(
-                trainer.model,
-                steps=self.steps,
-                step_size=sampler.step_size,
-                noise_std=sampler.noise_std,
-                grad_clip=sampler.grad_clip,
-                clamp=sampler.clamp,
-                backend="eager",
-                precision=sampler.precision,
-                seed=self.seed,
+                trainer.model, steps=self.steps, backend="eager", seed=self.seed, **same
             )
         return self._cpu_sampler
 

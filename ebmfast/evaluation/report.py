@@ -441,15 +441,13 @@ def _report_header(r: dict) -> list[str]:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in r["warnings"]] + [""]
     else:
         lines += ["No health warnings (scores finite, digits separated from noise, energy scale bounded).", ""]
-
     return lines
 
 
 def _report_generation(r: dict) -> list[str]:
     """Section 1: chains from noise, their scores, the final samples."""
     st, gen = r["settings"], r["generation"]
-    lines: list[str] = []
-    lines += [
+    return [
         "## 1. Generation from scratch",
         "",
         f"{st['n_samples']} chains from U(-1, 1), {st['steps']} Langevin steps each "
@@ -473,15 +471,11 @@ def _report_generation(r: dict) -> list[str]:
         "",
     ]
 
-    return lines
-
 
 def _report_ood(r: dict) -> list[str]:
     """Section 2: the seed's table, the sets' scores and AUROCs."""
-    ood = r["ood"]
-    lines: list[str] = []
-    t = ood["seed_table"]
-    lines += [
+    ood, t = r["ood"], r["ood"]["seed_table"]
+    lines = [
         "## 2. Out-of-distribution detection",
         "",
         "The seed's comparison (one test image; 128-image means for random images and a training batch):",
@@ -518,14 +512,12 @@ def _report_ood(r: dict) -> list[str]:
         "![energy histograms](ood_histograms.png)",
         "",
     ]
-
     return lines
 
 
 def _report_quality(r: dict) -> list[str]:
     """Section 3: classifier statistics and Fréchet distances of generated (and replay-buffer) samples."""
     st, q = r["settings"], r["quality"]
-    lines: list[str] = []
     c, g, rh, b = q["classifier"], q["generated"], q["real_heldout"], q.get("replay_buffer")
     accuracy = 100 * c["val_accuracy"] if c.get("val_accuracy") is not None else None
     cache = {
@@ -533,7 +525,7 @@ def _report_quality(r: dict) -> list[str]:
         "trained": "trained now (no cache)",
         "retrained": f"retrained (stale cache: {c.get('stale_reason', '')})",
     }.get(c.get("cache"), c.get("cache"))
-    lines += [
+    lines = [
         "## 3. Sample quality",
         "",
         f"Classifier: the project's small MNIST CNN, {cache}; `{c.get('path')}`; trained on {c.get('n_train')} "
@@ -587,8 +579,7 @@ def _report_quality(r: dict) -> list[str]:
 
 
 def _report_timings(r: dict) -> list[str]:
-    lines: list[str] = []
-    lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
+    lines = ["## Timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r["timings_s"].items()]
     lines += ["", "All numbers are in `report.json`.", ""]
     return lines
