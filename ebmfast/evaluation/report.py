@@ -505,14 +505,8 @@ def _report_ood(r: dict) -> list[str]:
         )
         lines.append(f"| {row['label']} | {row['n']} | {_f(row['mean'], '.2f')} | {_f(row['std'], '.2f')} | {a} |")
     lines += [""] + [f"- {n}" for n in ood["notes"]] + ([""] if ood["notes"] else [])
-    lines += [
-        "A 'training digits' AUROC well below 0.5 would mean the model scores its training images above unseen "
-        "ones (overfitting).",
-        "",
-        "![energy histograms](ood_histograms.png)",
-        "",
-    ]
-    return lines
+    overfitting = "A 'training digits' AUROC well below 0.5 would mean the model scores its training images above "
+    return lines + [overfitting + "unseen ones (overfitting).", "", "![energy histograms](ood_histograms.png)", ""]
 
 
 def _report_quality(r: dict) -> list[str]:
@@ -568,13 +562,8 @@ def _report_quality(r: dict) -> list[str]:
         "",
     ]
     if b:
-        lines += [
-            "Replay-buffer samples (the persistent training chains stored in the checkpoint), labelled by the "
-            "classifier:",
-            "",
-            "![replay buffer](buffer_samples.png)",
-            "",
-        ]
+        shown = "Replay-buffer samples (the persistent training chains stored in the checkpoint), labelled by the "
+        lines += [shown + "classifier:", "", "![replay buffer](buffer_samples.png)", ""]
     return lines
 
 
