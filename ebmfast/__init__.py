@@ -1,7 +1,7 @@
 """ebmfast: fast, trustworthy Langevin sampling and contrastive-divergence training for deep EBMs.
 
 The engine sits flat in this package: ``models`` (the seed's CNN), ``reference`` (the eager reference sampler),
-``sampler`` (``LangevinSampler``) -> ``energy_grad`` (eager / compiled gradient) + ``ops`` (fused update op) ->
+``sampler`` (``LangevinSampler``) -> ``energy_grad`` (eager / compiled gradient) + ``langevin`` (fused update op) ->
 ``kernels`` (Triton), ``graph`` (CUDA-graph replay), ``buffer`` (``ReplayBuffer``), ``pcd`` (the seed's ``Sampler``
 API). Around it, by job: ``training/`` (``Trainer``, ``TrainConfig``, checkpoints), ``evaluation/`` (generation,
 out-of-distribution scores, sample quality, the report), ``benchmark/`` (throughput measurement), ``cli/`` (the

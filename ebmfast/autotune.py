@@ -1,7 +1,7 @@
 """How ``backend="auto"`` chooses on CUDA: the fastest *measured* backend for this GPU, model and batch size.
 
 Where the measurements come from, in this order:
-1. the user's timing cache, written by ``LangevinSampler.tune(x)`` (or by ``auto`` itself when
+1. the user's timing cache, written by ``tune(sampler, x)`` (or by ``auto`` itself when
    ``EBMFAST_AUTOTUNE=1``): one JSON file (``$EBMFAST_CACHE_DIR/autotune.json``, default
    ``~/.cache/ebmfast/autotune.json``) holding, per GPU name, torch/triton versions, model architecture, sample shape,
    batch size and precision, the measured time per Langevin step of each candidate backend;
@@ -19,13 +19,17 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-__all__ = ["architecture_key", "choose", "record", "cache_path", "TABLE_PATH"]
+if TYPE_CHECKING:  # the sampler imports this module when it chooses; at run time tune() imports the sampler late
+    from .sampler import LangevinSampler
+
+__all__ = ["architecture_key", "choose", "tune", "record", "cache_path", "TABLE_PATH"]
 
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 
@@ -118,7 +122,7 @@ def choose(
     tuner: Callable[[], dict[str, float]] | None = None,
 ) -> tuple[str, str]:
     """(backend, where the choice came from) for CUDA input ``x``; ``allowed``: the candidates the model can run, in
-    order of preference on a tie. ``tuner``: times the candidates now (``LangevinSampler.tune``), used when
+    order of preference on a tie. ``tuner``: times the candidates now (``tune``), used when
     ``EBMFAST_AUTOTUNE=1`` and the cache has nothing for this entry."""
     cached = _load(cache_path()).get(_entry_key(model, x, precision))
     if cached:
@@ -148,3 +152,44 @@ def record(model: nn.Module, x: torch.Tensor, precision: str, times: dict[str, f
         tmp.replace(path)
     except OSError:
         pass
+
+
+def tune(
+    sampler: LangevinSampler,
+    x: torch.Tensor,
+    backends: Sequence[str] | None = None,
+    reps: int = 5,
+    save: bool = True,
+) -> dict[str, float]:
+    """Time CUDA backends (default: ``graph`` and the kernel backends) on ``sampler``'s model, settings, precision
+    and step count with a batch like ``x`` (CUDA events, median of ``reps`` chains after a warm-up that compiles and
+    captures); returns microseconds per Langevin step, a backend that fails as ``inf``; with ``save`` the times go to
+    the timing cache that ``backend="auto"`` reads first (``record``)."""
+    from .sampler import KERNEL_BACKENDS, LangevinSampler
+
+    if x.device.type != "cuda":
+        raise ValueError(f"tune() measures CUDA backends; x is on {x.device}")
+    backends = list(backends) if backends is not None else ["graph", *KERNEL_BACKENDS]
+    times: dict[str, float] = {}
+    for backend in backends:
+        try:
+            same = dict(sampler.settings.sampler_kwargs(), steps=sampler.steps, precision=sampler.precision)
+            candidate = LangevinSampler(sampler.model, backend=backend, seed=0, check_finite=False, **same)
+            candidate.sample(x)  # compile, capture
+            runs = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                candidate.sample(x)
+                end.record()
+                end.synchronize()
+                runs.append(start.elapsed_time(end) * 1e3 / sampler.steps)
+            times[backend] = sorted(runs)[len(runs) // 2]
+        except Exception:  # a backend that cannot run here loses; it does not stop the timing
+            times[backend] = float("inf")
+        finally:
+            candidate = None
+            torch.cuda.empty_cache()
+    if save:
+        record(sampler.model, x, sampler.precision, times)
+    return times

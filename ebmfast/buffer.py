@@ -18,15 +18,84 @@ about eight and four torch launches; the draw's randomness then comes from the b
 (``rng`` = device (seed, counter), advanced on the device per draw), so it stays capturable. It is opt-in: on an
 H200, outside a CUDA graph, it showed no consistent win over the torch path (``bench/RESULTS.md``, measured with
 ``bench/bench_buffer.py``); the default torch path works on every device.
+
+The fused path's torch custom ops, defined here beside their one caller: ``ebmfast::replay_draw(storage, rng, batch,
+fresh_prob, lo, hi) -> (out, slots)`` and ``ebmfast::replay_push_(storage, samples, ptr)`` (``kernels/replay.py``).
+They exist for CUDA (and for CPU tensors under the Triton interpreter with EBMFAST_TRITON_ON_CPU=1, for tests).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .opdef import HAS_TRITON, USES_TRITON_OP, define_op, load_kernels, triton_on_cpu, triton_unavailable_reason, wrap
 from .validation import check_clamp, check_positive_int, check_probability, check_samples, check_shape
 
-__all__ = ["ReplayBuffer"]
+__all__ = ["ReplayBuffer", "fused_replay_available", "replay_draw", "replay_push_"]
+
+kernels = load_kernels("replay")  # None without Triton
+
+
+def fused_replay_available(device: torch.device | str) -> bool:
+    """Whether the fused replay-buffer kernels run on ``device``."""
+    device = torch.device(device)
+    if kernels is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_on_cpu())
+
+
+def _require_fused(device: torch.device | str) -> None:
+    if not fused_replay_available(device):
+        raise RuntimeError(
+            f"the fused replay-buffer kernels run on CUDA with Triton (or on CPU under TRITON_INTERPRET=1 with "
+            f"EBMFAST_TRITON_ON_CPU=1); got tensors on {device}"
+            + (f" and {triton_unavailable_reason()}" if not HAS_TRITON else "")
+        )
+
+
+@define_op("ebmfast::replay_draw", mutates_args={})
+def replay_draw(
+    storage: torch.Tensor, rng: torch.Tensor, batch: int, fresh_prob: float, lo: float, hi: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty((batch, *storage.shape[1:]), dtype=storage.dtype, device=storage.device)
+    slots = torch.empty(batch, dtype=torch.int64, device=storage.device)
+    _require_fused(storage.device)
+    kernels.launch_replay_draw(out, slots, storage, rng, fresh_prob, lo, hi, wrap=wrap)
+    return out, slots
+
+
+@define_op("ebmfast::replay_push_", mutates_args={"storage"})
+def replay_push_(storage: torch.Tensor, samples: torch.Tensor, ptr: torch.Tensor) -> None:
+    _require_fused(storage.device)
+    kernels.launch_replay_push(storage, samples, ptr, wrap=wrap)
+
+
+@replay_draw.register_kernel("cpu")
+def _(
+    storage: torch.Tensor, rng: torch.Tensor, batch: int, fresh_prob: float, lo: float, hi: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _require_fused(storage.device)
+    out = torch.empty((batch, *storage.shape[1:]), dtype=storage.dtype)
+    slots = torch.empty(batch, dtype=torch.int64)
+    kernels.launch_replay_draw(out, slots, storage, rng, fresh_prob, lo, hi)
+    return out, slots
+
+
+@replay_push_.register_kernel("cpu")
+def _(storage: torch.Tensor, samples: torch.Tensor, ptr: torch.Tensor) -> None:
+    _require_fused(storage.device)
+    kernels.launch_replay_push(storage, samples, ptr)
+
+
+if not USES_TRITON_OP:  # triton_op derives fake implementations itself; custom_op needs them spelled out
+
+    @replay_draw.register_fake
+    def _(storage: torch.Tensor, rng: torch.Tensor, batch: int, *rest: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return storage.new_empty((batch, *storage.shape[1:])), storage.new_empty(batch, dtype=torch.int64)
+
+    @replay_push_.register_fake
+    def _(storage: torch.Tensor, *rest: object) -> None:
+        return None
 
 
 class ReplayBuffer:
@@ -53,10 +122,7 @@ class ReplayBuffer:
         self.ptr = torch.zeros((), dtype=torch.long, device=self.device)
         self.fused = bool(fused)
         if self.fused:
-            from . import ops
-
-            if not ops.fused_replay_available(self.device):
-                ops._require_replay(self.device)  # raises with the reason
+            _require_fused(self.device)
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device).item())
             self.rng = torch.tensor([seed, 0], dtype=torch.int64, device=self.device)
 

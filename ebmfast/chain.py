@@ -17,12 +17,16 @@ be captured in a CUDA graph as it is (``ebmfast.graph``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from . import ops
+from . import langevin
+from .reference import StepSettings
+
+if TYPE_CHECKING:  # the programs import this module (for the loop), so their types are named for the checker only
+    from .layers import LayerProgram
+    from .persistent import PersistentProgram
 
 __all__ = [
     "StepSettings",
@@ -34,22 +38,6 @@ __all__ = [
     "StepChain",
     "PersistentChain",
 ]
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """The sampler's step hyper-parameters as the kernels take them."""
-
-    step_size: float
-    grad_clip: float
-    noise_std: float
-    lo: float
-    hi: float
-
-    def as_kwargs(self) -> dict[str, float]:
-        return dict(
-            step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=self.lo, hi=self.hi
-        )
 
 
 class Stepper(Protocol):
@@ -64,56 +52,17 @@ class Stepper(Protocol):
         """x <- clamp(x - s clamp(g(x))), then with ``add_noise`` the head of the next step (draw ``noise_index``)."""
 
 
-class StepProgram(Protocol):
-    """A kernel program that does a step's tail in one go (``ebmfast.layers.LayerProgram``)."""
-
-    def step_(
-        self,
-        x: torch.Tensor,
-        g: None,
-        rng: torch.Tensor,
-        *,
-        noise_index: int,
-        add_noise: bool,
-        z: torch.Tensor | None,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-    ) -> None: ...
-
-
-class ChainProgram(Protocol):
-    """A kernel program that runs a whole chain in one go (``ebmfast.persistent.PersistentProgram``)."""
-
-    def chain_(
-        self,
-        x: torch.Tensor,
-        rng: torch.Tensor,
-        steps: int,
-        *,
-        noise: torch.Tensor | None,
-        trajectory: torch.Tensor | None,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-    ) -> torch.Tensor: ...
-
-
 class _NoiseHead:
     """The head shared by every stepper: noise only, through the fused update op (no gradient)."""
 
     settings: StepSettings
 
     def head_(self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, z: torch.Tensor | None) -> None:
-        ops.fused_step_(x, None, rng, noise_index=noise_index, add_noise=True, z=z, **self.settings.as_kwargs())
+        langevin.step_(x, None, rng, self.settings, noise_index=noise_index, add_noise=True, z=z)
 
 
 class FusedStepper(_NoiseHead):
-    """Gradient from a function (compiled or eager), then one fused update op (``ops.fused_step_``)."""
+    """Gradient from a function (compiled or eager), then one fused update op (``langevin.step_``)."""
 
     def __init__(self, grad: Callable[[torch.Tensor], torch.Tensor], settings: StepSettings) -> None:
         self.grad = grad
@@ -123,14 +72,14 @@ class FusedStepper(_NoiseHead):
         self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, add_noise: bool, z: torch.Tensor | None
     ) -> None:
         g = self.grad(x).contiguous()
-        ops.fused_step_(x, g, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
+        langevin.step_(x, g, rng, self.settings, noise_index=noise_index, add_noise=add_noise, z=z)
 
 
 class LayerStepper(_NoiseHead):
     """The tail on our layer kernels (``ebmfast.layers``): forward, input gradient and update, the update being the
     epilogue of the last launch. ``keep``: buffers a captured graph reads (the program's scratch for this shape)."""
 
-    def __init__(self, program: StepProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, program: LayerProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
         self.program = program
         self.settings = settings
         self.keep = keep
@@ -170,19 +119,6 @@ def run_chain_(
     return x, (torch.stack(traj) if traj is not None else None)
 
 
-class Chain(Protocol):
-    """A whole K-step chain on ``x`` in place, the form the sampler and the CUDA-graph cache run."""
-
-    def run_(
-        self,
-        x: torch.Tensor,
-        steps: int,
-        rng: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        return_trajectory: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-
 class StepChain:
     """The one loop (``run_chain_``) over a ``Stepper``'s steps."""
 
@@ -204,7 +140,9 @@ class PersistentChain:
     """The whole chain as one persistent kernel launch (``ebmfast.persistent``): the same head, steps and noise
     stream as ``run_chain_``, inside one kernel. ``keep``: buffers a captured graph reads (the scratch)."""
 
-    def __init__(self, program: ChainProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, program: PersistentProgram, settings: StepSettings, keep: list[torch.Tensor] | None = None
+    ) -> None:
         self.program = program
         self.settings = settings
         self.keep = keep
@@ -222,3 +160,6 @@ class PersistentChain:
         noise = None if noise is None else noise.contiguous()
         self.program.chain_(x, rng, steps, noise=noise, trajectory=traj, **self.settings.as_kwargs())
         return x, traj
+
+
+Chain = StepChain | PersistentChain  # a whole K-step chain on ``x`` in place: what the sampler and graph cache run

@@ -1,7 +1,7 @@
 """The ``graph`` backend: a whole K-step Langevin chain captured once in a CUDA graph and replayed.
 
 What is captured, per cache entry: copy-in into a static input buffer, then the chain (``ebmfast.chain``: one
-noise launch, then K x (energy gradient, fused update): the compiled gradient and ``ops.fused_step_`` for the
+noise launch, then K x (energy gradient, fused update): the compiled gradient and ``langevin.step_`` for the
 ``graph`` backend, the layer kernels for ``triton``; one launch for ``persistent``), then ``rng[1] += K``.
 Everything reads its inputs from device memory at replay time:
 - the chain state lives in the entry's static buffer ``x``;
@@ -19,24 +19,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from .chain import Chain
-
-
-class ChainOwner(Protocol):
-    """What the cache reads of its owner (a ``LangevinSampler``): the model and the settings a graph bakes in."""
-
-    model: nn.Module
-    step_size: float
-    noise_std: float
-    grad_clip: float
-    clamp: tuple[float, float]
-    precision: str
-
+from .reference import StepSettings
 
 __all__ = ["GraphCache", "capture_stream"]
 
@@ -74,28 +62,31 @@ class GraphCache:
         self.captures = 0  # how many graphs were captured (tests read it)
 
     @staticmethod
-    def key(sampler: ChainOwner, x: torch.Tensor, steps: int, backend: str) -> tuple:
-        model = sampler.model
+    def key(
+        model: nn.Module, settings: StepSettings, precision: str, x: torch.Tensor, steps: int, backend: str
+    ) -> tuple:
         tensors = tuple(
             (name, t.data_ptr(), tuple(t.shape), t.dtype)
             for name, t in list(model.named_parameters()) + list(model.named_buffers())
         )
-        hyper = (sampler.step_size, sampler.noise_std, sampler.grad_clip, sampler.clamp, sampler.precision)
-        return (backend, tuple(x.shape), x.dtype, x.device, steps, id(model), tensors, hyper)
+        return (backend, tuple(x.shape), x.dtype, x.device, steps, id(model), tensors, settings, precision)
 
     def run(
         self,
-        sampler: ChainOwner,
+        model: nn.Module,
+        settings: StepSettings,
+        precision: str,
         x: torch.Tensor,
         steps: int,
         rng: torch.Tensor,
         make_chain: Callable[[torch.Tensor], Chain],
         backend: str,
     ) -> torch.Tensor:
-        """Replay (capturing first if needed) ``make_chain(x_static)``'s chain on a copy of ``x``."""
+        """Replay (capturing first if needed) ``make_chain(x_static)``'s chain on a copy of ``x``; ``model``,
+        ``settings`` and ``precision``: what the chain bakes in (part of the cache key)."""
         if x.device.type != "cuda":
             raise ValueError(f"the graph backend needs CUDA tensors, got {x.device}")
-        key = self.key(sampler, x, steps, backend)
+        key = self.key(model, settings, precision, x, steps, backend)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._capture(x, steps, rng, make_chain)

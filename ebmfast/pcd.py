@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .buffer import ReplayBuffer
+from .reference import SEED_STEP
 from .sampler import LangevinSampler
 
 __all__ = ["PCDSampler"]
@@ -52,7 +53,7 @@ class PCDSampler:
             self.buffer.load_state_dict(state)
         return self.buffer
 
-    def sample_new_exmps(self, steps: int = 60, step_size: float = 10.0) -> torch.Tensor:
+    def sample_new_exmps(self, steps: int = 60, step_size: float = SEED_STEP.step_size) -> torch.Tensor:
         """Draw starts from the buffer (5% fresh noise), run the chain, write the results back, return them."""
         buf = self._buffer()
         self.langevin.step_size = float(step_size)
@@ -65,7 +66,7 @@ class PCDSampler:
         model: nn.Module,
         inp_imgs: torch.Tensor,
         steps: int = 60,
-        step_size: float = 10.0,
+        step_size: float = SEED_STEP.step_size,
         return_img_per_step: bool = False,
         backend: str = "auto",
     ):

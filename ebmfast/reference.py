@@ -15,13 +15,50 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .validation import check_clamp, check_nonneg_float, check_positive_float, check_positive_int, check_samples
 
-__all__ = ["langevin_reference", "sampling_mode", "energy_grad_reference", "as_scores", "energy_scores"]
+__all__ = [
+    "StepSettings",
+    "SEED_STEP",
+    "langevin_reference",
+    "sampling_mode",
+    "energy_grad_reference",
+    "as_scores",
+    "energy_scores",
+]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """A Langevin step's hyper-parameters, as the chain and the kernels take them; the defaults are the seed's recipe
+    (``SEED_STEP``: ``Sampler.sample_new_exmps(step_size=10)``, noise 0.005, gradient clip 0.03, clamp to [-1, 1])."""
+
+    step_size: float = 10.0
+    grad_clip: float = 0.03
+    noise_std: float = 0.005
+    lo: float = -1.0
+    hi: float = 1.0
+
+    @property
+    def clamp(self) -> tuple[float, float]:
+        return (self.lo, self.hi)
+
+    def as_kwargs(self) -> dict[str, float]:
+        return dict(
+            step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=self.lo, hi=self.hi
+        )
+
+    def sampler_kwargs(self) -> dict[str, object]:
+        """The same settings as ``LangevinSampler`` / ``langevin_reference`` take them (``clamp`` a pair)."""
+        return dict(step_size=self.step_size, noise_std=self.noise_std, grad_clip=self.grad_clip, clamp=self.clamp)
+
+
+SEED_STEP = StepSettings()  # the seed's recipe: every default step size, noise, clip and clamp is read from here
 
 
 @contextmanager
@@ -77,10 +114,10 @@ def langevin_reference(
     model: nn.Module,
     x: torch.Tensor,
     steps: int = 60,
-    step_size: float = 10.0,
-    noise_std: float = 0.005,
-    grad_clip: float = 0.03,
-    clamp: tuple[float, float] = (-1.0, 1.0),
+    step_size: float = SEED_STEP.step_size,
+    noise_std: float = SEED_STEP.noise_std,
+    grad_clip: float = SEED_STEP.grad_clip,
+    clamp: tuple[float, float] = SEED_STEP.clamp,
     noise: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,

@@ -3,7 +3,7 @@
 Backends (``backend=``):
 - ``eager``: the reference loop (``ebmfast.reference``), autograd gradient.
 - ``compiled``: the same loop with the energy gradient from ``torch.compile`` (``ebmfast.energy_grad``).
-- ``fused``: compiled gradient + one fused update op per step (``ebmfast.ops`` -> Triton on CUDA): the op applies
+- ``fused``: compiled gradient + one fused update op per step (``ebmfast.langevin`` -> Triton on CUDA): the op applies
   step k's clipped gradient step and clamp together with step k+1's noise and clamp, so a K-step chain is one
   noise launch + K gradients + K fused updates.
 - ``graph`` (CUDA only): the whole ``fused`` chain captured once in a CUDA graph and replayed (``ebmfast.graph``).
@@ -42,11 +42,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import ops
-from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain, StepSettings
+from . import langevin, ops
+from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain
 from .energy_grad import compiled_energy_grad, eager_energy_grad
 from .errors import StopRequested
-from .reference import energy_scores, langevin_reference, sampling_mode
+from .opdef import HAS_TRITON, triton_unavailable_reason
+from .reference import SEED_STEP, StepSettings, energy_scores, langevin_reference, sampling_mode
 from .validation import (
     capturing,
     check_choice,
@@ -60,17 +61,20 @@ from .validation import (
 
 __all__ = [
     "LangevinSampler",
-    "CHUNK_STEPS",
     "BACKENDS",
+    "CHUNK_STEPS",
     "KERNEL_BACKENDS",
-    "PRECISIONS",
+    "PRECISION_MODES",
     "precision_context",
     "resolve_backend",
 ]
 
 BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton", "persistent")
 KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for plain layer chains only
-PRECISIONS = ("fp32", "tf32", "bf16")
+# the sampler's precision modes (what ``precision=`` accepts); the layer kernels encode them as numbers in
+# kernels/geometry.py's PRECISIONS
+PRECISION_MODES = ("fp32", "tf32", "bf16")
+PRECISIONS = PRECISION_MODES  # compatibility: the name the command-line modules still import
 CHUNK_STEPS = 1000  # a chain longer than this looks at stop_check between chunks of this many steps
 
 
@@ -81,7 +85,7 @@ def precision_context(precision: str, device_type: str) -> Iterator[None]:
     On CUDA, fp32 turns TF32 off for cuDNN and cuBLAS (true fp32 products) and tf32/bf16 turn it on (bf16 itself is
     an autocast around the gradient, see ``LangevinSampler._energy_grad``). Other devices have no TF32 switch, so
     nothing is changed there."""
-    check_choice(precision, PRECISIONS, "precision")
+    check_choice(precision, PRECISION_MODES, "precision")
     if device_type != "cuda":
         yield
         return
@@ -103,9 +107,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_choice(backend, BACKENDS, "backend")
     if device.type == "cuda":
         if backend == "auto":
-            return "graph" if ops.HAS_TRITON else "compiled"
-        if backend in ("fused", "graph", *KERNEL_BACKENDS) and not ops.HAS_TRITON:
-            raise RuntimeError(f"backend={backend!r} on CUDA needs Triton: {ops.triton_unavailable_reason()}")
+            return "graph" if HAS_TRITON else "compiled"
+        if backend in ("fused", "graph", *KERNEL_BACKENDS) and not HAS_TRITON:
+            raise RuntimeError(f"backend={backend!r} on CUDA needs Triton: {triton_unavailable_reason()}")
         return backend
     if backend == "auto":
         return "compiled"
@@ -158,10 +162,10 @@ class LangevinSampler:
         self,
         model: nn.Module,
         steps: int = 60,
-        step_size: float = 10.0,
-        noise_std: float = 0.005,
-        grad_clip: float = 0.03,
-        clamp: tuple[float, float] = (-1.0, 1.0),
+        step_size: float = SEED_STEP.step_size,
+        noise_std: float = SEED_STEP.noise_std,
+        grad_clip: float = SEED_STEP.grad_clip,
+        clamp: tuple[float, float] = SEED_STEP.clamp,
         backend: str = "auto",
         precision: str = "fp32",
         seed: int | None = None,
@@ -178,7 +182,7 @@ class LangevinSampler:
         self.grad_clip = check_positive_float(grad_clip, "grad_clip")
         self.clamp = check_clamp(clamp)
         self.backend = check_choice(backend, BACKENDS, "backend")
-        self.precision = check_choice(precision, PRECISIONS, "precision")
+        self.precision = check_choice(precision, PRECISION_MODES, "precision")
         self.compile_kwargs = dict(compile_kwargs or {})
         self.check_finite = bool(check_finite)
         if channels_last is not None and not isinstance(channels_last, bool):
@@ -242,9 +246,9 @@ class LangevinSampler:
         return torch.stack([self._draw(rng, x, k) for k in range(steps)])
 
     def _draw(self, rng: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
-        if x.device.type == "cuda" and not ops.HAS_TRITON:
+        if x.device.type == "cuda" and not HAS_TRITON:
             # No Triton: torch's own CUDA Philox, seeded from (seed, counter + k) on the host.
-            gen = torch.Generator(device=x.device).manual_seed(ops._mix(*(int(v) for v in rng.tolist())) + k)
+            gen = torch.Generator(device=x.device).manual_seed(langevin.mix(*(int(v) for v in rng.tolist())) + k)
             return torch.randn(x.shape, device=x.device, generator=gen)
         z = torch.ops.ebmfast.langevin_normal(rng, x.numel(), k)
         return z.view(x.shape)
@@ -287,64 +291,18 @@ class LangevinSampler:
                 else:
                     skipped.append(f"{candidate}: {reason}")
             chosen, source = autotune.choose(
-                self.model, x, self.precision, allowed, tuner=lambda: self.tune(x, backends=allowed)
+                self.model, x, self.precision, allowed, tuner=lambda: autotune.tune(self, x, backends=allowed)
             )
             why = f"auto on CUDA: {source}; candidates {allowed}"
             if skipped:
                 why += "; not candidates: " + "; ".join(skipped)
             choice = (chosen, why)
         elif self.backend == "auto":
-            choice = (base, f"auto on {x.device.type}" + ("" if ops.HAS_TRITON else " (no Triton)"))
+            choice = (base, f"auto on {x.device.type}" + ("" if HAS_TRITON else " (no Triton)"))
         else:
             choice = (base, "asked for")
         self._choices[key] = choice
         return choice
-
-    def tune(
-        self, x: torch.Tensor, backends: list[str] | None = None, reps: int = 5, save: bool = True
-    ) -> dict[str, float]:
-        """Time CUDA backends (default: ``graph`` and the kernel backends) on this model, precision and step count
-        with a batch like ``x`` (CUDA events, median of ``reps`` chains after a warm-up that compiles and captures);
-        returns microseconds per Langevin step, a backend that fails as ``inf``; with ``save`` the times go to the
-        timing cache that ``backend="auto"`` reads first (``ebmfast.autotune``)."""
-        from . import autotune
-
-        if x.device.type != "cuda":
-            raise ValueError(f"tune() measures CUDA backends; x is on {x.device}")
-        backends = list(backends) if backends is not None else ["graph", *KERNEL_BACKENDS]
-        times: dict[str, float] = {}
-        for backend in backends:
-            try:
-                sampler = LangevinSampler(
-                    self.model,
-                    steps=self.steps,
-                    step_size=self.step_size,
-                    noise_std=self.noise_std,
-                    grad_clip=self.grad_clip,
-                    clamp=self.clamp,
-                    backend=backend,
-                    precision=self.precision,
-                    seed=0,
-                    check_finite=False,
-                )
-                sampler.sample(x)  # compile, capture
-                runs = []
-                for _ in range(reps):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    sampler.sample(x)
-                    end.record()
-                    end.synchronize()
-                    runs.append(start.elapsed_time(end) * 1e3 / self.steps)
-                times[backend] = sorted(runs)[len(runs) // 2]
-            except Exception:  # a backend that cannot run here loses; it does not stop the timing
-                times[backend] = float("inf")
-            finally:
-                sampler = None
-                torch.cuda.empty_cache()
-        if save:
-            autotune.record(self.model, x, self.precision, times)
-        return times
 
     def explain(self, x: torch.Tensor) -> str:
         """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons)."""
@@ -478,14 +436,16 @@ class LangevinSampler:
             done += n
         return x
 
-    def _settings(self) -> StepSettings:
+    @property
+    def settings(self) -> StepSettings:
+        """The step settings (step size, gradient clip, noise, clamp) as the chains take them."""
         lo, hi = self.clamp
         return StepSettings(self.step_size, self.grad_clip, self.noise_std, lo, hi)
 
     def _chain(self, backend: str, x: torch.Tensor) -> Chain:
         """The chain of ``backend`` for tensors like ``x``: "fused" / "graph": compiled gradient + fused update;
         "triton": the layer kernels, step by step; "persistent": the whole chain in one kernel."""
-        settings = self._settings()
+        settings = self.settings
         if backend == "persistent":
             from .persistent import persistent_program
 
@@ -503,4 +463,8 @@ class LangevinSampler:
 
         if self._graphs is None:
             self._graphs = GraphCache()
-        return self._graphs.run(self, x, steps, rng, lambda x_static: self._chain(backend, x_static), backend)
+
+        def make_chain(x_static: torch.Tensor) -> Chain:
+            return self._chain(backend, x_static)
+
+        return self._graphs.run(self.model, self.settings, self.precision, x, steps, rng, make_chain, backend)

@@ -85,10 +85,16 @@ def check_finite_result(
     )
 
 
-def check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_int(value: object, name: str, minimum: int = 1, note: str = "") -> int:
+    """An integer (not a bool) of at least ``minimum``; ``note`` says why, in the error message."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {kind}{note}, got {value!r}")
     return int(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    return check_int(value, name, 1)
 
 
 FLOAT32_MAX = 3.4028234663852886e38

@@ -97,7 +97,7 @@ def test_tune_needs_cuda():
     from ebmfast import LangevinSampler
 
     with pytest.raises(ValueError, match="CUDA"):
-        LangevinSampler(CNNModel(hidden_features=4)).tune(torch.zeros(2, 1, 28, 28))
+        autotune.tune(LangevinSampler(CNNModel(hidden_features=4)), torch.zeros(2, 1, 28, 28))
 
 
 def test_recorded_times_are_read_back(fake_gpu):

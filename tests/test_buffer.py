@@ -110,7 +110,7 @@ def test_seeded_generator_reproduces_draws():
 
 
 # ------------------------------------------------------------------------------ fused (Triton) draw and push
-from ebmfast import ops  # noqa: E402
+from ebmfast.buffer import fused_replay_available  # noqa: E402
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def fused_device(monkeypatch):
     if torch.cuda.is_available():
         return "cuda"
     monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
-    if not ops.fused_replay_available("cpu"):
+    if not fused_replay_available("cpu"):
         pytest.skip("Triton is not installed")
     return "cpu"
 

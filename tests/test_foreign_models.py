@@ -11,7 +11,7 @@ from ebmfast.benchmark.flops import count_step_flops, flops_per_sample_step
 from ebmfast.benchmark.training import CDIteration
 from ebmfast.cd import CD_METRICS, CDStep
 from ebmfast.evaluation.generate import generate
-from ebmfast.evaluation.ood import energy_scores
+from ebmfast.evaluation.ood import batch_scores
 
 SHAPE = (1, 28, 28)
 
@@ -43,7 +43,7 @@ def test_train_step_with_an_n_by_1_model():
 def test_scores_generation_flops_and_benchmark_with_an_n_by_1_model():
     model = mlp()
     x = torch.rand(5, *SHAPE) * 2 - 1
-    scores = energy_scores(model, x, batch_size=2)
+    scores = batch_scores(model, x, batch_size=2)
     assert scores.shape == (5,)
     # batches of 2 and of 5 take different GEMM kernels, whose 784-term float32 sums round differently (CI saw 5e-8)
     assert torch.allclose(scores, model(x).reshape(5), rtol=1e-5, atol=1e-6)
@@ -57,6 +57,6 @@ def test_scores_generation_flops_and_benchmark_with_an_n_by_1_model():
 def test_other_output_shapes_are_refused():
     model = mlp(out=2)
     with pytest.raises(ValueError, match=r"shape \(N,\) or \(N, 1\)"):
-        energy_scores(model, torch.rand(3, *SHAPE))
+        batch_scores(model, torch.rand(3, *SHAPE))
     with pytest.raises(ValueError, match=r"shape \(N,\) or \(N, 1\)"):
         count_step_flops(model, (2, *SHAPE))

@@ -13,8 +13,8 @@ from ebmfast.evaluation.ood import (
     SET_LABELS,
     add_gaussian_noise,
     auroc,
+    batch_scores,
     build_ood_sets,
-    energy_scores,
     flip,
     ood_analysis,
     seed_table,
@@ -172,10 +172,10 @@ def test_seed_table_matches_direct_evaluation(trained, data):
 
 
 @pytest.mark.slow
-def test_energy_scores_batches_and_restores_training_mode(trained, data):
+def test_batch_scores_batches_and_restores_training_mode(trained, data):
     trained.train()
     x = data.val_images[:37]
-    s = energy_scores(trained, x, batch_size=10)
+    s = batch_scores(trained, x, batch_size=10)
     assert trained.training
     trained.eval()
     with torch.no_grad():

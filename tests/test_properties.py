@@ -16,7 +16,7 @@ from torch import nn
 
 from ebmfast import LangevinSampler, ReplayBuffer, langevin_reference
 from ebmfast.cli import main
-from ebmfast.sampler import BACKENDS, PRECISIONS
+from ebmfast.sampler import BACKENDS, PRECISION_MODES
 from ebmfast.training.config import TrainConfig
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -77,7 +77,7 @@ SAMPLER_ORACLE = {
     "grad_clip": lambda v: _is_real(v) and v > 0,
     "clamp": _valid_clamp,
     "backend": lambda v: v in BACKENDS,
-    "precision": lambda v: v in PRECISIONS,
+    "precision": lambda v: v in PRECISION_MODES,
     "seed": lambda v: v is None or (_is_int(v) and 0 <= v < 2**62),
 }
 

@@ -16,8 +16,10 @@ import torch
 from conftest import assert_close_verbose
 from energies import MLPEnergy, Quadratic
 
-from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin_reference, ops
+from ebmfast import CNNModel, LangevinSampler, ReplayBuffer, langevin, langevin_reference
 from ebmfast.errors import NonFiniteError, StopRequested
+from ebmfast.opdef import HAS_TRITON
+from ebmfast.reference import StepSettings
 from ebmfast.sampler import resolve_backend
 
 CPU_BACKENDS = ["eager", "compiled", "fused"]
@@ -99,7 +101,7 @@ def test_fused_chain_through_triton_interpreter(cnn, monkeypatch):
 
     20 steps, not 60: the numpy interpreter runs the Philox rounds program by program (~1 s per step here); the
     60-step parity of the same chain code is covered by test_cnn_chain_parity_all_backends."""
-    if not ops.HAS_TRITON:
+    if not HAS_TRITON:
         pytest.skip("Triton is not installed")
     if torch.cuda.is_available():
         pytest.skip("on CUDA the compiled kernel is tested by tests/test_graph_cuda.py")
@@ -266,7 +268,7 @@ def test_graph_backend_needs_cuda_on_cpu():
 
 def test_auto_resolves_per_device():
     assert resolve_backend("auto", torch.device("cpu")) == "compiled"
-    if ops.HAS_TRITON:
+    if HAS_TRITON:
         assert resolve_backend("auto", torch.device("cuda")) == "graph"
 
 
@@ -420,7 +422,6 @@ def test_a_nan_gradient_is_not_clipped_to_a_number():
     x = torch.zeros(2, 3)
     g = torch.tensor([[float("nan"), 1.0, -1.0], [0.0, 0.0, 0.0]])
     rng = torch.tensor([0, 0], dtype=torch.int64)
-    ops.fused_step_(
-        x, g, rng, noise_index=0, add_noise=False, z=None, step_size=1.0, grad_clip=0.03, noise_std=0.0, lo=-1.0, hi=1.0
-    )
+    settings = StepSettings(step_size=1.0, grad_clip=0.03, noise_std=0.0, lo=-1.0, hi=1.0)
+    langevin.step_(x, g, rng, settings, noise_index=0, add_noise=False)
     assert torch.isnan(x[0, 0]) and x[0, 1] == -0.03 and x[0, 2] == 0.03 and bool((x[1] == 0).all())

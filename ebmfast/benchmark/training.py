@@ -7,7 +7,9 @@ reports iterations/s, the projected wall time of the seed's 60-epoch MNIST run (
 time of the chain alone with the same sampler (``sampler.sample(buffer.draw(B))``, timed in the same rounds), so that
 iteration / chain says what the rest of the iteration costs. On CUDA a ``cdgraph`` row runs the whole iteration as one
 CUDA graph (``ebmfast.cd_graph.CDGraph``, what the trainer does by default there) with the ``graph`` backend's chain.
-Self-contained: it does not use the trainer, so it runs where the data set or optional packages are missing.
+The optimizer and the choice between the captured and the uncaptured iteration are the trainer's own
+(``training.step.build_optimizer``, ``IterationRunner``), the buffer and loss settings ``TrainConfig``'s defaults; it
+does not build a trainer, so it runs where the data set or optional packages are missing.
 Iterations are interleaved across rows like the sampler measurement.
 """
 
@@ -24,6 +26,8 @@ from ..buffer import ReplayBuffer
 from ..cd import CDStep
 from ..devices import resolve_device
 from ..sampler import LangevinSampler
+from ..training.config import TrainConfig
+from ..training.step import IterationRunner, build_optimizer
 from .timing import progress_bar, quantile, record_failure, rotations, telemetry_for, time_call, uniform, wall_call
 
 __all__ = ["SEED_EPOCHS", "SEED_ITERS_PER_EPOCH", "ITERATION_GRAPH_ROW", "CDIteration", "TrainResult", "bench_train"]
@@ -36,11 +40,13 @@ ITERATION_GRAPH_ROW = "cdgraph"  # the row whose whole iteration is one CUDA gra
 class CDIteration:
     """One contrastive-divergence iteration of the seed's recipe, as the trainer runs it: ``CDStep`` on a sampler
     of ``backend`` with ``check_finite=False``, so no host synchronisation (the metrics tensor it returns, in
-    ``CD_METRICS`` order, is not read back).
+    ``CD_METRICS`` order, is not read back), through the trainer's ``IterationRunner``.
 
-    ``iteration_graph=True`` (CUDA): the whole iteration replayed as one ``CDGraph``; it then builds its own
-    ``Adam(capturable=True)`` with a device-tensor lr unless ``optimizer`` is such an optimizer. ``chain()`` runs the
-    chain alone (the sampler on a buffer draw), the reference the iteration time is compared with."""
+    ``iteration_graph=True`` (CUDA): the whole iteration replayed as one ``CDGraph`` (an error if it cannot be, and
+    if the capture fails: that row is then not measured). ``optimizer``: the trainer's (``build_optimizer``: on CUDA
+    ``Adam(capturable=True)`` with a device-tensor lr) unless given. ``alpha``, ``lr``, ``grad_norm_clip``: ``None``
+    = ``TrainConfig``'s. ``chain()`` runs the chain alone (the sampler on a buffer draw), the reference the iteration
+    time is compared with."""
 
     def __init__(
         self,
@@ -52,11 +58,11 @@ class CDIteration:
         precision: str = "fp32",
         seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
-        alpha: float = 0.1,
-        lr: float = 1e-4,
+        alpha: float | None = None,
+        lr: float | None = None,
         sample_shape=None,
         compile_kwargs: dict | None = None,
-        grad_norm_clip: float = 0.1,
+        grad_norm_clip: float | None = None,
         iteration_graph: bool = False,
     ):
         self.device = resolve_device(device)
@@ -64,6 +70,8 @@ class CDIteration:
         self.batch = int(batch)
         self.steps = int(steps)
         shape = tuple(sample_shape or model.input_shape)
+        given = dict(alpha=alpha, lr=lr, grad_norm_clip=grad_norm_clip)
+        config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
         self.sampler = LangevinSampler(
             model,
             steps=steps,
@@ -74,29 +82,43 @@ class CDIteration:
             check_finite=False,
         )
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.buffer = ReplayBuffer(shape, capacity=8192, fresh_prob=0.05, device=self.device, generator=gen)
+        self.buffer = ReplayBuffer(
+            shape, capacity=config.buffer_size, fresh_prob=config.buffer_fresh_prob, device=self.device, generator=gen
+        )
         if optimizer is None:
-            if iteration_graph:
-                lr_t = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
-                optimizer = torch.optim.Adam(model.parameters(), lr=lr_t, betas=(0.0, 0.999), capturable=True)
-            else:
-                optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999))
+            optimizer = build_optimizer(model.parameters(), config, self.device)
         self.optimizer = optimizer
         self.step = CDStep(
-            model, optimizer, self.sampler, self.buffer, alpha=alpha, grad_norm_clip=grad_norm_clip, generator=gen
+            model,
+            optimizer,
+            self.sampler,
+            self.buffer,
+            alpha=config.alpha,
+            grad_norm_clip=config.grad_norm_clip,
+            generator=gen,
         )
-        self.graph = None
-        if iteration_graph:
-            from ..cd_graph import CDGraph
+        self.runner = IterationRunner(
+            self.step, None if iteration_graph else "not asked for (a row without the iteration graph)", _no_fallback
+        )
+        if iteration_graph and not self.runner.captured:
+            raise RuntimeError(f"the iteration graph was asked for: {self.runner.describe()}")
 
-            self.graph = CDGraph(self.step)
+    @property
+    def graph(self):
+        """The ``CDGraph`` the iteration replays, or None (uncaptured)."""
+        return self.runner.graph
 
     def __call__(self, real: torch.Tensor) -> torch.Tensor:
-        return self.graph(real) if self.graph is not None else self.step(real)
+        return self.runner(real)
 
     def chain(self) -> torch.Tensor:
         """The same sampler's chain from a buffer draw, alone (nothing written back)."""
         return self.sampler.sample(self.buffer.draw(self.batch))
+
+
+def _no_fallback(message: str) -> None:
+    """A benchmark row measures what it names: a failed capture fails the row instead of timing the fall-back."""
+    raise RuntimeError(message)
 
 
 @dataclass
@@ -153,12 +175,12 @@ def bench_train(
 
     ``iteration_graph`` (default: on CUDA when ``graph`` is among ``backends``) adds the ``cdgraph`` row. All rows
     train the same model object (its weights keep changing, which does not change the work per iteration); the
-    uncaptured rows share one Adam, the cdgraph row has its own capturable one. Sharing the model avoids a
-    torch.compile re-compilation per model copy."""
+    uncaptured rows share one Adam (the trainer's, ``build_optimizer``), the cdgraph row has its own. Sharing the
+    model avoids a torch.compile re-compilation per model copy."""
     device = resolve_device(device)
     model = model.to(device)
     shape = tuple(model.input_shape)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.999))
+    optimizer = build_optimizer(model.parameters(), TrainConfig(), device)
     real = uniform((batch, *shape), device, seed + 7)
     timer = "cuda-events" if device.type == "cuda" else "perf_counter"
     if iteration_graph is None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..reference import SEED_STEP
 from ..sampler import LangevinSampler
 from ..training.config import config_value
+from ..validation import check_int
 
 __all__ = ["noise_start", "generate_from_noise", "generate", "SAMPLER_DEFAULTS", "sampler_settings"]
 
-SAMPLER_DEFAULTS = {"step_size": 10.0, "noise_std": 0.005, "grad_clip": 0.03}  # the seed's
+SAMPLER_DEFAULTS = {k: getattr(SEED_STEP, k) for k in ("step_size", "noise_std", "grad_clip")}  # the seed's
 
 
 def sampler_settings(config) -> dict[str, float]:
@@ -66,12 +68,7 @@ def generate(
 ) -> torch.Tensor:
     """``n`` samples (n, 1, 28, 28) in [-1, 1]: ``steps`` Langevin steps from U(-1, 1), reproducible from ``seed``,
     with the sampler settings of ``config`` (a checkpoint's training config; the seed's when absent)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    n, steps, seed = check_int(n, "n"), check_int(steps, "steps"), check_int(seed, "seed", minimum=0)
     params = list(model.parameters())
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
     sampler = LangevinSampler(model, steps=steps, backend=backend, seed=seed, **sampler_settings(config))

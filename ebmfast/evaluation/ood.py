@@ -28,7 +28,7 @@ __all__ = [
     "add_gaussian_noise",
     "flip",
     "shrink",
-    "energy_scores",
+    "batch_scores",
     "seed_table",
     "build_ood_sets",
     "ood_analysis",
@@ -110,9 +110,9 @@ def shrink(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def energy_scores(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device=None) -> torch.Tensor:
-    """f(x) = -E(x) for every image, in eval mode and batches of ``batch_size``, as a float32 CPU tensor of shape (N,)
-    (models returning (N,) or (N, 1) scores: ``reference.as_scores``)."""
+def batch_scores(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device=None) -> torch.Tensor:
+    """``reference.energy_scores`` (f(x) = -E(x)) of a whole set: in eval mode and batches of ``batch_size``, as a
+    float32 CPU tensor of shape (N,)."""
     if device is None:
         params = list(model.parameters())
         device = params[0].device if params else torch.device("cpu")
@@ -144,10 +144,10 @@ def seed_table(
     img = test_images[:1]
     noisy = add_gaussian_noise(img, generator=torch.Generator().manual_seed(noise_seed))
     rows = {
-        "random_images_mean": energy_scores(model, uniform_noise(batch, tuple(img.shape[1:]), generator)).mean(),
-        "training_batch_mean": energy_scores(model, train_images[idx]).mean(),
+        "random_images_mean": batch_scores(model, uniform_noise(batch, tuple(img.shape[1:]), generator)).mean(),
+        "training_batch_mean": batch_scores(model, train_images[idx]).mean(),
     }
-    singles = energy_scores(model, torch.cat([img, noisy, flip(img), shrink(img)]))
+    singles = batch_scores(model, torch.cat([img, noisy, flip(img), shrink(img)]))
     rows.update(
         test_image=singles[0], test_image_noisy=singles[1], test_image_flipped=singles[2], test_image_shrunk=singles[3]
     )
@@ -207,7 +207,7 @@ def ood_analysis(
     gen = torch.Generator().manual_seed(seed)
     table = seed_table(model, train_images, test_images, generator=gen, noise_seed=seed)
     sets = build_ood_sets(test_images, train_images, n, generator=gen, fashion=fashion)
-    scores = {k: energy_scores(model, v) for k, v in sets.items()}
+    scores = {k: batch_scores(model, v) for k, v in sets.items()}
     report = OODReport(table, scores)
     ref = scores["test"]
     for key, s in scores.items():

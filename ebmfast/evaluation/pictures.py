@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import require
 from ..images import grid_image, save_image
-from .ood import SET_LABELS, add_gaussian_noise, auroc, energy_scores, flip, shrink
+from .ood import SET_LABELS, add_gaussian_noise, auroc, batch_scores, flip, shrink
 
 __all__ = [
     "plot_generation_steps",
@@ -144,7 +144,7 @@ def plot_transform_examples(model: nn.Module, image: torch.Tensor, path, noise_s
     noisy = add_gaussian_noise(img, generator=torch.Generator().manual_seed(noise_seed))
     variants = [("test image", img), ("+ N(0, 0.3²)", noisy), ("flipped", flip(img)), ("shrunk ×2", shrink(img))]
     batch = torch.cat([v for _, v in variants])
-    scores = energy_scores(model, batch)
+    scores = batch_scores(model, batch)
     labels = [f"{name}\nf(x) = {float(score):.2f}" for (name, _), score in zip(variants, scores)]
     picture = grid_image(batch, len(variants), title="A test image and the seed's transformations", cell_labels=labels)
     return save_image(picture, Path(path))

@@ -38,6 +38,7 @@ from ..errors import OutputPathError
 from ..sampler import LangevinSampler
 from ..training.checkpoint import FORMAT, is_torch_archive
 from ..training.config import config_value
+from ..validation import check_int
 from .generate import generate_from_noise
 
 __all__ = [
@@ -488,15 +489,9 @@ class QualityCallback:
         data: DataSplits | None = None,
         progress: bool = False,
     ):
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"every must be a positive number of epochs, got {every!r}")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-            raise ValueError(f"n_samples must be an integer >= 2 (a covariance needs 2 samples), got {n_samples!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        self.every = every
-        self.n_samples = n_samples
-        self.steps = steps
+        self.every = check_int(every, "every", note=" (a number of epochs)")
+        self.n_samples = check_int(n_samples, "n_samples", minimum=2, note=" (a covariance needs 2 samples)")
+        self.steps = check_int(steps, "steps")
         self.seed = seed
         self.classifier_path = classifier_path
         self.classifier_config = classifier_config
@@ -544,16 +539,9 @@ class QualityCallback:
         if device.type != "cpu" or getattr(sampler, "backend", "eager") == "eager":
             return sampler
         if self._cpu_sampler is None or self._cpu_sampler.model is not trainer.model:
+            same = dict(sampler.settings.sampler_kwargs(), precision=sampler.precision)
             self._cpu_sampler = LangevinSampler(
-                trainer.model,
-                steps=self.steps,
-                step_size=sampler.step_size,
-                noise_std=sampler.noise_std,
-                grad_clip=sampler.grad_clip,
-                clamp=sampler.clamp,
-                backend="eager",
-                precision=sampler.precision,
-                seed=self.seed,
+                trainer.model, steps=self.steps, backend="eager", seed=self.seed, **same
             )
         return self._cpu_sampler
 

@@ -141,7 +141,70 @@ def evaluate_model(
     sampler_kwargs = sampler_settings(config)
     sampler = LangevinSampler(model, steps=steps, backend=backend, seed=seed, **sampler_kwargs)
 
-    # ---- 1. generation from scratch
+    gen = _generation(sampler, model, n_samples, steps, seed, device, out_dir, timings, log)
+    fashion, fashion_note = _fashion(use_fashion, fashion_root)
+    ood = _ood_step(model, data, fashion, fashion_note, n_ood, seed, gen["chain_scores"], out_dir, timings, log)
+    quality, images = _quality(
+        model,
+        data,
+        gen["samples"],
+        n_samples,
+        steps,
+        seed,
+        device,
+        out_dir,
+        classifier_path,
+        classifier_config,
+        buffer_images,
+        progress,
+        timings,
+        warnings_,
+        log,
+    )
+    warnings_ += _health_warnings(ood, gen["chain_scores"], quality)
+
+    result = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": checkpoint_info or {},
+        "model_config": config,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+        },
+        "settings": {
+            "n_samples": n_samples,
+            "steps": steps,
+            "seed": seed,
+            "n_ood": n_ood,
+            "data": data.name,
+            "sampler": dict(sampler_kwargs, backend=backend, resolved_backend=sampler.last_backend),
+        },
+        "generation": {
+            "steps_shown": gen["steps_shown"],
+            "chain_mean_score_at_shown_steps": [float(gen["chain_scores"][s].mean()) for s in gen["steps_shown"]],
+            "sample_score_mean": float(gen["sample_scores"].mean()),
+            "sample_score_std": float(gen["sample_scores"].std()),
+            "sample_steps_per_s": n_samples * steps / timings["generation_s"] if timings["generation_s"] > 0 else None,
+        },
+        "ood": ood.to_json(),
+        "quality": quality,
+        "warnings": warnings_,
+        "timings_s": dict(timings, total=time.perf_counter() - t_start),
+        "files": {"markdown": "report.md", "json": "report.json", "images": images},
+    }
+    result = _jsonable(result)
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_report(result, out_dir / "report.md")
+    log(f"report written: {out_dir / 'report.md'}")
+    return result
+
+
+def _generation(sampler, model, n_samples: int, steps: int, seed: int, device, out_dir: Path, timings, log) -> dict:
+    """Step 1, generation from scratch: the trajectory chains (and their figure), the samples, their scores."""
     log(f"generating {N_TRAJECTORY_CHAINS} chains x {steps} steps (trajectory) and {n_samples} chains for quality")
     t0 = time.perf_counter()
     _, traj = generate_from_noise(
@@ -158,11 +221,19 @@ def evaluate_model(
     samples = samples.float().cpu()
     steps_shown = shown_steps(steps)
     plot_generation_steps(traj[steps_shown], steps_shown, out_dir / "generation_steps.png")
-    chain_scores = _ood.energy_scores(model, traj.reshape(-1, 1, 28, 28).float(), device=device)
+    chain_scores = _ood.batch_scores(model, traj.reshape(-1, 1, 28, 28).float(), device=device)
     chain_scores = chain_scores.reshape(steps + 1, N_TRAJECTORY_CHAINS).double().numpy()
-    sample_scores = _ood.energy_scores(model, samples, device=device)
+    sample_scores = _ood.batch_scores(model, samples, device=device)
+    return {
+        "samples": samples,
+        "steps_shown": steps_shown,
+        "chain_scores": chain_scores,
+        "sample_scores": sample_scores,
+    }
 
-    # ---- 2. out-of-distribution
+
+def _fashion(use_fashion: bool, fashion_root) -> tuple:
+    """Fashion-MNIST for the OOD table, or None and the note that says why its row is skipped."""
     fashion, fashion_note = None, None
     if use_fashion:
         folder = find_fashion_mnist(fashion_root)
@@ -179,6 +250,11 @@ def evaluate_model(
                 fashion_note = f"Fashion-MNIST at {folder} could not be read ({exc}): its row is skipped."
     else:
         fashion_note = "Fashion-MNIST disabled for this run: its row is skipped."
+    return fashion, fashion_note
+
+
+def _ood_step(model, data, fashion, fashion_note, n_ood: int, seed: int, chain_scores, out_dir: Path, timings, log):
+    """Step 2, out-of-distribution: the sets' scores and AUROCs, their figures, the chains' score figure."""
     log(f"out-of-distribution scores ({min(n_ood, len(data.val_images))} images per set)")
     t0 = time.perf_counter()
     ood = _ood.ood_analysis(model, data.val_images, data.train_images, fashion=fashion, n=n_ood, seed=seed)
@@ -192,8 +268,28 @@ def evaluate_model(
         {"mean f(test digits)": ood.summary["test"]["mean"], "mean f(uniform noise)": ood.summary["noise"]["mean"]},
         out_dir / "generation_energy.png",
     )
+    return ood
 
-    # ---- 3. sample quality
+
+def _quality(
+    model,
+    data,
+    samples: torch.Tensor,
+    n_samples: int,
+    steps: int,
+    seed: int,
+    device,
+    out_dir: Path,
+    classifier_path,
+    classifier_config,
+    buffer_images,
+    progress: bool,
+    timings,
+    warnings_: list[str],
+    log,
+) -> tuple[dict, list[str]]:
+    """Step 3, sample quality: the classifier (cached), class statistics and Fréchet distances of the samples (and
+    of the checkpoint's replay buffer), their figures. Returns the report's ``quality`` part and its image files."""
     if classifier_path is None:
         classifier_path = out_dir / _q.CLASSIFIER_FILENAME
     log(f"classifier: {classifier_path}")
@@ -227,7 +323,7 @@ def evaluate_model(
         pick = torch.randperm(len(buffer_images), generator=torch.Generator().manual_seed(seed + 3))[:n_samples]
         buf = buffer_images[pick].float().cpu()
         buffer_q = _q.sample_quality(clf, buf, base["reference_feats"])
-        buffer_q["score_mean"] = float(_ood.energy_scores(model, buf, device=device).mean())
+        buffer_q["score_mean"] = float(_ood.batch_scores(model, buf, device=device).mean())
         _, buf_probs = _q.classifier_outputs(clf, buf[:N_SHOWN_SAMPLES])
         plot_samples(
             buf[:N_SHOWN_SAMPLES],
@@ -246,8 +342,34 @@ def evaluate_model(
         f"{n_samples}), labelled by the classifier: digit (confidence)",
     )
     plot_class_distribution(gen_q["class_fractions"], gen_q["mean_confidence"], out_dir / "class_distribution.png")
+    classifier_keys = (
+        "path",
+        "cache",
+        "stale_reason",
+        "val_accuracy",
+        "train_seconds",
+        "n_train",
+        "n_val",
+        "cache_error",
+    )
+    quality = {
+        "classifier": {k: clf_info.get(k) for k in classifier_keys if clf_info.get(k) is not None},
+        "generated": gen_q,
+        "real_heldout": real_stats,
+        "fd_generated_vs_real": gen_q["fd"],
+        "fd_real_vs_real": base["fd_real_vs_real"],
+        "fd_noise_vs_real": base["fd_noise_vs_real"],
+        "fd_n": base["n"],
+        "fd_baseline_source": base["baseline_source"],
+        "replay_buffer": buffer_q,
+    }
+    return quality, images
 
-    # ---- 4. health checks (the seed: "energy models ... often diverge if the hyperparameters are not well tuned")
+
+def _health_warnings(ood, chain_scores, quality: dict) -> list[str]:
+    """Step 4, health checks (the seed: "energy models ... often diverge if the hyperparameters are not well
+    tuned")."""
+    warnings_ = []
     noise_auroc = ood.summary["noise"]["auroc_vs_test"]
     if any(row["non_finite"] for row in ood.summary.values()) or not np.isfinite(chain_scores).all():
         warnings_.append("some scores are NaN or infinite: the model has diverged")
@@ -261,74 +383,12 @@ def evaluate_model(
             f"|mean f(test digits)| = {abs(ood.summary['test']['mean']):.3g}: scores this large "
             "suggest the regularizer lost control of the energy scale"
         )
-    if gen_q["fd"] > 0.5 * base["fd_noise_vs_real"]:
+    if quality["fd_generated_vs_real"] > 0.5 * quality["fd_noise_vs_real"]:
         warnings_.append(
             "generated samples are closer to noise than to digits in the classifier's feature space "
-            f"(FD {gen_q['fd']:.1f} vs noise {base['fd_noise_vs_real']:.1f})"
+            f"(FD {quality['fd_generated_vs_real']:.1f} vs noise {quality['fd_noise_vs_real']:.1f})"
         )
-
-    sample_steps = n_samples * steps
-    result = {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": checkpoint_info or {},
-        "model_config": config,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-        },
-        "settings": {
-            "n_samples": n_samples,
-            "steps": steps,
-            "seed": seed,
-            "n_ood": n_ood,
-            "data": data.name,
-            "sampler": dict(sampler_kwargs, backend=backend, resolved_backend=sampler.last_backend),
-        },
-        "generation": {
-            "steps_shown": steps_shown,
-            "chain_mean_score_at_shown_steps": [float(chain_scores[s].mean()) for s in steps_shown],
-            "sample_score_mean": float(sample_scores.mean()),
-            "sample_score_std": float(sample_scores.std()),
-            "sample_steps_per_s": sample_steps / timings["generation_s"] if timings["generation_s"] > 0 else None,
-        },
-        "ood": ood.to_json(),
-        "quality": {
-            "classifier": {
-                k: clf_info.get(k)
-                for k in (
-                    "path",
-                    "cache",
-                    "stale_reason",
-                    "val_accuracy",
-                    "train_seconds",
-                    "n_train",
-                    "n_val",
-                    "cache_error",
-                )
-                if clf_info.get(k) is not None
-            },
-            "generated": gen_q,
-            "real_heldout": real_stats,
-            "fd_generated_vs_real": gen_q["fd"],
-            "fd_real_vs_real": base["fd_real_vs_real"],
-            "fd_noise_vs_real": base["fd_noise_vs_real"],
-            "fd_n": base["n"],
-            "fd_baseline_source": base["baseline_source"],
-            "replay_buffer": buffer_q,
-        },
-        "warnings": warnings_,
-        "timings_s": dict(timings, total=time.perf_counter() - t_start),
-        "files": {"markdown": "report.md", "json": "report.json", "images": images},
-    }
-    result = _jsonable(result)
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    write_report(result, out_dir / "report.md")
-    log(f"report written: {out_dir / 'report.md'}")
-    return result
+    return warnings_
 
 
 def _f(v, fmt=".3f") -> str:
@@ -337,7 +397,13 @@ def _f(v, fmt=".3f") -> str:
 
 def write_report(r: dict, path: Path) -> None:
     """The Markdown report (images referenced by relative path, all next to it)."""
-    ck, st, gen, ood, q = r["checkpoint"], r["settings"], r["generation"], r["ood"], r["quality"]
+    lines = _report_header(r) + _report_generation(r) + _report_ood(r) + _report_quality(r) + _report_timings(r)
+    path.write_text("\n".join(lines))
+
+
+def _report_header(r: dict) -> list[str]:
+    """Title, checkpoint and run provenance, warnings."""
+    ck, st = r["checkpoint"], r["settings"]
     lines = [f"# ebmfast evaluation: {Path(ck.get('path', 'model')).name}", ""]
     lines += [f"- checkpoint: `{ck.get('path', 'n/a')}` (sha256 {str(ck.get('sha256', 'n/a'))[:16]}…)"]
     cfg = r["model_config"]
@@ -375,8 +441,13 @@ def write_report(r: dict, path: Path) -> None:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in r["warnings"]] + [""]
     else:
         lines += ["No health warnings (scores finite, digits separated from noise, energy scale bounded).", ""]
+    return lines
 
-    lines += [
+
+def _report_generation(r: dict) -> list[str]:
+    """Section 1: chains from noise, their scores, the final samples."""
+    st, gen = r["settings"], r["generation"]
+    return [
         "## 1. Generation from scratch",
         "",
         f"{st['n_samples']} chains from U(-1, 1), {st['steps']} Langevin steps each "
@@ -400,8 +471,11 @@ def write_report(r: dict, path: Path) -> None:
         "",
     ]
 
-    t = ood["seed_table"]
-    lines += [
+
+def _report_ood(r: dict) -> list[str]:
+    """Section 2: the seed's table, the sets' scores and AUROCs."""
+    ood, t = r["ood"], r["ood"]["seed_table"]
+    lines = [
         "## 2. Out-of-distribution detection",
         "",
         "The seed's comparison (one test image; 128-image means for random images and a training batch):",
@@ -431,14 +505,13 @@ def write_report(r: dict, path: Path) -> None:
         )
         lines.append(f"| {row['label']} | {row['n']} | {_f(row['mean'], '.2f')} | {_f(row['std'], '.2f')} | {a} |")
     lines += [""] + [f"- {n}" for n in ood["notes"]] + ([""] if ood["notes"] else [])
-    lines += [
-        "A 'training digits' AUROC well below 0.5 would mean the model scores its training images above unseen "
-        "ones (overfitting).",
-        "",
-        "![energy histograms](ood_histograms.png)",
-        "",
-    ]
+    overfitting = "A 'training digits' AUROC well below 0.5 would mean the model scores its training images above "
+    return lines + [overfitting + "unseen ones (overfitting).", "", "![energy histograms](ood_histograms.png)", ""]
 
+
+def _report_quality(r: dict) -> list[str]:
+    """Section 3: classifier statistics and Fréchet distances of generated (and replay-buffer) samples."""
+    st, q = r["settings"], r["quality"]
     c, g, rh, b = q["classifier"], q["generated"], q["real_heldout"], q.get("replay_buffer")
     accuracy = 100 * c["val_accuracy"] if c.get("val_accuracy") is not None else None
     cache = {
@@ -446,7 +519,7 @@ def write_report(r: dict, path: Path) -> None:
         "trained": "trained now (no cache)",
         "retrained": f"retrained (stale cache: {c.get('stale_reason', '')})",
     }.get(c.get("cache"), c.get("cache"))
-    lines += [
+    lines = [
         "## 3. Sample quality",
         "",
         f"Classifier: the project's small MNIST CNN, {cache}; `{c.get('path')}`; trained on {c.get('n_train')} "
@@ -489,17 +562,16 @@ def write_report(r: dict, path: Path) -> None:
         "",
     ]
     if b:
-        lines += [
-            "Replay-buffer samples (the persistent training chains stored in the checkpoint), labelled by the "
-            "classifier:",
-            "",
-            "![replay buffer](buffer_samples.png)",
-            "",
-        ]
-    lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
+        shown = "Replay-buffer samples (the persistent training chains stored in the checkpoint), labelled by the "
+        lines += [shown + "classifier:", "", "![replay buffer](buffer_samples.png)", ""]
+    return lines
+
+
+def _report_timings(r: dict) -> list[str]:
+    lines = ["## Timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r["timings_s"].items()]
     lines += ["", "All numbers are in `report.json`.", ""]
-    path.write_text("\n".join(lines))
+    return lines
 
 
 def checkpoint_provenance(path) -> tuple[dict, torch.Tensor | None]:

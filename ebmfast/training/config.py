@@ -20,7 +20,8 @@ from numbers import Integral, Real
 from typing import Any
 
 from ..data import DATASETS
-from ..sampler import BACKENDS, PRECISIONS
+from ..reference import SEED_STEP
+from ..sampler import BACKENDS, PRECISION_MODES
 
 __all__ = ["TrainConfig", "PRESETS", "config_value"]
 
@@ -43,9 +44,9 @@ class TrainConfig:
     seed: int = 42
     # ---- Langevin sampler used in training (seed: Sampler.sample_new_exmps(steps=60, step_size=10))
     sampler_steps: int = 60
-    sampler_step_size: float = 10.0
-    sampler_noise_std: float = 0.005
-    sampler_grad_clip: float = 0.03
+    sampler_step_size: float = SEED_STEP.step_size
+    sampler_noise_std: float = SEED_STEP.noise_std
+    sampler_grad_clip: float = SEED_STEP.grad_clip
     sampler_backend: str = "auto"  # "auto" | "eager" | "compiled" | "fused" | "graph" (see LangevinSampler)
     sampler_precision: str = "fp32"  # "fp32" | "tf32" | "bf16"
     # ---- replay buffer
@@ -278,7 +279,7 @@ def _validate(cfg: TrainConfig) -> None:
     _float(cfg, "sampler_noise_std", lo=0.0)
     _float(cfg, "sampler_grad_clip", lo=0.0, lo_open=True)
     _choice(cfg, "sampler_backend", BACKENDS)
-    _choice(cfg, "sampler_precision", PRECISIONS)
+    _choice(cfg, "sampler_precision", PRECISION_MODES)
     _int(cfg, "buffer_size", lo=1)
     if cfg.batch_size > cfg.buffer_size:
         raise ValueError(

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DivergenceError
+from ..validation import check_int
 from .state import S_DATA, S_GEN, S_SAMPLER, derive_seed, restore_run_state, run_state
 
 __all__ = ["DivergenceEvent", "DivergenceMonitor", "SnapshotRing", "Rollback", "REASON_CODES", "params_finite"]
@@ -67,9 +68,7 @@ class DivergenceMonitor:
     ):
         if not (isinstance(energy_limit, (int, float)) and energy_limit > 0 and math.isfinite(energy_limit)):
             raise ValueError(f"energy_limit must be a finite number > 0, got {energy_limit!r}")
-        for name, v in (("check_every", check_every), ("patience", patience)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_every, patience = check_int(check_every, "check_every"), check_int(patience, "patience")
         if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
             raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
         if not (isinstance(min_gap, (int, float)) and min_gap > 0 and math.isfinite(min_gap)):
