@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry, fused_head
-from .langevin import _philox_normal
+from .langevin import _philox_normal, clamp_nan
 
 __all__ = [
     "layer_fwd_kernel",
@@ -556,9 +556,9 @@ def langevin_epilogue(
     runs a block of samples with X advanced to the block passes the block's first element index as noise_offset
     (the per-layer kernels pass 0), so the noise stays the published stream."""
     x = tl.load(X + addr, mask=mask, other=0.0).to(tl.float32)
-    g = tl.minimum(tl.maximum(g, -grad_clip), grad_clip)
+    g = clamp_nan(g, -grad_clip, grad_clip)
     x = x - step_size * g
-    x = tl.minimum(tl.maximum(x, lo), hi)
+    x = clamp_nan(x, lo, hi)
     if ADD_NOISE:
         if NOISE_FROM_INPUT:
             z = tl.load(Z + addr, mask=mask, other=0.0).to(tl.float32)
@@ -567,7 +567,7 @@ def langevin_epilogue(
             counter = tl.load(RNG + 1) + noise_index
             z = _philox_normal(seed, counter, addr + noise_offset)
         x = x + noise_std * z
-        x = tl.minimum(tl.maximum(x, lo), hi)
+        x = clamp_nan(x, lo, hi)
     tl.store(X + addr, x.to(X.dtype.element_ty), mask=mask)
 
 

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from .geometry import LayerSpec, cdiv, fused_head
-from .langevin import _philox_normal
+from .langevin import _philox_normal, clamp_nan
 from .layers import _INTERPRETED, KernelCall, TileSettings, gemm_shape, tile_settings
 
 __all__ = [
@@ -121,7 +121,7 @@ def block_noise(
             counter = tl.load(RNG + 1) + noise_index
             z = _philox_normal(seed, counter, offs.to(tl.int64) + noise_offset)
         x = x + noise_std * z
-        x = tl.minimum(tl.maximum(x, lo), hi)
+        x = clamp_nan(x, lo, hi)
         tl.store(XB + offs, x.to(XB.dtype.element_ty), mask=mask)
 
 

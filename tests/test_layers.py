@@ -586,6 +586,28 @@ def test_step_equals_fused_step_of_the_gradient(device, seed_cnns):
 
 
 @pytest.mark.device
+@pytest.mark.parametrize("poison", ["x", "weight"])
+def test_nan_propagates_through_the_update(device, poison):
+    """A NaN state element (its sample's gradient is NaN) or a NaN weight (every gradient is NaN) gives NaN out of
+    the update epilogue, as the torch reference's clamps do; NaN must not become a clip or clamp bound."""
+    model = frozen(mlp_chain(), device)
+    x = (torch.rand(3, 23, generator=torch.Generator().manual_seed(15)) * 2 - 1).to(device)
+    if poison == "x":
+        x[1, 4] = float("nan")
+    else:
+        with torch.no_grad():
+            model[2].weight[3, 5] = float("nan")
+    rng = torch.tensor([11, 2], dtype=torch.int64, device=device)
+    got = x.clone()
+    layer_program(model).step_(got, None, rng, noise_index=1, add_noise=True, **STEP)
+    want = x.clone()
+    with sampling_mode(model):
+        ops.fused_step_(want, energy_grad_reference(model, x), rng, noise_index=1, add_noise=True, **STEP)
+    assert want.isnan().any(dim=1).tolist() == ([False, True, False] if poison == "x" else [True] * 3)
+    assert_close_verbose(got, want, atol=1e-6, what=f"NaN {poison}")
+
+
+@pytest.mark.device
 def test_in_place_weight_updates_are_seen(device):
     model = frozen(second_chain(), device)
     program = layer_program(model)

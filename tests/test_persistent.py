@@ -202,6 +202,24 @@ def test_supplied_noise(device):
     check(model, x, steps, "supplied noise trajectory", noise=noise, trajectory=True)
 
 
+@pytest.mark.device
+@pytest.mark.parametrize("arch", ["mlp1", "mlp"])
+def test_nan_propagates(device, arch):
+    """A NaN state element makes its sample NaN (gradient, update and noise clamps keep NaN, as torch.clamp does);
+    the other samples of the block are unaffected."""
+    model, x = make(arch, device, 3, seed=53)
+    steps, seed = 2, 11
+    z = LangevinSampler(model, steps=steps, seed=seed).noise_stream(x)  # the stream (x only gives its shape)
+    x.view(3, -1)[1, 2] = float("nan")
+    got = x.clone()
+    with sampling_mode(model):
+        PersistentProgram(model).chain_(got, torch.tensor([seed, 0], dtype=torch.int64, device=device), steps, **STEP)
+    assert got.view(3, -1).isnan().all(dim=1).tolist() == [False, True, False]
+    keep = [0, 2]  # the reference refuses non-finite input: the other samples' chains, fed the same draws
+    want = reference(model, x[keep], steps, z[:, keep])
+    assert_close_verbose(got[keep], want, atol=CHAIN_ATOL[x.device.type], what=f"{arch} beside a NaN sample")
+
+
 # ------------------------------------------------------------------------------------------------ stream and weights
 @pytest.mark.device
 def test_new_noise_each_call_and_seeded_reproducibility(device):
