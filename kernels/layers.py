@@ -4,7 +4,7 @@ update as the epilogue of the first layer's input gradient.
 Chain: affine layers A_0 .. A_{m-1} (Conv2d / Linear, geometry in ``kernels/geometry.py``), activation act_i after
 A_i, A_{m-1} = Linear(k, 1). With h_0 = x, z_i = A_i(h_i), h_{i+1} = act_i(z_i), f = z_{m-1}:
 
-    forward, i = 0 .. m-2        z_i = A_i(act_{i-1}(z_{i-1}))     (activation applied on load; act(0) = 0)
+    forward, i = 0 .. m-2        z_i = A_i(act_{i-1}(z_{i-1}))     (activation applied on load, padding zero after it)
                                  the last one (i = m-2) stores dz_{m-2} = -w_last * act'_{m-2}(z_{m-2}) instead:
                                  d sum(-f) / d h_{m-1} = -w_last, so A_{m-1} never runs
     input gradient, i = m-2 .. 1 dz_{i-1} = (A_i^T dz_i) * act'_{i-1}(z_{i-1})   (in place over z_{i-1})
@@ -35,12 +35,13 @@ in fp32 (the interpreter neither rounds nor multiplies bf16 correctly); the prod
 
 The tile computations are ``@triton.jit`` device functions (``conv_fwd_tile``, ``dense_fwd_tile``,
 ``conv_dgrad_tile``, ``dense_dgrad_tile``, ``head_dz_tile``, ``head_dgrad_tile``, ``fwd_epilogue``,
-``dgrad_dz_epilogue``, ``langevin_epilogue``, ``activation``, ``activation_grad``, ``mma``) taking tile coordinates
-and compile-time geometry; ``layer_fwd_kernel``, ``layer_dgrad_kernel`` and ``layer_head_kernel`` only map program
-ids to tiles, so a persistent kernel can call the same functions. All addressing is relative to the base pointers
-and the batch size passed in (rows n = 0 .. NB-1), so a program that owns a block of samples can run a layer on its
-block by passing pointers advanced to the block's first sample, NB / M of the block, and the block's first element
-index of x as ``langevin_epilogue``'s ``noise_offset`` (keeps the Philox stream). Tile counts per layer:
+``dgrad_dz_epilogue``, ``langevin_epilogue``, ``activation``, ``activation_masked``, ``activation_grad``, ``mma``)
+taking tile coordinates and compile-time geometry (activation codes and their float parameters included);
+``layer_fwd_kernel``, ``layer_dgrad_kernel`` and ``layer_head_kernel`` only map program ids to tiles, so a
+persistent kernel can call the same functions. All addressing is relative to the base pointers and the batch size
+passed in (rows n = 0 .. NB-1), so a program that owns a block of samples can run a layer on its block by passing
+pointers advanced to the block's first sample, NB / M of the block, and the block's first element index of x as
+``langevin_epilogue``'s ``noise_offset`` (keeps the Philox stream). Tile counts per layer:
 cdiv(M, BM) x cdiv(columns, BN) (x SH * SW phases for a conv input gradient), M and columns from ``gemm_shape``.
 Tile coordinates may be a caller's loop counters (``kernels/persistent.py``): the tiles widen them with ``tl.cast``,
 which also takes the plain Python ints such counters are under the interpreter.
@@ -90,26 +91,73 @@ def _tanh(z):
 
 
 @triton.jit
-def activation(z, ACT: tl.constexpr):
-    """act(z) for ACT = 0 identity, 1 Swish/SiLU (z * sigmoid(z)), 2 tanh. act(0) = 0 for all three."""
+def activation(z, ACT: tl.constexpr, P: tl.constexpr):
+    """act(z) for the ``geometry.ACT_*`` codes: 0 identity, 1 Swish/SiLU z * sigmoid(z), 2 tanh, 3 ReLU,
+    4 LeakyReLU (slope P), 5 ELU (alpha P), 6 Softplus (beta P, z where beta * z > 20, as torch), 7 GELU
+    z * Phi(z) (erf), 8 GELU's tanh approximation, 9 sigmoid. P: the activation's parameter (a float constexpr).
+    act(0) = 0 except for Softplus and sigmoid (``activation_masked`` zeroes their padding)."""
     if ACT == 1:
         out = z * tl.sigmoid(z)
     elif ACT == 2:
         out = _tanh(z)
+    elif ACT == 3:
+        out = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == 4:
+        out = tl.where(z > 0.0, z, z * P)
+    elif ACT == 5:
+        out = tl.where(z > 0.0, z, P * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    elif ACT == 6:
+        bz = z * P
+        out = tl.where(bz > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(bz, 20.0))) / P)
+    elif ACT == 7:
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 8:
+        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACT == 9:
+        out = tl.sigmoid(z)
     else:
         out = z
     return out
 
 
 @triton.jit
-def activation_grad(z, ACT: tl.constexpr):
-    """act'(z): Swish s * (1 + z * (1 - s)) with s = sigmoid(z); tanh 1 - tanh(z)^2; identity 1."""
+def activation_masked(z, mask, ACT: tl.constexpr, P: tl.constexpr):
+    """act(z) on a masked load (masked elements loaded as 0): zero padding lives in activation space, so where
+    act(0) != 0 (Softplus, sigmoid) the masked elements are set back to 0."""
+    out = activation(z, ACT, P)
+    if ACT == 6 or ACT == 9:
+        out = tl.where(mask, out, 0.0)
+    return out
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr, P: tl.constexpr):
+    """act'(z), torch's at the kinks: Swish s * (1 + z * (1 - s)) with s = sigmoid(z); tanh 1 - tanh(z)^2; ReLU
+    1 for z > 0 else 0; LeakyReLU 1 / P; ELU 1 / P * exp(z) (z <= 0); Softplus sigmoid(P * z) (1 beyond the
+    threshold); GELU Phi(z) + z * phi(z); GELU-tanh torch's formula; sigmoid s * (1 - s); identity 1."""
     if ACT == 1:
         s = tl.sigmoid(z)
         out = s * (1.0 + z * (1.0 - s))
     elif ACT == 2:
         t = _tanh(z)
         out = 1.0 - t * t
+    elif ACT == 3:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 4:
+        out = tl.where(z > 0.0, 1.0, P)
+    elif ACT == 5:
+        out = tl.where(z > 0.0, 1.0, P * tl.exp(tl.minimum(z, 0.0)))
+    elif ACT == 6:
+        bz = z * P
+        out = tl.where(bz > 20.0, 1.0, tl.sigmoid(bz))
+    elif ACT == 7:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 8:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACT == 9:
+        s = tl.sigmoid(z)
+        out = s * (1.0 - s)
     else:
         out = z * 0.0 + 1.0
     return out
@@ -167,6 +215,7 @@ def conv_fwd_tile(
     PW: tl.constexpr,
     IN_NCHW: tl.constexpr,
     IN_ACT: tl.constexpr,
+    IN_ACT_P: tl.constexpr,  # IN_ACT's parameter (float)
     HAS_BIAS: tl.constexpr,
     FLAT: tl.constexpr,  # reduce over (tap, channel) pairs in one loop (few input channels)
     PREC: tl.constexpr,
@@ -203,7 +252,7 @@ def conv_fwd_tile(
             else:
                 addr = ((n[:, None] * H + ih) * W + iw) * C_IN + ci[None, :]
             a = tl.load(IN + addr, mask=ok, other=0.0)
-            a = activation(a, IN_ACT)  # act(0) = 0: padding stays zero
+            a = activation_masked(a, ok, IN_ACT, IN_ACT_P)  # padding stays zero
             b = tl.load(
                 WT + (offs_n[None, :] * KTOT + (ci * (KH * KW) + kh * KW + kw)[:, None]),
                 mask=mk[:, None] & mask_n[None, :],
@@ -226,8 +275,9 @@ def conv_fwd_tile(
                 for c0 in range(0, C_IN, BK):
                     ci = c0 + tl.arange(0, BK)
                     mk = ci < C_IN
-                    a = tl.load(IN + (row[:, None] + ci[None, :] * cstride), mask=ok[:, None] & mk[None, :], other=0.0)
-                    a = activation(a, IN_ACT)
+                    ok_a = ok[:, None] & mk[None, :]
+                    a = tl.load(IN + (row[:, None] + ci[None, :] * cstride), mask=ok_a, other=0.0)
+                    a = activation_masked(a, ok_a, IN_ACT, IN_ACT_P)
                     b = tl.load(
                         WT + (offs_n[None, :] * (C_IN * KH * KW) + ci[:, None] * (KH * KW) + (kh * KW + kw)),
                         mask=mk[:, None] & mask_n[None, :],
@@ -252,6 +302,7 @@ def dense_fwd_tile(
     C_OUT: tl.constexpr,
     IN_NCHW: tl.constexpr,
     IN_ACT: tl.constexpr,
+    IN_ACT_P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -270,8 +321,9 @@ def dense_fwd_tile(
     for k0 in range(0, D, BK):
         j = k0 + tl.arange(0, BK)
         mk = j < D
-        a = tl.load(IN + (offs_m[:, None] * D + j[None, :]), mask=mask_m[:, None] & mk[None, :], other=0.0)
-        a = activation(a, IN_ACT)
+        ok_a = mask_m[:, None] & mk[None, :]
+        a = tl.load(IN + (offs_m[:, None] * D + j[None, :]), mask=ok_a, other=0.0)
+        a = activation_masked(a, ok_a, IN_ACT, IN_ACT_P)
         if IN_NCHW:
             col = j
         else:
@@ -295,6 +347,7 @@ def fwd_epilogue(
     C_OUT: tl.constexpr,
     OHW: tl.constexpr,  # OH * OW
     OUT_ACT: tl.constexpr,  # activation after this layer
+    OUT_ACT_P: tl.constexpr,  # its parameter (float)
     EMIT_DZ: tl.constexpr,  # this layer feeds the final Linear(k, 1): store dz = -w_last[d] * act'(z)
 ):
     """Stores z (NHWC), or for the layer before the final linear dz = d sum(-f) / dz directly."""
@@ -305,7 +358,7 @@ def fwd_epilogue(
         wl = tl.load(WLAST + (offs_n[None, :] * OHW + p[:, None]), mask=mask, other=0.0)
         val = -wl
         if OUT_ACT != 0:
-            val = val * activation_grad(acc, OUT_ACT)
+            val = val * activation_grad(acc, OUT_ACT, OUT_ACT_P)
     else:
         val = acc
     tl.store(OUT + addr, val, mask=mask)
@@ -464,7 +517,9 @@ def head_dz_tile(
     C_OUT: tl.constexpr,  # <= BN: one tile holds every output
     IN_NCHW: tl.constexpr,
     IN_ACT: tl.constexpr,
+    IN_ACT_P: tl.constexpr,
     OUT_ACT: tl.constexpr,  # activation between this layer and the final Linear
+    OUT_ACT_P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -475,12 +530,12 @@ def head_dz_tile(
     """The linear head's dz tile [BM, BN], kept in registers: z = this layer's forward (all outputs), then
     dz = -w_last * act'(z); zero outside the batch and beyond C_OUT. Returns (dz, offs_m, mask_m)."""
     acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(
-        IN, WT, BIAS, pid_m, 0, M, C_IN, HW, C_OUT, IN_NCHW, IN_ACT, HAS_BIAS, PREC, USE_DOT, BM, BN, BK
+        IN, WT, BIAS, pid_m, 0, M, C_IN, HW, C_OUT, IN_NCHW, IN_ACT, IN_ACT_P, HAS_BIAS, PREC, USE_DOT, BM, BN, BK
     )
     wl = tl.load(WLAST + offs_n, mask=mask_n, other=0.0)
     dz = acc * 0.0 - wl[None, :]
     if OUT_ACT != 0:
-        dz = dz * activation_grad(acc, OUT_ACT)
+        dz = dz * activation_grad(acc, OUT_ACT, OUT_ACT_P)
     dz = tl.where(mask_m[:, None] & mask_n[None, :], dz, 0.0)
     return dz, offs_m, mask_m
 
@@ -526,11 +581,12 @@ def dgrad_dz_epilogue(
     addr,  # element addresses of the tile (int64)
     mask,  # elements in range
     IN_ACT: tl.constexpr,  # the activation between the layer below and this one
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
 ):
     """dz = acc * act'(z), over z in place (each element is read and written by this program only)."""
     if IN_ACT != 0:
         z = tl.load(OUT + addr, mask=mask, other=0.0)
-        acc = acc * activation_grad(z, IN_ACT)
+        acc = acc * activation_grad(z, IN_ACT, IN_ACT_P)
     tl.store(OUT + addr, acc, mask=mask)
 
 
@@ -595,7 +651,9 @@ def layer_fwd_kernel(
     DENSE: tl.constexpr,  # Linear (kernel = whole input map) instead of Conv2d
     IN_NCHW: tl.constexpr,  # the input is in torch's NCHW order (the chain state)
     IN_ACT: tl.constexpr,  # activation applied to the input on load
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
     OUT_ACT: tl.constexpr,  # activation after this layer (its derivative is used if EMIT_DZ)
+    OUT_ACT_P: tl.constexpr,  # its parameter (float)
     HAS_BIAS: tl.constexpr,  # add the bias
     EMIT_DZ: tl.constexpr,  # the next layer is the final Linear(k, 1)
     FLAT: tl.constexpr,  # conv: one reduction loop over (tap, channel) pairs (few input channels)
@@ -609,14 +667,15 @@ def layer_fwd_kernel(
     pid_n = tl.program_id(1)
     if DENSE:
         acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(
-            IN, WT, BIAS, pid_m, pid_n, M, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, HAS_BIAS, PREC, USE_DOT, BM, BN, BK
-        )
+            IN, WT, BIAS, pid_m, pid_n, M, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, IN_ACT_P, HAS_BIAS, PREC, USE_DOT,
+            BM, BN, BK,
+        )  # fmt: skip
     else:
         acc, offs_m, offs_n, mask_m, mask_n = conv_fwd_tile(
             IN, WT, BIAS, pid_m, pid_n, M, C_IN, H, W, C_OUT, OH, OW, KH, KW, SH, SW, PH, PW,
-            IN_NCHW, IN_ACT, HAS_BIAS, FLAT, PREC, USE_DOT, BM, BN, BK,
+            IN_NCHW, IN_ACT, IN_ACT_P, HAS_BIAS, FLAT, PREC, USE_DOT, BM, BN, BK,
         )  # fmt: skip
-    fwd_epilogue(OUT, WLAST, acc, offs_m, offs_n, mask_m, mask_n, C_OUT, OH * OW, OUT_ACT, EMIT_DZ)
+    fwd_epilogue(OUT, WLAST, acc, offs_m, offs_n, mask_m, mask_n, C_OUT, OH * OW, OUT_ACT, OUT_ACT_P, EMIT_DZ)
 
 
 @triton.jit
@@ -649,6 +708,7 @@ def layer_dgrad_kernel(
     DENSE: tl.constexpr,  # Linear instead of Conv2d
     IN_NCHW: tl.constexpr,  # the input (= the result) is the chain state in torch's NCHW order
     IN_ACT: tl.constexpr,  # activation on this layer's input: its derivative multiplies the result (MODE_DZ)
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
     MODE: tl.constexpr,  # 0 dz of the layer below, 1 write g, 2 Langevin update of X
     ADD_NOISE: tl.constexpr,  # MODE_STEP: add the next step's noise and clamp
     NOISE_FROM_INPUT: tl.constexpr,  # MODE_STEP: noise from Z instead of the Philox stream
@@ -671,7 +731,7 @@ def layer_dgrad_kernel(
             IN_NCHW, FLAT, PREC, USE_DOT, BM, BN, BK,
         )  # fmt: skip
     if MODE == 0:
-        dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT)
+        dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT, IN_ACT_P)
     elif MODE == 1:
         tl.store(OUT + addr, acc, mask=mask)
     else:
@@ -704,7 +764,9 @@ def layer_head_kernel(
     C_OUT: tl.constexpr,  # the head's outputs (<= BN)
     IN_NCHW: tl.constexpr,  # the input is in torch's flatten order (x, or a 1x1 map)
     IN_ACT: tl.constexpr,  # activation on the head's input: applied on load, its derivative on the result
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
     OUT_ACT: tl.constexpr,  # activation between the head and the final Linear
+    OUT_ACT_P: tl.constexpr,  # its parameter (float)
     HAS_BIAS: tl.constexpr,  # add the bias
     MODE: tl.constexpr,  # 0 dz of the layer below, 1 write g, 2 Langevin update of X
     ADD_NOISE: tl.constexpr,  # MODE_STEP: add the next step's noise and clamp
@@ -721,15 +783,15 @@ def layer_head_kernel(
     launch (each program owns BM samples and loops over the input's column tiles)."""
     pid_m = tl.program_id(0)
     dz, offs_m, mask_m = head_dz_tile(
-        IN, WT, BIAS, WLAST, pid_m, NB, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, OUT_ACT, HAS_BIAS, PREC, USE_DOT,
-        BM, BN, BK,
+        IN, WT, BIAS, WLAST, pid_m, NB, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, IN_ACT_P, OUT_ACT, OUT_ACT_P,
+        HAS_BIAS, PREC, USE_DOT, BM, BN, BK,
     )  # fmt: skip
     for pid_j in range(0, (C_IN * H * W + BJ - 1) // BJ):
         acc, addr, mask = head_dgrad_tile(
             dz, WT, offs_m, mask_m, pid_j, C_IN, H * W, C_OUT, IN_NCHW, PREC, USE_DOT_B, BM, BN, BJ
         )
         if MODE == 0:
-            dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT)
+            dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT, IN_ACT_P)
         elif MODE == 1:
             tl.store(OUT + addr, acc, mask=mask)
         else:
@@ -853,13 +915,17 @@ def _geometry_args(spec: LayerSpec) -> dict:
     )  # fmt: skip
 
 
+def _act_args(spec: LayerSpec) -> dict:
+    return dict(IN_ACT=spec.in_act, IN_ACT_P=spec.in_act_value, OUT_ACT=spec.out_act, OUT_ACT_P=spec.out_act_value)
+
+
 def fwd_call(spec, batch, inp, weight, bias, out, wlast, emit_dz, precision, interpreted=None) -> KernelCall:
     """The forward launch of one layer: z (or dz if ``emit_dz``) into ``out``."""
     st = tile_settings(spec, batch, "fwd", interpreted)
     m, n, _, _, _ = gemm_shape(spec, batch, "fwd")
     args = dict(
         IN=inp, WT=weight, BIAS=bias if bias is not None else weight, OUT=out, WLAST=wlast, M=m,
-        **_geometry_args(spec), IN_ACT=spec.in_act, OUT_ACT=spec.out_act, HAS_BIAS=bias is not None,
+        **_geometry_args(spec), **_act_args(spec), HAS_BIAS=bias is not None,
         EMIT_DZ=bool(emit_dz), FLAT=st.flat, PREC=int(precision), USE_DOT=st.use_dot, BM=st.bm, BN=st.bn,
         BK=st.bk,
     )  # fmt: skip
@@ -880,7 +946,7 @@ def dgrad_call(
         DZ=dz, WT=weight, OUT=anchor, X=x if x is not None else anchor, Z=z if z is not None else anchor,
         RNG=rng if rng is not None else anchor, NB=batch, step_size=float(step_size), grad_clip=float(grad_clip),
         noise_std=float(noise_std), lo=float(lo), hi=float(hi), noise_index=int(noise_index), **_geometry_args(spec),
-        IN_ACT=spec.in_act, MODE=int(mode), ADD_NOISE=bool(step and add_noise),
+        IN_ACT=spec.in_act, IN_ACT_P=spec.in_act_value, MODE=int(mode), ADD_NOISE=bool(step and add_noise),
         NOISE_FROM_INPUT=bool(step and add_noise and z is not None), FLAT=st.flat, PREC=int(precision),
         USE_DOT=st.use_dot, BM=st.bm, BN=st.bn, BK=st.bk,
     )  # fmt: skip
@@ -901,7 +967,7 @@ def head_call(
         X=x if x is not None else anchor, Z=z if z is not None else anchor, RNG=rng if rng is not None else anchor,
         NB=batch, step_size=float(step_size), grad_clip=float(grad_clip), noise_std=float(noise_std), lo=float(lo),
         hi=float(hi), noise_index=int(noise_index), C_IN=spec.c_in, H=spec.h, W=spec.w, C_OUT=spec.c_out,
-        IN_NCHW=bool(spec.in_nchw), IN_ACT=spec.in_act, OUT_ACT=spec.out_act, HAS_BIAS=bias is not None,
+        IN_NCHW=bool(spec.in_nchw), **_act_args(spec), HAS_BIAS=bias is not None,
         MODE=int(mode), ADD_NOISE=bool(step and add_noise), NOISE_FROM_INPUT=bool(step and add_noise and z is not None),
         PREC=int(precision), USE_DOT=st.use_dot, USE_DOT_B=st.use_dot_b, BM=st.bm, BN=st.bn, BK=st.bk, BJ=st.bj,
     )  # fmt: skip

@@ -334,6 +334,15 @@ def _geom(s: LayerSpec) -> str:
     return f"{s.c_in}, {s.h}, {s.w}, {s.c_out}, {s.oh}, {s.ow}, {s.kh}, {s.kw}, {s.sh}, {s.sw}, {s.ph}, {s.pw}"
 
 
+def _in_act(s: LayerSpec) -> str:
+    """The input activation's code and parameter (a float literal that round-trips the float32 value)."""
+    return f"{s.in_act}, {s.in_act_value!r}"
+
+
+def _out_act(s: LayerSpec) -> str:
+    return f"{s.out_act}, {s.out_act_value!r}"
+
+
 def _dot(st: TileSettings) -> str:
     return f"{st.use_dot}, {st.bm}, {st.bn}, {st.bk}"
 
@@ -357,14 +366,14 @@ def _emit_fwd(w: _Writer, i: int, s: LayerSpec, st: TileSettings, emit_dz: bool,
     b = _loop(w, b, "tn", cdiv(s.c_out, st.bn))
     if s.dense:
         w(b, "acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(")
-        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {s.in_act}, "
+        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {_in_act(s)}, "
                  f"{bool(s.has_bias)}, {prec}, {_dot(st)}")  # fmt: skip
     else:
         w(b, "acc, offs_m, offs_n, mask_m, mask_n = conv_fwd_tile(")
-        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {_geom(s)}, {bool(s.in_nchw)}, {s.in_act}, {bool(s.has_bias)}, "
+        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {_geom(s)}, {bool(s.in_nchw)}, {_in_act(s)}, {bool(s.has_bias)}, "
                  f"{st.flat}, {prec}, {_dot(st)}")  # fmt: skip
     w(b, ")")
-    w(b, f"fwd_epilogue(OUT, WL, acc, offs_m, offs_n, mask_m, mask_n, {s.c_out}, {s.oh * s.ow}, {s.out_act}, "
+    w(b, f"fwd_epilogue(OUT, WL, acc, offs_m, offs_n, mask_m, mask_n, {s.c_out}, {s.oh * s.ow}, {_out_act(s)}, "
          f"{emit_dz})")  # fmt: skip
     return name
 
@@ -392,7 +401,7 @@ def _emit_dgrad(w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, u
         w(b, "acc, addr, mask = conv_dgrad_tile(")
         w(b + 1, f"DZ, WT, tm, tn, phase, nb, {_geom(s)}, {bool(s.in_nchw)}, {st.flat}, {prec}, {_dot(st)}")
         w(b, ")")
-    w(b, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, acc, addr, mask, {s.in_act})")
+    w(b, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, acc, addr, mask, {_in_act(s)})")
     return name
 
 
@@ -408,13 +417,13 @@ def _emit_head(w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, up
     _def(w, name, params, doc, noinline)
     b = _loop(w, 1, "tm", f"tl.cdiv(nbmax, {st.bm})")
     w(b, "dz, offs_m, mask_m = head_dz_tile(")
-    w(b + 1, f"IN, WT, BIAS, WL, tm, nb, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {s.in_act}, "
-             f"{s.out_act}, {bool(s.has_bias)}, {prec}, {st.use_dot}, {st.bm}, {st.bn}, {st.bk}")  # fmt: skip
+    w(b + 1, f"IN, WT, BIAS, WL, tm, nb, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {_in_act(s)}, "
+             f"{_out_act(s)}, {bool(s.has_bias)}, {prec}, {st.use_dot}, {st.bm}, {st.bn}, {st.bk}")  # fmt: skip
     w(b, ")")
     j = _loop(w, b, "tj", cdiv(s.d_in, st.bj))
     w(j, f"acc, addr, mask = head_dgrad_tile(dz, WT, offs_m, mask_m, tj, {s.c_in}, {s.h * s.w}, {s.c_out}, "
          f"{bool(s.in_nchw)}, {prec}, {st.use_dot_b}, {st.bm}, {st.bn}, {st.bj})")  # fmt: skip
-    w(j, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, acc, addr, mask, {s.in_act})")
+    w(j, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, acc, addr, mask, {_in_act(s)})")
     return name
 
 

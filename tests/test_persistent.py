@@ -29,11 +29,20 @@ import textwrap
 import pytest
 import torch
 from conftest import assert_close_verbose
-from test_layers import frozen, mlp1_chain, mlp_chain, second_chain
+from test_layers import (
+    NEW_ACTS,
+    act_chain,
+    affine_params,
+    autograd_energy_grad,
+    frozen,
+    mlp1_chain,
+    mlp_chain,
+    second_chain,
+)
 from torch import nn
 
 from ebmfast import CNNModel, LangevinSampler, langevin_reference, ops
-from ebmfast.kernels.geometry import encode_geometry
+from ebmfast.kernels.geometry import ACT_NAMES, encode_geometry
 from ebmfast.layers import plan_layers
 from ebmfast.persistent import PersistentProgram, persistent_program, unsupported_reason
 from ebmfast.reference import sampling_mode
@@ -200,6 +209,34 @@ def test_supplied_noise(device):
     noise = (torch.randn(steps, *x.shape, generator=torch.Generator().manual_seed(52)) * 3).to(device)
     check(model, x, steps, "supplied noise", noise=noise)
     check(model, x, steps, "supplied noise trajectory", noise=noise, trajectory=True)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter-tiles", "gpu-tiles"])
+@pytest.mark.parametrize("act", NEW_ACTS, ids=ACT_NAMES.get)
+def test_activation_chains(device, act, gpu_tiles):
+    """A chain with each activation (padded convs, the fused head; tests/test_layers.py ``act_chain``), 2 steps in
+    the chain kernel against the reference on the torch model fed the same draws. No clipping here (clip bound
+    1e3, a step that moves x by about 0.1 per step): the gradient's values, not only its signs, reach x."""
+    model, shape, specs = act_chain(act)
+    model = frozen(model, device)
+    batch, steps, seed = 3, 2, 11
+    x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(act)) * 2 - 1).to(device)
+    z = LangevinSampler(model, steps=steps, seed=seed).noise_stream(x)
+    settings = P.chain_settings(specs, batch, interpreted=not gpu_tiles)
+    if gpu_tiles and not CUDA:
+        settings = settings._replace(programs=2)  # fewer programs than blocks: programs loop
+    weights, biases = affine_params(model)
+    scratch = torch.empty(settings.programs * P.scratch_layout(specs, settings.block)[1], device=device)
+    rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+    step_size = 0.1 / autograd_energy_grad(model, x).abs().max().item()
+    got = x.clone()
+    P.launch_chain(got, None, None, rng, weights, biases, scratch, specs, 0, settings, steps, step_size, 1e3, SIGMA,
+                   LO, HI)  # fmt: skip
+    with precision_context("fp32", x.device.type):
+        want = langevin_reference(model, x, steps, step_size, SIGMA, 1e3, (LO, HI), noise=z)
+    assert_close_verbose(got, want, atol=CHAIN_ATOL[device], what=f"{ACT_NAMES[act]} chain")
+    print(f"PERSISTENT {ACT_NAMES[act]} chain: max |persistent - reference| {(got - want).abs().max().item():.2e}")
 
 
 @pytest.mark.device
