@@ -95,7 +95,7 @@ def activation(z, ACT: tl.constexpr, P: tl.constexpr):
     """act(z) for the ``geometry.ACT_*`` codes: 0 identity, 1 Swish/SiLU z * sigmoid(z), 2 tanh, 3 ReLU,
     4 LeakyReLU (slope P), 5 ELU (alpha P), 6 Softplus (beta P, z where beta * z > 20, as torch), 7 GELU
     z * Phi(z) (erf), 8 GELU's tanh approximation, 9 sigmoid. P: the activation's parameter (a float constexpr).
-    act(0) = 0 except for Softplus and sigmoid (``activation_masked`` zeroes their padding)."""
+    act(0) = 0 except for Softplus and sigmoid (``activation_masked`` zeroes their padding); NaN stays NaN."""
     if ACT == 1:
         out = z * tl.sigmoid(z)
     elif ACT == 2:
@@ -105,10 +105,10 @@ def activation(z, ACT: tl.constexpr, P: tl.constexpr):
     elif ACT == 4:
         out = tl.where(z > 0.0, z, z * P)
     elif ACT == 5:
-        out = tl.where(z > 0.0, z, P * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+        out = tl.where(z > 0.0, z, P * (tl.exp(tl.minimum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)) - 1.0))
     elif ACT == 6:
         bz = z * P
-        out = tl.where(bz > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(bz, 20.0))) / P)
+        out = tl.where(bz > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(bz, 20.0, propagate_nan=tl.PropagateNan.ALL))) / P)
     elif ACT == 7:
         out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 8:
@@ -142,11 +142,11 @@ def activation_grad(z, ACT: tl.constexpr, P: tl.constexpr):
         t = _tanh(z)
         out = 1.0 - t * t
     elif ACT == 3:
-        out = tl.where(z > 0.0, 1.0, 0.0)
+        out = tl.where(z <= 0.0, 0.0, 1.0)  # torch: 0 where the output is <= 0, NaN included in "else"
     elif ACT == 4:
         out = tl.where(z > 0.0, 1.0, P)
     elif ACT == 5:
-        out = tl.where(z > 0.0, 1.0, P * tl.exp(tl.minimum(z, 0.0)))
+        out = tl.where(z > 0.0, 1.0, P * tl.exp(tl.minimum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)))
     elif ACT == 6:
         bz = z * P
         out = tl.where(bz > 20.0, 1.0, tl.sigmoid(bz))

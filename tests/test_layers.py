@@ -400,6 +400,21 @@ def test_activation_layers(device, act, interpreted):
 
 
 @pytest.mark.device
+@pytest.mark.parametrize("act", NEW_ACTS, ids=ACT_NAMES.get)
+def test_activation_keeps_nan(device, act):
+    """act(NaN) = NaN as in torch (no clamp inside an activation may drop it): a NaN input element makes NaN
+    exactly the outputs torch makes NaN."""
+    p = ACT_PARAMS.get(act, 0.0)
+    spec = dense(5, 3, 2, 7, act, act, in_p=p, out_p=p)
+    weight, bias, inp, _, _ = layer_tensors(spec, 3, device, 30 + act)
+    inp[1, 4] = float("nan")
+    got = run_fwd(spec, 3, inp, weight, bias)
+    want = ref_forward(spec, torch_act(to_nchw(inp.double(), spec, 3), act, p), weight.double(), bias.double())
+    assert want[1].isnan().all() and not want[[0, 2]].isnan().any()
+    assert_close_verbose(got, want, atol=1e-5, what=f"{ACT_NAMES[act]} with a NaN input")
+
+
+@pytest.mark.device
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("name", ["seed-conv2", "k7-s3-p3 3x32x32 first", "seed-linear (after Flatten of 64x2x2)"])
 def test_layer_kernels_reduced_precision(device, name, precision):
