@@ -28,14 +28,18 @@ and loops over exactly that phase's taps (a runtime count: phases of a 5-tap ker
 no product with an inserted zero is formed. Dense layers are plain GEMMs (reduction over D or C_OUT).
 
 Products: ``tl.dot`` when both the column and reduction blocks are >= 16 (compiled ``tl.dot`` needs every dimension
->= 16), else a broadcast multiply + ``tl.sum`` (e.g. the first conv's 1 input channel). ``PREC``: 0 fp32 with exact
+>= 16), else a broadcast multiply + ``tl.sum``. A conv input gradient with one input channel (a single column, e.g.
+the seed CNN's first conv) reduces each input pixel's taps x channels in FMAs into per-row sums with no reduction
+across threads in its loop (``fma_scalar``: a 1-D tile of pixels, each pixel's channels unrolled; ``fma_lanes``
+under FLAT: per-lane sums, one ``tl.sum`` per tile). ``PREC``: 0 fp32 with exact
 fp32 products (``input_precision="ieee"``), 1 TF32 tensor cores, 2 bf16 operands with fp32 accumulation (the chain
 state and scratch stay fp32). Under the interpreter, bf16 operands are rounded to nearest-even in fp32 and multiplied
 in fp32 (the interpreter neither rounds nor multiplies bf16 correctly); the products are the same numbers.
 
 The tile computations are ``@triton.jit`` device functions (``conv_fwd_tile``, ``dense_fwd_tile``,
 ``conv_dgrad_tile``, ``dense_dgrad_tile``, ``head_dz_tile``, ``head_dgrad_tile``, ``fwd_epilogue``,
-``dgrad_dz_epilogue``, ``langevin_epilogue``, ``activation``, ``activation_masked``, ``activation_grad``, ``mma``)
+``dgrad_dz_epilogue``, ``langevin_epilogue``, ``activation``, ``activation_masked``, ``activation_grad``, ``mma``,
+``fma_lanes``, ``fma_scalar``)
 taking tile coordinates and compile-time geometry (activation codes and their float parameters included);
 ``layer_fwd_kernel``, ``layer_dgrad_kernel`` and ``layer_head_kernel`` only map program ids to tiles, so a
 persistent kernel can call the same functions. All addressing is relative to the base pointers and the batch size
@@ -190,6 +194,26 @@ def mma(acc, a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
             b = _round_bf16(b)
         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return acc
+
+
+@triton.jit
+def fma_lanes(acc2, a, b, PREC: tl.constexpr):
+    """acc2[BM, BK] += a[BM, BK] * b[BK] elementwise, fp32 FMAs (bf16-rounded operands for PREC 2): a product with
+    a single column whose reduction over BK is left to the caller, once per tile (``tl.sum(acc2, axis=1)``), so the
+    loop body has loads and FMAs only, no reduction across threads."""
+    if PREC == 2:
+        a = _round_bf16(a)
+        b = _round_bf16(b)
+    return acc2 + a * b[None, :]
+
+
+@triton.jit
+def fma_scalar(acc1, a, w, PREC: tl.constexpr):
+    """acc1[BM] += a[BM] * w (w a scalar), fp32 FMAs (bf16-rounded operands for PREC 2)."""
+    if PREC == 2:
+        a = _round_bf16(a)
+        w = _round_bf16(w)
+    return acc1 + a * w
 
 
 # ----------------------------------------------------------------------------------------------- forward tiles
@@ -415,7 +439,17 @@ def conv_dgrad_tile(
     owb = (iw + PW - pw) // SW
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < C_IN
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # One input channel (BN = 1, e.g. the first conv on grey images): FMAs into per-row sums, no reduction across
+    # threads per step. FLAT: per (row, reduction lane) partial sums over every step, summed over the lanes once at
+    # the end (``fma_lanes``); taps x channels: a 1-D row accumulator, each row's channels unrolled (``fma_scalar``).
+    COLUMN: tl.constexpr = BN == 1 and not USE_DOT
+    if COLUMN:
+        if FLAT:
+            acc2 = tl.zeros((BM, BK), dtype=tl.float32)
+        else:
+            acc1 = tl.zeros((BM,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     if FLAT:  # one reduction over r = (jh * tw + jw) * C_OUT + co, this phase's taps only
         ktot = th * tw * C_OUT
         for k0 in range(0, ktot, BK):
@@ -430,12 +464,15 @@ def conv_dgrad_tile(
             ok = (mask_m[:, None] & mk[None, :]) & ((oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))
             a = tl.load(DZ + (((n[:, None] * OH + oh) * OW + ow) * C_OUT + co[None, :]), mask=ok, other=0.0)
             tap = (ph + SH * jh) * KW + (pw + SW * jw)
-            b = tl.load(
-                WT + ((co * (C_IN * KH * KW) + tap)[:, None] + offs_n[None, :] * (KH * KW)),
-                mask=mk[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = mma(acc, a, b, USE_DOT, PREC)
+            w_off = co * (C_IN * KH * KW) + tap
+            if COLUMN:
+                b1 = tl.load(WT + (w_off + offs_n * (KH * KW)), mask=mk & mask_n, other=0.0)
+                acc2 = fma_lanes(acc2, a, b1, PREC)
+            else:
+                b = tl.load(
+                    WT + (w_off[:, None] + offs_n[None, :] * (KH * KW)), mask=mk[:, None] & mask_n[None, :], other=0.0
+                )
+                acc = mma(acc, a, b, USE_DOT, PREC)
     else:  # taps outside, output-channel blocks inside: row validity and addresses are per row
         for jh in range(0, th):
             oh = ohb - jh
@@ -446,16 +483,27 @@ def conv_dgrad_tile(
                 ok = ok_h & (ow >= 0) & (ow < OW)
                 kw = pw + SW * jw
                 row = ((n * OH + oh) * OW + ow) * C_OUT
-                for c0 in range(0, C_OUT, BK):
-                    co = c0 + tl.arange(0, BK)
-                    mk = co < C_OUT
-                    a = tl.load(DZ + (row[:, None] + co[None, :]), mask=ok[:, None] & mk[None, :], other=0.0)
-                    b = tl.load(
-                        WT + (co[:, None] * (C_IN * KH * KW) + offs_n[None, :] * (KH * KW) + (kh * KW + kw)),
-                        mask=mk[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = mma(acc, a, b, USE_DOT, PREC)
+                if COLUMN:  # each row's C_OUT channels one by one: 1-D loads and FMAs, all in the rows' layout
+                    w_tap = WT + (pid_n * (KH * KW) + kh * KW + kw)
+                    for co in tl.static_range(C_OUT):
+                        a1 = tl.load(DZ + (row + co), mask=ok, other=0.0)
+                        acc1 = fma_scalar(acc1, a1, tl.load(w_tap + co * (C_IN * KH * KW)), PREC)
+                else:
+                    for c0 in range(0, C_OUT, BK):
+                        co = c0 + tl.arange(0, BK)
+                        mk = co < C_OUT
+                        a = tl.load(DZ + (row[:, None] + co[None, :]), mask=ok[:, None] & mk[None, :], other=0.0)
+                        b = tl.load(
+                            WT + (co[:, None] * (C_IN * KH * KW) + offs_n[None, :] * (KH * KW) + (kh * KW + kw)),
+                            mask=mk[:, None] & mask_n[None, :],
+                            other=0.0,
+                        )
+                        acc = mma(acc, a, b, USE_DOT, PREC)
+    if COLUMN:
+        if FLAT:
+            acc = tl.sum(acc2, axis=1)[:, None]
+        else:
+            acc = acc1[:, None]
     if OUT_NCHW:
         addr = n[:, None] * (C_IN * H * W) + offs_n[None, :] * (H * W) + (ih * W + iw)[:, None]
     else:

@@ -352,6 +352,38 @@ def test_layer_kernels_compiled_settings(device, name, batch):
     check_input_grad(spec, batch, device, seed=8, interpreted=False)
 
 
+SINGLE_CHANNEL = {
+    "seed-conv1": SEED_CONVS["seed-conv1"],
+    "c_out 8 (FLAT on the GPU)": conv(1, 11, 9, 8, 3, 2, 1, first=True),
+    "c_out 20, into z": conv(1, 7, 8, 20, 4, 3, 2, ACT_SIGMOID),
+}
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("precision", [0, 2], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "name, interpreted",
+    [
+        ("seed-conv1", None),
+        ("c_out 8 (FLAT on the GPU)", None),
+        ("c_out 8 (FLAT on the GPU)", False),
+        ("c_out 20, into z", None),
+        ("c_out 20, into z", False),
+    ],  # fmt: skip
+)
+def test_single_input_channel_input_gradient(device, name, interpreted, precision):
+    """The input gradient of a conv with one input channel (one column: FMAs into per-row sums, ``fma_lanes`` /
+    ``fma_scalar``) in fp32 and bf16, with the interpreter's tiles (FLAT) and the GPU's (taps x channels, or FLAT
+    for fewer than 16 output channels; the seed CNN's first conv with the GPU's tiles is a COMPILED_CASES entry,
+    slow under the interpreter in bf16); bounds as in test_layer_kernels_reduced_precision."""
+    spec = SINGLE_CHANNEL[name]
+    if interpreted is False:
+        st = L.tile_settings(spec, 3, "dgrad", interpreted=False)
+        assert st.bn == 1 and not st.use_dot and st.flat == (spec.c_out < L.FLAT_BELOW)
+    bound = {0: dict(), 2: dict(eps=2.0**-8, factor=2.0, sqrt_k=False)}[precision]
+    check_input_grad(spec, 3, device, seed=41, precision=precision, interpreted=interpreted, **bound)
+
+
 @pytest.mark.device
 @pytest.mark.parametrize(
     "spec",
