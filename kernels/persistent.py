@@ -60,7 +60,7 @@ import triton.language as tl
 
 from .geometry import LayerSpec, cdiv, fused_head
 from .langevin import _philox_normal, clamp_nan
-from .layers import _INTERPRETED, KernelCall, TileSettings, gemm_shape, tile_settings
+from .layers import _INTERPRETED, KernelCall, TileSettings, _pow2, gemm_shape, tile_settings
 
 __all__ = [
     "PROGRAM_SCRATCH_BYTES",
@@ -195,10 +195,6 @@ def scratch_reason(specs) -> str | None:
 
 def _floor_pow2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
-
-
-def _pow2(n: int) -> int:
-    return 1 << (max(1, int(n)) - 1).bit_length()
 
 
 def chain_settings(
