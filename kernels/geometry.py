@@ -12,6 +12,13 @@ Softplus(beta; torch's threshold 20 on beta * z), GELU (erf form), GELU (tanh ap
 travels as the float32 bit pattern of its value in ``in_act_param`` / ``out_act_param`` (``float_bits`` /
 ``bits_float``; 0 for activations without one). Derivatives at kinks follow torch: ReLU'(0) = 0, LeakyReLU'(0) =
 slope, ELU'(0) = alpha.
+
+Residual adds (``res_src``): layer k with ``res_src = j`` computes z_k = A_k(h_k) + h_j, where h_j is the input of
+affine layer j (h_j = act_{j-1}(z_{j-1})), and applies its activation after the add; the input gradient then also
+flows into h_j (d h_j += dz_k). Implemented (``residual_reason`` says why a chain is refused): 1 <= j <= k <= m-2
+(not from the chain state x, not on the final Linear), h_j with the per-sample shape of z_k in the same storage
+(both conv maps C x H x W in NHWC, or both flat vectors: j's input a 2-D or 1x1 activation), at most one residual
+from each h_j. A residual on the layer before the final Linear disables the fused head (its dz must be stored).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ __all__ = [
     "decode_geometry",
     "HEAD_MAX_OUT",
     "fused_head",
+    "residual_reason",
+    "residual_sources",
     "launches_per_step",
 ]
 
@@ -87,8 +96,9 @@ class LayerSpec:
 
     ``in_act``: activation applied to this layer's input (the one after the previous layer; ACT_NONE for the first).
     ``out_act``: activation after this layer. ``in_act_param`` / ``out_act_param``: their parameters as float32 bits
-    (``float_bits``; 0 where the activation has none). ``in_nchw``: the input is the chain state x in the user's layout
-    (contiguous NCHW, or (N, D)); otherwise it is the previous layer's NHWC output."""
+    (``float_bits``; 0 where the activation has none). ``res_src``: the affine layer j whose input h_j is added to
+    this layer's pre-activation output (-1: none; see the module docstring). ``in_nchw``: the input is the chain
+    state x in the user's layout (contiguous NCHW, or (N, D)); otherwise it is the previous layer's NHWC output."""
 
     dense: int
     c_in: int
@@ -109,6 +119,7 @@ class LayerSpec:
     in_nchw: int
     in_act_param: int = 0
     out_act_param: int = 0
+    res_src: int = -1
 
     @property
     def in_act_value(self) -> float:
@@ -176,8 +187,45 @@ def decode_geometry(geometry) -> tuple[LayerSpec, ...]:
 
 def fused_head(specs) -> bool:
     """Whether the layer before the final Linear(k, 1) runs as the fused head (forward, dz and input gradient in one
-    launch): it must be a Linear whose outputs fit one tile."""
-    return len(specs) >= 2 and bool(specs[-2].dense) and specs[-2].c_out <= HEAD_MAX_OUT
+    launch): it must be a Linear whose outputs fit one tile, without a residual add."""
+    return len(specs) >= 2 and bool(specs[-2].dense) and specs[-2].c_out <= HEAD_MAX_OUT and specs[-2].res_src < 0
+
+
+def residual_sources(specs) -> dict[int, int]:
+    """{j: k} for every residual add (layer k adds the input of layer j)."""
+    return {s.res_src: k for k, s in enumerate(specs) if s.res_src >= 0}
+
+
+def residual_reason(specs) -> str | None:
+    """Why the kernels cannot run the chain's residual adds (None if they can, or if there are none)."""
+    m, seen = len(specs), set()
+    for k, s in enumerate(specs):
+        j = s.res_src
+        if j < 0:
+            continue
+        where = f"layer {k} ({s.describe()}) adds the input of layer {j}"
+        if k > m - 2:
+            return f"{where}: the final Linear(k, 1) cannot take a residual add"
+        if j == 0:
+            return f"{where}: a residual add from the chain state x (layer 0's input) is not supported"
+        if not 1 <= j <= k:
+            return f"{where}: expected a source layer 1 <= j <= {k}"
+        if j in seen:
+            return f"{where}: the input of layer {j} feeds two residual adds (at most one is supported)"
+        seen.add(j)
+        src = specs[j]
+        if s.dense:
+            ok = src.h * src.w == 1 and src.d_in == s.d_out
+        else:
+            ok = not src.dense and (src.c_in, src.h, src.w) == (s.c_out, s.oh, s.ow)
+        if not ok:
+            shape = f"{src.c_in}x{src.h}x{src.w}"
+            out = f"{s.c_out}" if s.dense else f"{s.c_out}x{s.oh}x{s.ow}"
+            return (
+                f"{where}: its input ({shape}) must have the output's shape ({out}) and storage (both maps or both "
+                "flat)"
+            )
+    return None
 
 
 def launches_per_step(specs) -> int:

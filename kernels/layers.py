@@ -10,7 +10,11 @@ A_i, A_{m-1} = Linear(k, 1). With h_0 = x, z_i = A_i(h_i), h_{i+1} = act_i(z_i),
     input gradient, i = m-2 .. 1 dz_{i-1} = (A_i^T dz_i) * act'_{i-1}(z_{i-1})   (in place over z_{i-1})
     input gradient, i = 0        g = A_0^T dz_0, then the Langevin update of x (or g written out)
 
-so a step is 2 (m - 1) launches and one scratch buffer per layer (z_i, later overwritten by dz_i). When A_{m-2} is
+A residual add (``LayerSpec.res_src = j``, see ``kernels/geometry.py``) adds h_j = act_{j-1}(z_{j-1}) to z_k in layer
+k's forward epilogue (from z_{j-1}, still in its scratch), and dz_k (still in layer k's scratch) to layer j's input
+gradient in its dz epilogue, before act'_{j-1}.
+
+So a step is 2 (m - 1) launches and one scratch buffer per layer (z_i, later overwritten by dz_i). When A_{m-2} is
 a Linear with at most HEAD_MAX_OUT outputs (the seed CNN's 256 -> 64), ``layer_head_kernel`` fuses its forward, dz
 and input gradient into one launch (its dz never leaves registers): 2 (m - 1) - 1 launches, 9 for the seed CNN, and
 a single launch per step for a one-hidden-layer MLP (the head is then also the first layer). Layouts:
@@ -59,7 +63,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry, fused_head
+from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry, fused_head, residual_reason, residual_sources
 from .langevin import _philox_normal, clamp_nan
 
 __all__ = [
@@ -363,6 +367,7 @@ def dense_fwd_tile(
 def fwd_epilogue(
     OUT,  # pointer to the layer output (N, OH, OW, C_OUT): z, or dz if EMIT_DZ
     WLAST,  # pointer to the final Linear(k, 1)'s weight (k,), k = C_OUT * OHW, read if EMIT_DZ
+    RES,  # pointer to z_{j-1} of the residual's source (same storage as OUT), read if HAS_RES
     acc,  # z tile [BM, BN]
     offs_m,  # rows (n, oh, ow) of the tile, int64
     offs_n,  # output channels of the tile
@@ -373,10 +378,16 @@ def fwd_epilogue(
     OUT_ACT: tl.constexpr,  # activation after this layer
     OUT_ACT_P: tl.constexpr,  # its parameter (float)
     EMIT_DZ: tl.constexpr,  # this layer feeds the final Linear(k, 1): store dz = -w_last[d] * act'(z)
+    HAS_RES: tl.constexpr,  # residual add: z += h_j = RES_ACT(z_{j-1}) before the activation
+    RES_ACT: tl.constexpr,  # the activation that made h_j (layer j's input activation)
+    RES_ACT_P: tl.constexpr,  # its parameter (float)
 ):
-    """Stores z (NHWC), or for the layer before the final linear dz = d sum(-f) / dz directly."""
+    """Stores z (NHWC), or for the layer before the final linear dz = d sum(-f) / dz directly; with a residual
+    add, z includes h_j."""
     addr = offs_m[:, None] * C_OUT + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += activation_masked(tl.load(RES + addr, mask=mask, other=0.0), mask, RES_ACT, RES_ACT_P)
     if EMIT_DZ:
         p = offs_m % OHW  # flatten index of (c, p) in torch's NCHW order: c * OHW + p
         wl = tl.load(WLAST + (offs_n[None, :] * OHW + p[:, None]), mask=mask, other=0.0)
@@ -625,13 +636,17 @@ def head_dgrad_tile(
 @triton.jit
 def dgrad_dz_epilogue(
     OUT,  # pointer to the layer below's scratch: holds z there, receives dz (same positions, in place)
+    RES,  # pointer to dz_k of the layer k that adds this layer's input (same storage as OUT), read if HAS_RES
     acc,  # input-gradient tile d sum(-f) / d act(z)
     addr,  # element addresses of the tile (int64)
     mask,  # elements in range
     IN_ACT: tl.constexpr,  # the activation between the layer below and this one
     IN_ACT_P: tl.constexpr,  # its parameter (float)
+    HAS_RES: tl.constexpr,  # this layer's input feeds a residual add: its gradient gains dz_k
 ):
-    """dz = acc * act'(z), over z in place (each element is read and written by this program only)."""
+    """dz = (acc [+ dz_k]) * act'(z), over z in place (each element is read and written by this program only)."""
+    if HAS_RES:
+        acc += tl.load(RES + addr, mask=mask, other=0.0)
     if IN_ACT != 0:
         z = tl.load(OUT + addr, mask=mask, other=0.0)
         acc = acc * activation_grad(z, IN_ACT, IN_ACT_P)
@@ -683,6 +698,7 @@ def layer_fwd_kernel(
     BIAS,  # pointer to the bias (read if HAS_BIAS)
     OUT,  # pointer to this layer's scratch (N, OH, OW, C_OUT): receives z, or dz if EMIT_DZ
     WLAST,  # pointer to the final Linear(k, 1)'s weight (read if EMIT_DZ)
+    RES,  # pointer to the residual source's z_{j-1} (read if HAS_RES)
     M,  # GEMM rows: batch * OH * OW (batch for a dense layer)
     C_IN: tl.constexpr,  # input channels (dense: channels of the flattened map, or D for a 2-D input)
     H: tl.constexpr,  # input height
@@ -704,6 +720,9 @@ def layer_fwd_kernel(
     OUT_ACT_P: tl.constexpr,  # its parameter (float)
     HAS_BIAS: tl.constexpr,  # add the bias
     EMIT_DZ: tl.constexpr,  # the next layer is the final Linear(k, 1)
+    HAS_RES: tl.constexpr,  # residual add of h_j = RES_ACT(RES) before the activation
+    RES_ACT: tl.constexpr,  # the activation that made h_j
+    RES_ACT_P: tl.constexpr,  # its parameter (float)
     FLAT: tl.constexpr,  # conv: one reduction loop over (tap, channel) pairs (few input channels)
     PREC: tl.constexpr,  # 0 fp32 (ieee), 1 tf32, 2 bf16 operands
     USE_DOT: tl.constexpr,  # tl.dot (BN, BK >= 16) or multiply-and-sum
@@ -723,7 +742,10 @@ def layer_fwd_kernel(
             IN, WT, BIAS, pid_m, pid_n, M, C_IN, H, W, C_OUT, OH, OW, KH, KW, SH, SW, PH, PW,
             IN_NCHW, IN_ACT, IN_ACT_P, HAS_BIAS, FLAT, PREC, USE_DOT, BM, BN, BK,
         )  # fmt: skip
-    fwd_epilogue(OUT, WLAST, acc, offs_m, offs_n, mask_m, mask_n, C_OUT, OH * OW, OUT_ACT, OUT_ACT_P, EMIT_DZ)
+    fwd_epilogue(
+        OUT, WLAST, RES, acc, offs_m, offs_n, mask_m, mask_n, C_OUT, OH * OW, OUT_ACT, OUT_ACT_P, EMIT_DZ, HAS_RES,
+        RES_ACT, RES_ACT_P,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -731,6 +753,7 @@ def layer_dgrad_kernel(
     DZ,  # pointer to dz of this layer's output (its scratch), NHWC
     WT,  # pointer to the weight, torch layout, contiguous
     OUT,  # pointer to the result: the layer below's scratch (MODE_DZ, in place over its z) or g (MODE_GRAD)
+    RES,  # pointer to dz_k of the layer k that adds this layer's input (MODE_DZ with HAS_RES)
     X,  # pointer to the chain state x, updated in place (MODE_STEP)
     Z,  # pointer to supplied noise shaped like x (MODE_STEP with NOISE_FROM_INPUT)
     RNG,  # pointer to int64[2] (seed, counter) on the device (MODE_STEP with generated noise)
@@ -758,6 +781,7 @@ def layer_dgrad_kernel(
     IN_ACT: tl.constexpr,  # activation on this layer's input: its derivative multiplies the result (MODE_DZ)
     IN_ACT_P: tl.constexpr,  # its parameter (float)
     MODE: tl.constexpr,  # 0 dz of the layer below, 1 write g, 2 Langevin update of X
+    HAS_RES: tl.constexpr,  # MODE_DZ: this layer's input feeds a residual add (its gradient gains RES)
     ADD_NOISE: tl.constexpr,  # MODE_STEP: add the next step's noise and clamp
     NOISE_FROM_INPUT: tl.constexpr,  # MODE_STEP: noise from Z instead of the Philox stream
     FLAT: tl.constexpr,  # conv: one reduction loop over (tap, channel) pairs of the phase
@@ -779,7 +803,7 @@ def layer_dgrad_kernel(
             IN_NCHW, FLAT, PREC, USE_DOT, BM, BN, BK,
         )  # fmt: skip
     if MODE == 0:
-        dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT, IN_ACT_P)
+        dgrad_dz_epilogue(OUT, RES, acc, addr, mask, IN_ACT, IN_ACT_P, HAS_RES)
     elif MODE == 1:
         tl.store(OUT + addr, acc, mask=mask)
     else:
@@ -839,7 +863,7 @@ def layer_head_kernel(
             dz, WT, offs_m, mask_m, pid_j, C_IN, H * W, C_OUT, IN_NCHW, PREC, USE_DOT_B, BM, BN, BJ
         )
         if MODE == 0:
-            dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT, IN_ACT_P)
+            dgrad_dz_epilogue(OUT, OUT, acc, addr, mask, IN_ACT, IN_ACT_P, False)
         elif MODE == 1:
             tl.store(OUT + addr, acc, mask=mask)
         else:
@@ -967,14 +991,19 @@ def _act_args(spec: LayerSpec) -> dict:
     return dict(IN_ACT=spec.in_act, IN_ACT_P=spec.in_act_value, OUT_ACT=spec.out_act, OUT_ACT_P=spec.out_act_value)
 
 
-def fwd_call(spec, batch, inp, weight, bias, out, wlast, emit_dz, precision, interpreted=None) -> KernelCall:
-    """The forward launch of one layer: z (or dz if ``emit_dz``) into ``out``."""
+def fwd_call(
+    spec, batch, inp, weight, bias, out, wlast, emit_dz, precision, interpreted=None, *, res=None, res_act=ACT_NONE,
+    res_act_p=0.0,
+) -> KernelCall:  # fmt: skip
+    """The forward launch of one layer: z (or dz if ``emit_dz``) into ``out``; with ``res`` (z_{j-1} of the residual
+    source j, made h_j by ``res_act`` with parameter ``res_act_p``) z includes h_j."""
     st = tile_settings(spec, batch, "fwd", interpreted)
     m, n, _, _, _ = gemm_shape(spec, batch, "fwd")
     args = dict(
-        IN=inp, WT=weight, BIAS=bias if bias is not None else weight, OUT=out, WLAST=wlast, M=m,
-        **_geometry_args(spec), **_act_args(spec), HAS_BIAS=bias is not None,
-        EMIT_DZ=bool(emit_dz), FLAT=st.flat, PREC=int(precision), USE_DOT=st.use_dot, BM=st.bm, BN=st.bn,
+        IN=inp, WT=weight, BIAS=bias if bias is not None else weight, OUT=out, WLAST=wlast,
+        RES=res if res is not None else out, M=m, **_geometry_args(spec), **_act_args(spec),
+        HAS_BIAS=bias is not None, EMIT_DZ=bool(emit_dz), HAS_RES=res is not None, RES_ACT=int(res_act),
+        RES_ACT_P=float(res_act_p), FLAT=st.flat, PREC=int(precision), USE_DOT=st.use_dot, BM=st.bm, BN=st.bn,
         BK=st.bk,
     )  # fmt: skip
     return KernelCall(layer_fwd_kernel, (cdiv(m, st.bm), cdiv(n, st.bn), 1), args, st.num_warps)
@@ -982,19 +1011,21 @@ def fwd_call(spec, batch, inp, weight, bias, out, wlast, emit_dz, precision, int
 
 def dgrad_call(
     spec, batch, dz, weight, out, mode, precision, *, x=None, z=None, rng=None, step_size=0.0, grad_clip=0.0,
-    noise_std=0.0, lo=0.0, hi=0.0, noise_index=0, add_noise=False, interpreted=None,
+    noise_std=0.0, lo=0.0, hi=0.0, noise_index=0, add_noise=False, interpreted=None, res=None,
 ) -> KernelCall:  # fmt: skip
     """The input-gradient launch of one layer: dz of the layer below into ``out`` (MODE_DZ), g into ``out``
-    (MODE_GRAD), or the Langevin update of ``x`` (MODE_STEP; ``z`` supplied noise or None for the stream)."""
+    (MODE_GRAD), or the Langevin update of ``x`` (MODE_STEP; ``z`` supplied noise or None for the stream).
+    ``res`` (MODE_DZ): dz_k of the layer k whose residual add reads this layer's input."""
     st = tile_settings(spec, batch, "dgrad", interpreted)
     m, n, _, _, phases = gemm_shape(spec, batch, "dgrad")
     anchor = out if out is not None else x  # stand-in for pointers the mode does not read
     step = mode == MODE_STEP
     args = dict(
-        DZ=dz, WT=weight, OUT=anchor, X=x if x is not None else anchor, Z=z if z is not None else anchor,
-        RNG=rng if rng is not None else anchor, NB=batch, step_size=float(step_size), grad_clip=float(grad_clip),
-        noise_std=float(noise_std), lo=float(lo), hi=float(hi), noise_index=int(noise_index), **_geometry_args(spec),
-        IN_ACT=spec.in_act, IN_ACT_P=spec.in_act_value, MODE=int(mode), ADD_NOISE=bool(step and add_noise),
+        DZ=dz, WT=weight, OUT=anchor, RES=res if res is not None else anchor, X=x if x is not None else anchor,
+        Z=z if z is not None else anchor, RNG=rng if rng is not None else anchor, NB=batch,
+        step_size=float(step_size), grad_clip=float(grad_clip), noise_std=float(noise_std), lo=float(lo),
+        hi=float(hi), noise_index=int(noise_index), **_geometry_args(spec), IN_ACT=spec.in_act,
+        IN_ACT_P=spec.in_act_value, MODE=int(mode), HAS_RES=res is not None, ADD_NOISE=bool(step and add_noise),
         NOISE_FROM_INPUT=bool(step and add_noise and z is not None), FLAT=st.flat, PREC=int(precision),
         USE_DOT=st.use_dot, BM=st.bm, BN=st.bn, BK=st.bk,
     )  # fmt: skip
@@ -1047,11 +1078,17 @@ def step_calls(
             noise_index=noise_index, add_noise=add_noise,
         )  # fmt: skip
     final_out = g if mode == MODE_GRAD else None
+    feeds = residual_sources(specs)  # {j: k}: layer k adds layer j's input
+
+    def res_fwd(i):  # the residual source's z_{j-1} and the activation that makes h_j of it
+        j = specs[i].res_src
+        return {} if j < 0 else dict(res=scratch[j - 1], res_act=specs[j].in_act, res_act_p=specs[j].in_act_value)
+
     calls = []
     for i in range(last if head else last + 1):
         inp = x if i == 0 else scratch[i - 1]
         calls.append(fwd_call(specs[i], batch, inp, weights[i], bias(i), scratch[i], wlast, i == last, precision,
-                              interpreted))  # fmt: skip
+                              interpreted, **res_fwd(i)))  # fmt: skip
     if head:
         inp = x if last == 0 else scratch[last - 1]
         if last == 0:
@@ -1062,7 +1099,7 @@ def step_calls(
                                precision, interpreted=interpreted))  # fmt: skip
     for i in range(last - 1 if head else last, 0, -1):
         calls.append(dgrad_call(specs[i], batch, scratch[i], weights[i], scratch[i - 1], MODE_DZ, precision,
-                                interpreted=interpreted))  # fmt: skip
+                                interpreted=interpreted, res=scratch[feeds[i]] if i in feeds else None))  # fmt: skip
     calls.append(dgrad_call(specs[0], batch, scratch[0], weights[0], final_out, mode, precision, **final))
     return calls
 
@@ -1078,6 +1115,9 @@ def check_chain(specs) -> None:
         raise ValueError("a layer program needs at least one Conv2d/Linear before the final Linear(k, 1)")
     if specs[0].in_act != ACT_NONE or not specs[0].in_nchw:
         raise ValueError("the first layer reads the chain state: no activation before it, NCHW input")
+    reason = residual_reason(specs)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def launch_energy_grad(x, g, weights, biases, scratch, geometry, precision, wrap=None) -> None:

@@ -57,6 +57,8 @@ from ebmfast.kernels.geometry import (
     decode_geometry,
     encode_geometry,
     float_bits,
+    fused_head,
+    residual_reason,
 )
 from ebmfast.layers import LayerProgram, layer_program, plan_layers, unsupported_reason
 from ebmfast.reference import energy_grad_reference, sampling_mode
@@ -513,18 +515,24 @@ def act_chain(act):
         )
 
     shape = (2, 9, 11)
+    return build(lambda: torch_module(act, p)), shape, with_activation(plan_layers(build(nn.Tanh), shape), act, p)
+
+
+def with_activation(specs, act, p=0.0, **changes):
+    """Planned specs with ``act`` (parameter ``p``) in every place of a Tanh, and ``changes`` {layer: {field:
+    value}} applied."""
     bits = float_bits(p)
-    specs = [
-        dataclasses.replace(
+    out = []
+    for i, s in enumerate(specs):
+        s = dataclasses.replace(
             s,
             in_act=act if s.in_act == ACT_TANH else s.in_act,
             in_act_param=bits if s.in_act == ACT_TANH else 0,
             out_act=act if s.out_act == ACT_TANH else s.out_act,
             out_act_param=bits if s.out_act == ACT_TANH else 0,
         )
-        for s in plan_layers(build(nn.Tanh), shape)
-    ]
-    return build(lambda: torch_module(act, p)), shape, specs
+        out.append(dataclasses.replace(s, **changes.get(f"layer{i}", {})))
+    return out
 
 
 def affine_params(model):
@@ -539,6 +547,43 @@ def autograd_energy_grad(model, x):
     x64 = x.detach().double().requires_grad_(True)
     (g,) = torch.autograd.grad(-model64(x64).sum(), x64)
     return g
+
+
+class ResidualChain(nn.Module):
+    """Two residual adds: z_2 = conv_2(h_2) + h_1 (conv maps, from an earlier layer's input) and z_4 = lin_4(h_4) +
+    h_4 (flat, the layer before the final Linear adding its own input); ``act`` after every hidden layer."""
+
+    def __init__(self, make_act):
+        super().__init__()
+        torch.manual_seed(22)
+        self.c0 = nn.Conv2d(2, 8, 3, stride=2, padding=1)  # 9x11 -> 5x6
+        self.c1 = nn.Conv2d(8, 8, 3, stride=1, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=1, padding=1)
+        self.l3 = nn.Linear(8 * 5 * 6, 10)
+        self.l4 = nn.Linear(10, 10)
+        self.l5 = nn.Linear(10, 1)
+        self.act = make_act()
+
+    def plain(self) -> nn.Sequential:
+        """The same layers without the adds (what the planner reads)."""
+        return nn.Sequential(self.c0, nn.Tanh(), self.c1, nn.Tanh(), self.c2, nn.Tanh(), nn.Flatten(), self.l3,
+                             nn.Tanh(), self.l4, nn.Tanh(), self.l5)  # fmt: skip
+
+    def forward(self, x):
+        h1 = self.act(self.c0(x))
+        h2 = self.act(self.c1(h1))
+        h3 = self.act(self.c2(h2) + h1)
+        h4 = self.act(self.l3(h3.flatten(1)))
+        return self.l5(self.act(self.l4(h4) + h4)).squeeze(1)
+
+
+def residual_chain(act):
+    """(model, sample shape, specs) of ``ResidualChain`` with ``act``."""
+    p = ACT_PARAMS.get(act, 0.0)
+    model = ResidualChain(lambda: torch_module(act, p))
+    shape = (2, 9, 11)
+    specs = with_activation(plan_layers(model.plain(), shape), act, p, layer2={"res_src": 1}, layer4={"res_src": 4})
+    return model, shape, specs
 
 
 @pytest.fixture(scope="module")
@@ -655,6 +700,47 @@ def test_activation_chain_energy_grad(device, act):
         what = f"{ACT_NAMES[act]} chain (fuse_head={fuse}, interpreted={interpreted})"
         assert_close_verbose(g, want, atol=1e-5 * want.abs().max().item(), what=what)
         print(f"ACTIVATION {what}: max |g - autograd| / max |g| {((g - want).abs().max() / want.abs().max()):.2e}")
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("act", [ACT_SWISH, ACT_SIGMOID], ids=ACT_NAMES.get)
+def test_residual_chain_energy_grad(device, act):
+    """Residual adds (``res_src``): the energy gradient of ``ResidualChain`` against torch autograd in float64,
+    interpreter and GPU tiles; bound as in test_activation_chain_energy_grad. The residual layer before the final
+    Linear is not fused (its dz must be stored)."""
+    model, shape, specs = residual_chain(act)
+    assert not fused_head(specs)
+    model = frozen(model, device)
+    batch = 3
+    x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(23)) * 2 - 1).to(device)
+    want = autograd_energy_grad(model, x)
+    weights, biases = affine_params(model)
+    scratch = [torch.empty(batch * s.d_out, device=device) for s in specs[:-1]]
+    for interpreted in (None, False):
+        g = torch.full_like(x, float("nan"))
+        L.run_calls(L.step_calls(specs, x, weights, biases, scratch, 0, L.MODE_GRAD, g=g, interpreted=interpreted))
+        what = f"residual chain ({ACT_NAMES[act]}, interpreted={interpreted})"
+        assert_close_verbose(g, want, atol=1e-5 * want.abs().max().item(), what=what)
+        print(f"RESIDUAL {what}: max |g - autograd| / max |g| {((g - want).abs().max() / want.abs().max()):.2e}")
+    plain = autograd_energy_grad(frozen(model.plain(), device), x)
+    assert (plain - want).abs().max() > 0.1 * want.abs().max()  # the adds matter
+
+
+def test_residual_reasons():
+    """What the kernels refuse, with the reason."""
+    _, _, specs = residual_chain(ACT_TANH)
+    assert residual_reason(specs) is None
+
+    def reason(**changes):
+        return residual_reason(with_activation(specs, ACT_TANH, **changes))
+
+    assert "chain state x" in reason(layer1={"res_src": 0})
+    assert "final Linear" in reason(layer5={"res_src": 5})
+    assert "1 <= j <= 1" in reason(layer1={"res_src": 2})
+    assert "two residual adds" in reason(layer1={"res_src": 1})
+    assert "must have the output's shape" in reason(layer3={"res_src": 3})
+    with pytest.raises(ValueError, match="chain state x"):
+        L.check_chain(with_activation(specs, ACT_TANH, layer1={"res_src": 0}))
 
 
 @pytest.mark.device
@@ -1077,12 +1163,13 @@ def compile_job(job: dict) -> str:
 def test_hopper_compile_activations():
     """Every new activation compiles for sm_90 (fp32, the GPU's tiles): on load with its padding zeroed (forward)
     and its derivative (input gradient into the layer below), in a padded conv (taps x channel blocks) and a
-    Linear; erf included."""
+    Linear; erf included. And every launch of the residual chain (``ResidualChain``, batch 3)."""
     layers = []
     for act in NEW_ACTS:
         p = ACT_PARAMS.get(act, 0.0)
         layers += [conv(16, 7, 6, 9, 3, 2, 2, act, act, in_p=p, out_p=p), dense(5, 3, 2, 7, act, act, in_p=p, out_p=p)]
-    job = {"chains": [], "layers": encode_geometry(layers), "precisions": [0]}
+    _, shape, specs = residual_chain(ACT_SIGMOID)
+    job = {"chains": [[encode_geometry(specs), shape, [3]]], "layers": encode_geometry(layers), "precisions": [0]}
     print(f"HOPPER COMPILE activations {compile_job(job)}")
 
 
