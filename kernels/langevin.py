@@ -6,6 +6,8 @@ step k with the head of step k+1, so a K-step chain is one noise launch, then K 
     x <- clamp(x - step_size * clamp(g, -grad_clip, grad_clip), lo, hi)     (HAS_GRAD)
     x <- clamp(x + noise_std * z, lo, hi)                                   (ADD_NOISE)
 
+Every clamp keeps NaN (``clamp_nan``): a NaN gradient or state gives a NaN result, as in the torch reference.
+
 Noise ``z`` is either generated in the kernel or read from a supplied tensor (parity mode). Generated noise is a
 pure function of (seed, counter, element index): Philox4x32-10 keyed by the 64-bit seed, with the 64-bit element
 index in counter words 0-1 and the 64-bit stream counter (``RNG[1] + noise_index``) in words 2-3, then Box-Muller.
@@ -16,7 +18,22 @@ nothing is stored between steps. ``normal_kernel`` writes the same stream to mem
 import triton
 import triton.language as tl
 
-__all__ = ["langevin_step_kernel", "normal_kernel", "launch_langevin_step", "launch_normal", "block_settings"]
+__all__ = [
+    "langevin_step_kernel",
+    "normal_kernel",
+    "launch_langevin_step",
+    "launch_normal",
+    "block_settings",
+    "clamp_nan",
+]
+
+
+@triton.jit
+def clamp_nan(v, lo, hi):
+    """clamp(v, lo, hi) that keeps NaN (as torch.clamp does): the one clamp of every update kernel. Plain
+    minimum/maximum lower to min/max instructions that return the other operand for a NaN, which would turn a NaN
+    gradient or state into a clip bound silently."""
+    return tl.clamp(v, lo, hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -57,9 +74,9 @@ def langevin_step_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD:
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.minimum(tl.maximum(g, -grad_clip), grad_clip)
+        g = clamp_nan(g, -grad_clip, grad_clip)
         x = x - step_size * g
-        x = tl.minimum(tl.maximum(x, lo), hi)
+        x = clamp_nan(x, lo, hi)
     if ADD_NOISE:
         if NOISE_FROM_INPUT:
             z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
@@ -68,7 +85,7 @@ def langevin_step_kernel(
             counter = tl.load(RNG + 1) + noise_index
             z = _philox_normal(seed, counter, offs)
         x = x + noise_std * z
-        x = tl.minimum(tl.maximum(x, lo), hi)
+        x = clamp_nan(x, lo, hi)
     tl.store(X + offs, x.to(X.dtype.element_ty), mask=mask)
 
 

@@ -4,13 +4,17 @@ update as the epilogue of the first layer's input gradient.
 Chain: affine layers A_0 .. A_{m-1} (Conv2d / Linear, geometry in ``kernels/geometry.py``), activation act_i after
 A_i, A_{m-1} = Linear(k, 1). With h_0 = x, z_i = A_i(h_i), h_{i+1} = act_i(z_i), f = z_{m-1}:
 
-    forward, i = 0 .. m-2        z_i = A_i(act_{i-1}(z_{i-1}))     (activation applied on load; act(0) = 0)
+    forward, i = 0 .. m-2        z_i = A_i(act_{i-1}(z_{i-1}))     (activation applied on load, padding zero after it)
                                  the last one (i = m-2) stores dz_{m-2} = -w_last * act'_{m-2}(z_{m-2}) instead:
                                  d sum(-f) / d h_{m-1} = -w_last, so A_{m-1} never runs
     input gradient, i = m-2 .. 1 dz_{i-1} = (A_i^T dz_i) * act'_{i-1}(z_{i-1})   (in place over z_{i-1})
     input gradient, i = 0        g = A_0^T dz_0, then the Langevin update of x (or g written out)
 
-so a step is 2 (m - 1) launches and one scratch buffer per layer (z_i, later overwritten by dz_i). When A_{m-2} is
+A residual add (``LayerSpec.res_src = j``, see ``kernels/geometry.py``) adds h_j = act_{j-1}(z_{j-1}) to z_k in layer
+k's forward epilogue (from z_{j-1}, still in its scratch), and dz_k (still in layer k's scratch) to layer j's input
+gradient in its dz epilogue, before act'_{j-1}.
+
+So a step is 2 (m - 1) launches and one scratch buffer per layer (z_i, later overwritten by dz_i). When A_{m-2} is
 a Linear with at most HEAD_MAX_OUT outputs (the seed CNN's 256 -> 64), ``layer_head_kernel`` fuses its forward, dz
 and input gradient into one launch (its dz never leaves registers): 2 (m - 1) - 1 launches, 9 for the seed CNN, and
 a single launch per step for a one-hidden-layer MLP (the head is then also the first layer). Layouts:
@@ -28,19 +32,24 @@ and loops over exactly that phase's taps (a runtime count: phases of a 5-tap ker
 no product with an inserted zero is formed. Dense layers are plain GEMMs (reduction over D or C_OUT).
 
 Products: ``tl.dot`` when both the column and reduction blocks are >= 16 (compiled ``tl.dot`` needs every dimension
->= 16), else a broadcast multiply + ``tl.sum`` (e.g. the first conv's 1 input channel). ``PREC``: 0 fp32 with exact
+>= 16), else a broadcast multiply + ``tl.sum``. A conv input gradient with one input channel (a single column, e.g.
+the seed CNN's first conv) reduces each input pixel's taps x channels in FMAs into per-row sums with no reduction
+across threads in its loop (``fma_scalar``: a 1-D tile of pixels, each pixel's channels unrolled; ``fma_lanes``
+under FLAT: per-lane sums, one ``tl.sum`` per tile). ``PREC``: 0 fp32 with exact
 fp32 products (``input_precision="ieee"``), 1 TF32 tensor cores, 2 bf16 operands with fp32 accumulation (the chain
 state and scratch stay fp32). Under the interpreter, bf16 operands are rounded to nearest-even in fp32 and multiplied
 in fp32 (the interpreter neither rounds nor multiplies bf16 correctly); the products are the same numbers.
 
 The tile computations are ``@triton.jit`` device functions (``conv_fwd_tile``, ``dense_fwd_tile``,
 ``conv_dgrad_tile``, ``dense_dgrad_tile``, ``head_dz_tile``, ``head_dgrad_tile``, ``fwd_epilogue``,
-``dgrad_dz_epilogue``, ``langevin_epilogue``, ``activation``, ``activation_grad``, ``mma``) taking tile coordinates
-and compile-time geometry; ``layer_fwd_kernel``, ``layer_dgrad_kernel`` and ``layer_head_kernel`` only map program
-ids to tiles, so a persistent kernel can call the same functions. All addressing is relative to the base pointers
-and the batch size passed in (rows n = 0 .. NB-1), so a program that owns a block of samples can run a layer on its
-block by passing pointers advanced to the block's first sample, NB / M of the block, and the block's first element
-index of x as ``langevin_epilogue``'s ``noise_offset`` (keeps the Philox stream). Tile counts per layer:
+``dgrad_dz_epilogue``, ``langevin_epilogue``, ``activation``, ``activation_masked``, ``activation_grad``, ``mma``,
+``fma_lanes``, ``fma_scalar``)
+taking tile coordinates and compile-time geometry (activation codes and their float parameters included);
+``layer_fwd_kernel``, ``layer_dgrad_kernel`` and ``layer_head_kernel`` only map program ids to tiles, so a
+persistent kernel can call the same functions. All addressing is relative to the base pointers and the batch size
+passed in (rows n = 0 .. NB-1), so a program that owns a block of samples can run a layer on its block by passing
+pointers advanced to the block's first sample, NB / M of the block, and the block's first element index of x as
+``langevin_epilogue``'s ``noise_offset`` (keeps the Philox stream). Tile counts per layer:
 cdiv(M, BM) x cdiv(columns, BN) (x SH * SW phases for a conv input gradient), M and columns from ``gemm_shape``.
 Tile coordinates may be a caller's loop counters (``kernels/persistent.py``): the tiles widen them with ``tl.cast``,
 which also takes the plain Python ints such counters are under the interpreter.
@@ -54,8 +63,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry, fused_head
-from .langevin import _philox_normal
+from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry, fused_head, residual_reason, residual_sources
+from .langevin import _philox_normal, clamp_nan
 
 __all__ = [
     "layer_fwd_kernel",
@@ -90,26 +99,73 @@ def _tanh(z):
 
 
 @triton.jit
-def activation(z, ACT: tl.constexpr):
-    """act(z) for ACT = 0 identity, 1 Swish/SiLU (z * sigmoid(z)), 2 tanh. act(0) = 0 for all three."""
+def activation(z, ACT: tl.constexpr, P: tl.constexpr):
+    """act(z) for the ``geometry.ACT_*`` codes: 0 identity, 1 Swish/SiLU z * sigmoid(z), 2 tanh, 3 ReLU,
+    4 LeakyReLU (slope P), 5 ELU (alpha P), 6 Softplus (beta P, z where beta * z > 20, as torch), 7 GELU
+    z * Phi(z) (erf), 8 GELU's tanh approximation, 9 sigmoid. P: the activation's parameter (a float constexpr).
+    act(0) = 0 except for Softplus and sigmoid (``activation_masked`` zeroes their padding); NaN stays NaN."""
     if ACT == 1:
         out = z * tl.sigmoid(z)
     elif ACT == 2:
         out = _tanh(z)
+    elif ACT == 3:
+        out = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == 4:
+        out = tl.where(z > 0.0, z, z * P)
+    elif ACT == 5:
+        out = tl.where(z > 0.0, z, P * (tl.exp(tl.minimum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)) - 1.0))
+    elif ACT == 6:
+        bz = z * P
+        out = tl.where(bz > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(bz, 20.0, propagate_nan=tl.PropagateNan.ALL))) / P)
+    elif ACT == 7:
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == 8:
+        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACT == 9:
+        out = tl.sigmoid(z)
     else:
         out = z
     return out
 
 
 @triton.jit
-def activation_grad(z, ACT: tl.constexpr):
-    """act'(z): Swish s * (1 + z * (1 - s)) with s = sigmoid(z); tanh 1 - tanh(z)^2; identity 1."""
+def activation_masked(z, mask, ACT: tl.constexpr, P: tl.constexpr):
+    """act(z) on a masked load (masked elements loaded as 0): zero padding lives in activation space, so where
+    act(0) != 0 (Softplus, sigmoid) the masked elements are set back to 0."""
+    out = activation(z, ACT, P)
+    if ACT == 6 or ACT == 9:
+        out = tl.where(mask, out, 0.0)
+    return out
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr, P: tl.constexpr):
+    """act'(z), torch's at the kinks: Swish s * (1 + z * (1 - s)) with s = sigmoid(z); tanh 1 - tanh(z)^2; ReLU
+    1 for z > 0 else 0; LeakyReLU 1 / P; ELU 1 / P * exp(z) (z <= 0); Softplus sigmoid(P * z) (1 beyond the
+    threshold); GELU Phi(z) + z * phi(z); GELU-tanh torch's formula; sigmoid s * (1 - s); identity 1."""
     if ACT == 1:
         s = tl.sigmoid(z)
         out = s * (1.0 + z * (1.0 - s))
     elif ACT == 2:
         t = _tanh(z)
         out = 1.0 - t * t
+    elif ACT == 3:
+        out = tl.where(z <= 0.0, 0.0, 1.0)  # torch: 0 where the output is <= 0, NaN included in "else"
+    elif ACT == 4:
+        out = tl.where(z > 0.0, 1.0, P)
+    elif ACT == 5:
+        out = tl.where(z > 0.0, 1.0, P * tl.exp(tl.minimum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)))
+    elif ACT == 6:
+        bz = z * P
+        out = tl.where(bz > 20.0, 1.0, tl.sigmoid(bz))
+    elif ACT == 7:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 8:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACT == 9:
+        s = tl.sigmoid(z)
+        out = s * (1.0 - s)
     else:
         out = z * 0.0 + 1.0
     return out
@@ -144,6 +200,26 @@ def mma(acc, a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
     return acc
 
 
+@triton.jit
+def fma_lanes(acc2, a, b, PREC: tl.constexpr):
+    """acc2[BM, BK] += a[BM, BK] * b[BK] elementwise, fp32 FMAs (bf16-rounded operands for PREC 2): a product with
+    a single column whose reduction over BK is left to the caller, once per tile (``tl.sum(acc2, axis=1)``), so the
+    loop body has loads and FMAs only, no reduction across threads."""
+    if PREC == 2:
+        a = _round_bf16(a)
+        b = _round_bf16(b)
+    return acc2 + a * b[None, :]
+
+
+@triton.jit
+def fma_scalar(acc1, a, w, PREC: tl.constexpr):
+    """acc1[BM] += a[BM] * w (w a scalar), fp32 FMAs (bf16-rounded operands for PREC 2)."""
+    if PREC == 2:
+        a = _round_bf16(a)
+        w = _round_bf16(w)
+    return acc1 + a * w
+
+
 # ----------------------------------------------------------------------------------------------- forward tiles
 @triton.jit
 def conv_fwd_tile(
@@ -167,6 +243,7 @@ def conv_fwd_tile(
     PW: tl.constexpr,
     IN_NCHW: tl.constexpr,
     IN_ACT: tl.constexpr,
+    IN_ACT_P: tl.constexpr,  # IN_ACT's parameter (float)
     HAS_BIAS: tl.constexpr,
     FLAT: tl.constexpr,  # reduce over (tap, channel) pairs in one loop (few input channels)
     PREC: tl.constexpr,
@@ -203,7 +280,7 @@ def conv_fwd_tile(
             else:
                 addr = ((n[:, None] * H + ih) * W + iw) * C_IN + ci[None, :]
             a = tl.load(IN + addr, mask=ok, other=0.0)
-            a = activation(a, IN_ACT)  # act(0) = 0: padding stays zero
+            a = activation_masked(a, ok, IN_ACT, IN_ACT_P)  # padding stays zero
             b = tl.load(
                 WT + (offs_n[None, :] * KTOT + (ci * (KH * KW) + kh * KW + kw)[:, None]),
                 mask=mk[:, None] & mask_n[None, :],
@@ -226,8 +303,9 @@ def conv_fwd_tile(
                 for c0 in range(0, C_IN, BK):
                     ci = c0 + tl.arange(0, BK)
                     mk = ci < C_IN
-                    a = tl.load(IN + (row[:, None] + ci[None, :] * cstride), mask=ok[:, None] & mk[None, :], other=0.0)
-                    a = activation(a, IN_ACT)
+                    ok_a = ok[:, None] & mk[None, :]
+                    a = tl.load(IN + (row[:, None] + ci[None, :] * cstride), mask=ok_a, other=0.0)
+                    a = activation_masked(a, ok_a, IN_ACT, IN_ACT_P)
                     b = tl.load(
                         WT + (offs_n[None, :] * (C_IN * KH * KW) + ci[:, None] * (KH * KW) + (kh * KW + kw)),
                         mask=mk[:, None] & mask_n[None, :],
@@ -252,6 +330,7 @@ def dense_fwd_tile(
     C_OUT: tl.constexpr,
     IN_NCHW: tl.constexpr,
     IN_ACT: tl.constexpr,
+    IN_ACT_P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -270,8 +349,9 @@ def dense_fwd_tile(
     for k0 in range(0, D, BK):
         j = k0 + tl.arange(0, BK)
         mk = j < D
-        a = tl.load(IN + (offs_m[:, None] * D + j[None, :]), mask=mask_m[:, None] & mk[None, :], other=0.0)
-        a = activation(a, IN_ACT)
+        ok_a = mask_m[:, None] & mk[None, :]
+        a = tl.load(IN + (offs_m[:, None] * D + j[None, :]), mask=ok_a, other=0.0)
+        a = activation_masked(a, ok_a, IN_ACT, IN_ACT_P)
         if IN_NCHW:
             col = j
         else:
@@ -287,6 +367,7 @@ def dense_fwd_tile(
 def fwd_epilogue(
     OUT,  # pointer to the layer output (N, OH, OW, C_OUT): z, or dz if EMIT_DZ
     WLAST,  # pointer to the final Linear(k, 1)'s weight (k,), k = C_OUT * OHW, read if EMIT_DZ
+    RES,  # pointer to z_{j-1} of the residual's source (same storage as OUT), read if HAS_RES
     acc,  # z tile [BM, BN]
     offs_m,  # rows (n, oh, ow) of the tile, int64
     offs_n,  # output channels of the tile
@@ -295,17 +376,24 @@ def fwd_epilogue(
     C_OUT: tl.constexpr,
     OHW: tl.constexpr,  # OH * OW
     OUT_ACT: tl.constexpr,  # activation after this layer
+    OUT_ACT_P: tl.constexpr,  # its parameter (float)
     EMIT_DZ: tl.constexpr,  # this layer feeds the final Linear(k, 1): store dz = -w_last[d] * act'(z)
+    HAS_RES: tl.constexpr,  # residual add: z += h_j = RES_ACT(z_{j-1}) before the activation
+    RES_ACT: tl.constexpr,  # the activation that made h_j (layer j's input activation)
+    RES_ACT_P: tl.constexpr,  # its parameter (float)
 ):
-    """Stores z (NHWC), or for the layer before the final linear dz = d sum(-f) / dz directly."""
+    """Stores z (NHWC), or for the layer before the final linear dz = d sum(-f) / dz directly; with a residual
+    add, z includes h_j."""
     addr = offs_m[:, None] * C_OUT + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += activation_masked(tl.load(RES + addr, mask=mask, other=0.0), mask, RES_ACT, RES_ACT_P)
     if EMIT_DZ:
         p = offs_m % OHW  # flatten index of (c, p) in torch's NCHW order: c * OHW + p
         wl = tl.load(WLAST + (offs_n[None, :] * OHW + p[:, None]), mask=mask, other=0.0)
         val = -wl
         if OUT_ACT != 0:
-            val = val * activation_grad(acc, OUT_ACT)
+            val = val * activation_grad(acc, OUT_ACT, OUT_ACT_P)
     else:
         val = acc
     tl.store(OUT + addr, val, mask=mask)
@@ -362,7 +450,17 @@ def conv_dgrad_tile(
     owb = (iw + PW - pw) // SW
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < C_IN
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # One input channel (BN = 1, e.g. the first conv on grey images): FMAs into per-row sums, no reduction across
+    # threads per step. FLAT: per (row, reduction lane) partial sums over every step, summed over the lanes once at
+    # the end (``fma_lanes``); taps x channels: a 1-D row accumulator, each row's channels unrolled (``fma_scalar``).
+    COLUMN: tl.constexpr = BN == 1 and not USE_DOT
+    if COLUMN:
+        if FLAT:
+            acc2 = tl.zeros((BM, BK), dtype=tl.float32)
+        else:
+            acc1 = tl.zeros((BM,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     if FLAT:  # one reduction over r = (jh * tw + jw) * C_OUT + co, this phase's taps only
         ktot = th * tw * C_OUT
         for k0 in range(0, ktot, BK):
@@ -377,12 +475,15 @@ def conv_dgrad_tile(
             ok = (mask_m[:, None] & mk[None, :]) & ((oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW))
             a = tl.load(DZ + (((n[:, None] * OH + oh) * OW + ow) * C_OUT + co[None, :]), mask=ok, other=0.0)
             tap = (ph + SH * jh) * KW + (pw + SW * jw)
-            b = tl.load(
-                WT + ((co * (C_IN * KH * KW) + tap)[:, None] + offs_n[None, :] * (KH * KW)),
-                mask=mk[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = mma(acc, a, b, USE_DOT, PREC)
+            w_off = co * (C_IN * KH * KW) + tap
+            if COLUMN:
+                b1 = tl.load(WT + (w_off + offs_n * (KH * KW)), mask=mk & mask_n, other=0.0)
+                acc2 = fma_lanes(acc2, a, b1, PREC)
+            else:
+                b = tl.load(
+                    WT + (w_off[:, None] + offs_n[None, :] * (KH * KW)), mask=mk[:, None] & mask_n[None, :], other=0.0
+                )
+                acc = mma(acc, a, b, USE_DOT, PREC)
     else:  # taps outside, output-channel blocks inside: row validity and addresses are per row
         for jh in range(0, th):
             oh = ohb - jh
@@ -393,16 +494,27 @@ def conv_dgrad_tile(
                 ok = ok_h & (ow >= 0) & (ow < OW)
                 kw = pw + SW * jw
                 row = ((n * OH + oh) * OW + ow) * C_OUT
-                for c0 in range(0, C_OUT, BK):
-                    co = c0 + tl.arange(0, BK)
-                    mk = co < C_OUT
-                    a = tl.load(DZ + (row[:, None] + co[None, :]), mask=ok[:, None] & mk[None, :], other=0.0)
-                    b = tl.load(
-                        WT + (co[:, None] * (C_IN * KH * KW) + offs_n[None, :] * (KH * KW) + (kh * KW + kw)),
-                        mask=mk[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = mma(acc, a, b, USE_DOT, PREC)
+                if COLUMN:  # each row's C_OUT channels one by one: 1-D loads and FMAs, all in the rows' layout
+                    w_tap = WT + (pid_n * (KH * KW) + kh * KW + kw)
+                    for co in tl.static_range(C_OUT):
+                        a1 = tl.load(DZ + (row + co), mask=ok, other=0.0)
+                        acc1 = fma_scalar(acc1, a1, tl.load(w_tap + co * (C_IN * KH * KW)), PREC)
+                else:
+                    for c0 in range(0, C_OUT, BK):
+                        co = c0 + tl.arange(0, BK)
+                        mk = co < C_OUT
+                        a = tl.load(DZ + (row[:, None] + co[None, :]), mask=ok[:, None] & mk[None, :], other=0.0)
+                        b = tl.load(
+                            WT + (co[:, None] * (C_IN * KH * KW) + offs_n[None, :] * (KH * KW) + (kh * KW + kw)),
+                            mask=mk[:, None] & mask_n[None, :],
+                            other=0.0,
+                        )
+                        acc = mma(acc, a, b, USE_DOT, PREC)
+    if COLUMN:
+        if FLAT:
+            acc = tl.sum(acc2, axis=1)[:, None]
+        else:
+            acc = acc1[:, None]
     if OUT_NCHW:
         addr = n[:, None] * (C_IN * H * W) + offs_n[None, :] * (H * W) + (ih * W + iw)[:, None]
     else:
@@ -464,7 +576,9 @@ def head_dz_tile(
     C_OUT: tl.constexpr,  # <= BN: one tile holds every output
     IN_NCHW: tl.constexpr,
     IN_ACT: tl.constexpr,
+    IN_ACT_P: tl.constexpr,
     OUT_ACT: tl.constexpr,  # activation between this layer and the final Linear
+    OUT_ACT_P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -475,12 +589,12 @@ def head_dz_tile(
     """The linear head's dz tile [BM, BN], kept in registers: z = this layer's forward (all outputs), then
     dz = -w_last * act'(z); zero outside the batch and beyond C_OUT. Returns (dz, offs_m, mask_m)."""
     acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(
-        IN, WT, BIAS, pid_m, 0, M, C_IN, HW, C_OUT, IN_NCHW, IN_ACT, HAS_BIAS, PREC, USE_DOT, BM, BN, BK
+        IN, WT, BIAS, pid_m, 0, M, C_IN, HW, C_OUT, IN_NCHW, IN_ACT, IN_ACT_P, HAS_BIAS, PREC, USE_DOT, BM, BN, BK
     )
     wl = tl.load(WLAST + offs_n, mask=mask_n, other=0.0)
     dz = acc * 0.0 - wl[None, :]
     if OUT_ACT != 0:
-        dz = dz * activation_grad(acc, OUT_ACT)
+        dz = dz * activation_grad(acc, OUT_ACT, OUT_ACT_P)
     dz = tl.where(mask_m[:, None] & mask_n[None, :], dz, 0.0)
     return dz, offs_m, mask_m
 
@@ -522,15 +636,20 @@ def head_dgrad_tile(
 @triton.jit
 def dgrad_dz_epilogue(
     OUT,  # pointer to the layer below's scratch: holds z there, receives dz (same positions, in place)
+    RES,  # pointer to dz_k of the layer k that adds this layer's input (same storage as OUT), read if HAS_RES
     acc,  # input-gradient tile d sum(-f) / d act(z)
     addr,  # element addresses of the tile (int64)
     mask,  # elements in range
     IN_ACT: tl.constexpr,  # the activation between the layer below and this one
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
+    HAS_RES: tl.constexpr,  # this layer's input feeds a residual add: its gradient gains dz_k
 ):
-    """dz = acc * act'(z), over z in place (each element is read and written by this program only)."""
+    """dz = (acc [+ dz_k]) * act'(z), over z in place (each element is read and written by this program only)."""
+    if HAS_RES:
+        acc += tl.load(RES + addr, mask=mask, other=0.0)
     if IN_ACT != 0:
         z = tl.load(OUT + addr, mask=mask, other=0.0)
-        acc = acc * activation_grad(z, IN_ACT)
+        acc = acc * activation_grad(z, IN_ACT, IN_ACT_P)
     tl.store(OUT + addr, acc, mask=mask)
 
 
@@ -556,9 +675,9 @@ def langevin_epilogue(
     runs a block of samples with X advanced to the block passes the block's first element index as noise_offset
     (the per-layer kernels pass 0), so the noise stays the published stream."""
     x = tl.load(X + addr, mask=mask, other=0.0).to(tl.float32)
-    g = tl.minimum(tl.maximum(g, -grad_clip), grad_clip)
+    g = clamp_nan(g, -grad_clip, grad_clip)
     x = x - step_size * g
-    x = tl.minimum(tl.maximum(x, lo), hi)
+    x = clamp_nan(x, lo, hi)
     if ADD_NOISE:
         if NOISE_FROM_INPUT:
             z = tl.load(Z + addr, mask=mask, other=0.0).to(tl.float32)
@@ -567,7 +686,7 @@ def langevin_epilogue(
             counter = tl.load(RNG + 1) + noise_index
             z = _philox_normal(seed, counter, addr + noise_offset)
         x = x + noise_std * z
-        x = tl.minimum(tl.maximum(x, lo), hi)
+        x = clamp_nan(x, lo, hi)
     tl.store(X + addr, x.to(X.dtype.element_ty), mask=mask)
 
 
@@ -579,6 +698,7 @@ def layer_fwd_kernel(
     BIAS,  # pointer to the bias (read if HAS_BIAS)
     OUT,  # pointer to this layer's scratch (N, OH, OW, C_OUT): receives z, or dz if EMIT_DZ
     WLAST,  # pointer to the final Linear(k, 1)'s weight (read if EMIT_DZ)
+    RES,  # pointer to the residual source's z_{j-1} (read if HAS_RES)
     M,  # GEMM rows: batch * OH * OW (batch for a dense layer)
     C_IN: tl.constexpr,  # input channels (dense: channels of the flattened map, or D for a 2-D input)
     H: tl.constexpr,  # input height
@@ -595,9 +715,14 @@ def layer_fwd_kernel(
     DENSE: tl.constexpr,  # Linear (kernel = whole input map) instead of Conv2d
     IN_NCHW: tl.constexpr,  # the input is in torch's NCHW order (the chain state)
     IN_ACT: tl.constexpr,  # activation applied to the input on load
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
     OUT_ACT: tl.constexpr,  # activation after this layer (its derivative is used if EMIT_DZ)
+    OUT_ACT_P: tl.constexpr,  # its parameter (float)
     HAS_BIAS: tl.constexpr,  # add the bias
     EMIT_DZ: tl.constexpr,  # the next layer is the final Linear(k, 1)
+    HAS_RES: tl.constexpr,  # residual add of h_j = RES_ACT(RES) before the activation
+    RES_ACT: tl.constexpr,  # the activation that made h_j
+    RES_ACT_P: tl.constexpr,  # its parameter (float)
     FLAT: tl.constexpr,  # conv: one reduction loop over (tap, channel) pairs (few input channels)
     PREC: tl.constexpr,  # 0 fp32 (ieee), 1 tf32, 2 bf16 operands
     USE_DOT: tl.constexpr,  # tl.dot (BN, BK >= 16) or multiply-and-sum
@@ -609,14 +734,18 @@ def layer_fwd_kernel(
     pid_n = tl.program_id(1)
     if DENSE:
         acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(
-            IN, WT, BIAS, pid_m, pid_n, M, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, HAS_BIAS, PREC, USE_DOT, BM, BN, BK
-        )
+            IN, WT, BIAS, pid_m, pid_n, M, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, IN_ACT_P, HAS_BIAS, PREC, USE_DOT,
+            BM, BN, BK,
+        )  # fmt: skip
     else:
         acc, offs_m, offs_n, mask_m, mask_n = conv_fwd_tile(
             IN, WT, BIAS, pid_m, pid_n, M, C_IN, H, W, C_OUT, OH, OW, KH, KW, SH, SW, PH, PW,
-            IN_NCHW, IN_ACT, HAS_BIAS, FLAT, PREC, USE_DOT, BM, BN, BK,
+            IN_NCHW, IN_ACT, IN_ACT_P, HAS_BIAS, FLAT, PREC, USE_DOT, BM, BN, BK,
         )  # fmt: skip
-    fwd_epilogue(OUT, WLAST, acc, offs_m, offs_n, mask_m, mask_n, C_OUT, OH * OW, OUT_ACT, EMIT_DZ)
+    fwd_epilogue(
+        OUT, WLAST, RES, acc, offs_m, offs_n, mask_m, mask_n, C_OUT, OH * OW, OUT_ACT, OUT_ACT_P, EMIT_DZ, HAS_RES,
+        RES_ACT, RES_ACT_P,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -624,6 +753,7 @@ def layer_dgrad_kernel(
     DZ,  # pointer to dz of this layer's output (its scratch), NHWC
     WT,  # pointer to the weight, torch layout, contiguous
     OUT,  # pointer to the result: the layer below's scratch (MODE_DZ, in place over its z) or g (MODE_GRAD)
+    RES,  # pointer to dz_k of the layer k that adds this layer's input (MODE_DZ with HAS_RES)
     X,  # pointer to the chain state x, updated in place (MODE_STEP)
     Z,  # pointer to supplied noise shaped like x (MODE_STEP with NOISE_FROM_INPUT)
     RNG,  # pointer to int64[2] (seed, counter) on the device (MODE_STEP with generated noise)
@@ -649,7 +779,9 @@ def layer_dgrad_kernel(
     DENSE: tl.constexpr,  # Linear instead of Conv2d
     IN_NCHW: tl.constexpr,  # the input (= the result) is the chain state in torch's NCHW order
     IN_ACT: tl.constexpr,  # activation on this layer's input: its derivative multiplies the result (MODE_DZ)
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
     MODE: tl.constexpr,  # 0 dz of the layer below, 1 write g, 2 Langevin update of X
+    HAS_RES: tl.constexpr,  # MODE_DZ: this layer's input feeds a residual add (its gradient gains RES)
     ADD_NOISE: tl.constexpr,  # MODE_STEP: add the next step's noise and clamp
     NOISE_FROM_INPUT: tl.constexpr,  # MODE_STEP: noise from Z instead of the Philox stream
     FLAT: tl.constexpr,  # conv: one reduction loop over (tap, channel) pairs of the phase
@@ -671,7 +803,7 @@ def layer_dgrad_kernel(
             IN_NCHW, FLAT, PREC, USE_DOT, BM, BN, BK,
         )  # fmt: skip
     if MODE == 0:
-        dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT)
+        dgrad_dz_epilogue(OUT, RES, acc, addr, mask, IN_ACT, IN_ACT_P, HAS_RES)
     elif MODE == 1:
         tl.store(OUT + addr, acc, mask=mask)
     else:
@@ -704,7 +836,9 @@ def layer_head_kernel(
     C_OUT: tl.constexpr,  # the head's outputs (<= BN)
     IN_NCHW: tl.constexpr,  # the input is in torch's flatten order (x, or a 1x1 map)
     IN_ACT: tl.constexpr,  # activation on the head's input: applied on load, its derivative on the result
+    IN_ACT_P: tl.constexpr,  # its parameter (float)
     OUT_ACT: tl.constexpr,  # activation between the head and the final Linear
+    OUT_ACT_P: tl.constexpr,  # its parameter (float)
     HAS_BIAS: tl.constexpr,  # add the bias
     MODE: tl.constexpr,  # 0 dz of the layer below, 1 write g, 2 Langevin update of X
     ADD_NOISE: tl.constexpr,  # MODE_STEP: add the next step's noise and clamp
@@ -721,15 +855,15 @@ def layer_head_kernel(
     launch (each program owns BM samples and loops over the input's column tiles)."""
     pid_m = tl.program_id(0)
     dz, offs_m, mask_m = head_dz_tile(
-        IN, WT, BIAS, WLAST, pid_m, NB, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, OUT_ACT, HAS_BIAS, PREC, USE_DOT,
-        BM, BN, BK,
+        IN, WT, BIAS, WLAST, pid_m, NB, C_IN, H * W, C_OUT, IN_NCHW, IN_ACT, IN_ACT_P, OUT_ACT, OUT_ACT_P,
+        HAS_BIAS, PREC, USE_DOT, BM, BN, BK,
     )  # fmt: skip
     for pid_j in range(0, (C_IN * H * W + BJ - 1) // BJ):
         acc, addr, mask = head_dgrad_tile(
             dz, WT, offs_m, mask_m, pid_j, C_IN, H * W, C_OUT, IN_NCHW, PREC, USE_DOT_B, BM, BN, BJ
         )
         if MODE == 0:
-            dgrad_dz_epilogue(OUT, acc, addr, mask, IN_ACT)
+            dgrad_dz_epilogue(OUT, OUT, acc, addr, mask, IN_ACT, IN_ACT_P, False)
         elif MODE == 1:
             tl.store(OUT + addr, acc, mask=mask)
         else:
@@ -853,14 +987,23 @@ def _geometry_args(spec: LayerSpec) -> dict:
     )  # fmt: skip
 
 
-def fwd_call(spec, batch, inp, weight, bias, out, wlast, emit_dz, precision, interpreted=None) -> KernelCall:
-    """The forward launch of one layer: z (or dz if ``emit_dz``) into ``out``."""
+def _act_args(spec: LayerSpec) -> dict:
+    return dict(IN_ACT=spec.in_act, IN_ACT_P=spec.in_act_value, OUT_ACT=spec.out_act, OUT_ACT_P=spec.out_act_value)
+
+
+def fwd_call(
+    spec, batch, inp, weight, bias, out, wlast, emit_dz, precision, interpreted=None, *, res=None, res_act=ACT_NONE,
+    res_act_p=0.0,
+) -> KernelCall:  # fmt: skip
+    """The forward launch of one layer: z (or dz if ``emit_dz``) into ``out``; with ``res`` (z_{j-1} of the residual
+    source j, made h_j by ``res_act`` with parameter ``res_act_p``) z includes h_j."""
     st = tile_settings(spec, batch, "fwd", interpreted)
     m, n, _, _, _ = gemm_shape(spec, batch, "fwd")
     args = dict(
-        IN=inp, WT=weight, BIAS=bias if bias is not None else weight, OUT=out, WLAST=wlast, M=m,
-        **_geometry_args(spec), IN_ACT=spec.in_act, OUT_ACT=spec.out_act, HAS_BIAS=bias is not None,
-        EMIT_DZ=bool(emit_dz), FLAT=st.flat, PREC=int(precision), USE_DOT=st.use_dot, BM=st.bm, BN=st.bn,
+        IN=inp, WT=weight, BIAS=bias if bias is not None else weight, OUT=out, WLAST=wlast,
+        RES=res if res is not None else out, M=m, **_geometry_args(spec), **_act_args(spec),
+        HAS_BIAS=bias is not None, EMIT_DZ=bool(emit_dz), HAS_RES=res is not None, RES_ACT=int(res_act),
+        RES_ACT_P=float(res_act_p), FLAT=st.flat, PREC=int(precision), USE_DOT=st.use_dot, BM=st.bm, BN=st.bn,
         BK=st.bk,
     )  # fmt: skip
     return KernelCall(layer_fwd_kernel, (cdiv(m, st.bm), cdiv(n, st.bn), 1), args, st.num_warps)
@@ -868,19 +1011,21 @@ def fwd_call(spec, batch, inp, weight, bias, out, wlast, emit_dz, precision, int
 
 def dgrad_call(
     spec, batch, dz, weight, out, mode, precision, *, x=None, z=None, rng=None, step_size=0.0, grad_clip=0.0,
-    noise_std=0.0, lo=0.0, hi=0.0, noise_index=0, add_noise=False, interpreted=None,
+    noise_std=0.0, lo=0.0, hi=0.0, noise_index=0, add_noise=False, interpreted=None, res=None,
 ) -> KernelCall:  # fmt: skip
     """The input-gradient launch of one layer: dz of the layer below into ``out`` (MODE_DZ), g into ``out``
-    (MODE_GRAD), or the Langevin update of ``x`` (MODE_STEP; ``z`` supplied noise or None for the stream)."""
+    (MODE_GRAD), or the Langevin update of ``x`` (MODE_STEP; ``z`` supplied noise or None for the stream).
+    ``res`` (MODE_DZ): dz_k of the layer k whose residual add reads this layer's input."""
     st = tile_settings(spec, batch, "dgrad", interpreted)
     m, n, _, _, phases = gemm_shape(spec, batch, "dgrad")
     anchor = out if out is not None else x  # stand-in for pointers the mode does not read
     step = mode == MODE_STEP
     args = dict(
-        DZ=dz, WT=weight, OUT=anchor, X=x if x is not None else anchor, Z=z if z is not None else anchor,
-        RNG=rng if rng is not None else anchor, NB=batch, step_size=float(step_size), grad_clip=float(grad_clip),
-        noise_std=float(noise_std), lo=float(lo), hi=float(hi), noise_index=int(noise_index), **_geometry_args(spec),
-        IN_ACT=spec.in_act, MODE=int(mode), ADD_NOISE=bool(step and add_noise),
+        DZ=dz, WT=weight, OUT=anchor, RES=res if res is not None else anchor, X=x if x is not None else anchor,
+        Z=z if z is not None else anchor, RNG=rng if rng is not None else anchor, NB=batch,
+        step_size=float(step_size), grad_clip=float(grad_clip), noise_std=float(noise_std), lo=float(lo),
+        hi=float(hi), noise_index=int(noise_index), **_geometry_args(spec), IN_ACT=spec.in_act,
+        IN_ACT_P=spec.in_act_value, MODE=int(mode), HAS_RES=res is not None, ADD_NOISE=bool(step and add_noise),
         NOISE_FROM_INPUT=bool(step and add_noise and z is not None), FLAT=st.flat, PREC=int(precision),
         USE_DOT=st.use_dot, BM=st.bm, BN=st.bn, BK=st.bk,
     )  # fmt: skip
@@ -901,7 +1046,7 @@ def head_call(
         X=x if x is not None else anchor, Z=z if z is not None else anchor, RNG=rng if rng is not None else anchor,
         NB=batch, step_size=float(step_size), grad_clip=float(grad_clip), noise_std=float(noise_std), lo=float(lo),
         hi=float(hi), noise_index=int(noise_index), C_IN=spec.c_in, H=spec.h, W=spec.w, C_OUT=spec.c_out,
-        IN_NCHW=bool(spec.in_nchw), IN_ACT=spec.in_act, OUT_ACT=spec.out_act, HAS_BIAS=bias is not None,
+        IN_NCHW=bool(spec.in_nchw), **_act_args(spec), HAS_BIAS=bias is not None,
         MODE=int(mode), ADD_NOISE=bool(step and add_noise), NOISE_FROM_INPUT=bool(step and add_noise and z is not None),
         PREC=int(precision), USE_DOT=st.use_dot, USE_DOT_B=st.use_dot_b, BM=st.bm, BN=st.bn, BK=st.bk, BJ=st.bj,
     )  # fmt: skip
@@ -933,11 +1078,17 @@ def step_calls(
             noise_index=noise_index, add_noise=add_noise,
         )  # fmt: skip
     final_out = g if mode == MODE_GRAD else None
+    feeds = residual_sources(specs)  # {j: k}: layer k adds layer j's input
+
+    def res_fwd(i):  # the residual source's z_{j-1} and the activation that makes h_j of it
+        j = specs[i].res_src
+        return {} if j < 0 else dict(res=scratch[j - 1], res_act=specs[j].in_act, res_act_p=specs[j].in_act_value)
+
     calls = []
     for i in range(last if head else last + 1):
         inp = x if i == 0 else scratch[i - 1]
         calls.append(fwd_call(specs[i], batch, inp, weights[i], bias(i), scratch[i], wlast, i == last, precision,
-                              interpreted))  # fmt: skip
+                              interpreted, **res_fwd(i)))  # fmt: skip
     if head:
         inp = x if last == 0 else scratch[last - 1]
         if last == 0:
@@ -948,7 +1099,7 @@ def step_calls(
                                precision, interpreted=interpreted))  # fmt: skip
     for i in range(last - 1 if head else last, 0, -1):
         calls.append(dgrad_call(specs[i], batch, scratch[i], weights[i], scratch[i - 1], MODE_DZ, precision,
-                                interpreted=interpreted))  # fmt: skip
+                                interpreted=interpreted, res=scratch[feeds[i]] if i in feeds else None))  # fmt: skip
     calls.append(dgrad_call(specs[0], batch, scratch[0], weights[0], final_out, mode, precision, **final))
     return calls
 
@@ -964,6 +1115,9 @@ def check_chain(specs) -> None:
         raise ValueError("a layer program needs at least one Conv2d/Linear before the final Linear(k, 1)")
     if specs[0].in_act != ACT_NONE or not specs[0].in_nchw:
         raise ValueError("the first layer reads the chain state: no activation before it, NCHW input")
+    reason = residual_reason(specs)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def launch_energy_grad(x, g, weights, biases, scratch, geometry, precision, wrap=None) -> None:

@@ -58,9 +58,9 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from .geometry import LayerSpec, cdiv, fused_head
-from .langevin import _philox_normal
-from .layers import _INTERPRETED, KernelCall, TileSettings, gemm_shape, tile_settings
+from .geometry import LayerSpec, cdiv, fused_head, residual_reason, residual_sources
+from .langevin import _philox_normal, clamp_nan
+from .layers import _INTERPRETED, KernelCall, TileSettings, _pow2, gemm_shape, tile_settings
 
 __all__ = [
     "PROGRAM_SCRATCH_BYTES",
@@ -121,7 +121,7 @@ def block_noise(
             counter = tl.load(RNG + 1) + noise_index
             z = _philox_normal(seed, counter, offs.to(tl.int64) + noise_offset)
         x = x + noise_std * z
-        x = tl.minimum(tl.maximum(x, lo), hi)
+        x = clamp_nan(x, lo, hi)
         tl.store(XB + offs, x.to(XB.dtype.element_ty), mask=mask)
 
 
@@ -195,10 +195,6 @@ def scratch_reason(specs) -> str | None:
 
 def _floor_pow2(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
-
-
-def _pow2(n: int) -> int:
-    return 1 << (max(1, int(n)) - 1).bit_length()
 
 
 def chain_settings(
@@ -334,6 +330,15 @@ def _geom(s: LayerSpec) -> str:
     return f"{s.c_in}, {s.h}, {s.w}, {s.c_out}, {s.oh}, {s.ow}, {s.kh}, {s.kw}, {s.sh}, {s.sw}, {s.ph}, {s.pw}"
 
 
+def _in_act(s: LayerSpec) -> str:
+    """The input activation's code and parameter (a float literal that round-trips the float32 value)."""
+    return f"{s.in_act}, {s.in_act_value!r}"
+
+
+def _out_act(s: LayerSpec) -> str:
+    return f"{s.out_act}, {s.out_act_value!r}"
+
+
 def _dot(st: TileSettings) -> str:
     return f"{st.use_dot}, {st.bm}, {st.bn}, {st.bk}"
 
@@ -346,37 +351,45 @@ def _def(w: _Writer, name: str, params: str, doc: str, noinline: bool) -> None:
     w(1, f'"""{doc}"""')
 
 
-def _emit_fwd(w: _Writer, i: int, s: LayerSpec, st: TileSettings, emit_dz: bool, prec: int, noinline: bool) -> str:
+def _emit_fwd(
+    w: _Writer, i: int, s: LayerSpec, st: TileSettings, emit_dz: bool, prec: int, noinline: bool, src: LayerSpec | None
+) -> str:
     """Layer i's forward from IN (x's block, or layer i-1's z) into OUT (its z, or dz if it feeds the final
-    Linear). Returns the function's name."""
+    Linear); ``src``: the residual source layer j (its input h_j made of RES = z_{j-1} by its input activation),
+    or None. Returns the function's name."""
     name = f"_forward_{i}"
     what = " (stores dz for the final Linear)" if emit_dz else ""
-    _def(w, name, "IN, OUT, WT, BIAS, WL, nb, nbmax", f"Layer {i} forward{what}: {s.describe()}.", noinline)
+    what += f" + the input of layer {s.res_src}" if src is not None else ""
+    _def(w, name, "IN, OUT, RES, WT, BIAS, WL, nb, nbmax", f"Layer {i} forward{what}: {s.describe()}.", noinline)
     rows = "nb" if s.dense else f"nb * {s.oh * s.ow}"
     b = _loop(w, 1, "tm", f"tl.cdiv({rows.replace('nb', 'nbmax')}, {st.bm})")
     b = _loop(w, b, "tn", cdiv(s.c_out, st.bn))
     if s.dense:
         w(b, "acc, offs_m, offs_n, mask_m, mask_n = dense_fwd_tile(")
-        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {s.in_act}, "
+        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {_in_act(s)}, "
                  f"{bool(s.has_bias)}, {prec}, {_dot(st)}")  # fmt: skip
     else:
         w(b, "acc, offs_m, offs_n, mask_m, mask_n = conv_fwd_tile(")
-        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {_geom(s)}, {bool(s.in_nchw)}, {s.in_act}, {bool(s.has_bias)}, "
+        w(b + 1, f"IN, WT, BIAS, tm, tn, {rows}, {_geom(s)}, {bool(s.in_nchw)}, {_in_act(s)}, {bool(s.has_bias)}, "
                  f"{st.flat}, {prec}, {_dot(st)}")  # fmt: skip
     w(b, ")")
-    w(b, f"fwd_epilogue(OUT, WL, acc, offs_m, offs_n, mask_m, mask_n, {s.c_out}, {s.oh * s.ow}, {s.out_act}, "
-         f"{emit_dz})")  # fmt: skip
+    res = f"True, {_in_act(src)}" if src is not None else "False, 0, 0.0"
+    w(b, f"fwd_epilogue(OUT, WL, RES, acc, offs_m, offs_n, mask_m, mask_n, {s.c_out}, {s.oh * s.ow}, "
+         f"{_out_act(s)}, {emit_dz}, {res})")  # fmt: skip
     return name
 
 
-def _emit_dgrad(w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, update: bool, noinline: bool) -> str:
+def _emit_dgrad(
+    w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, update: bool, noinline: bool, feeds: bool = False
+) -> str:
     """Layer i's input gradient from DZ (its dz): dz of layer i-1 in place over its z in OUT, or (``update``, layer
-    0) the Langevin update of x's block. Returns the function's name."""
+    0) the Langevin update of x's block; ``feeds``: layer i's input feeds a residual add, whose dz (RES) joins its
+    gradient. Returns the function's name."""
     if update:
         name, params = "_update", f"DZ, WT, nb, nbmax, {_UPDATE_PARAMS}"
         doc = f"Layer 0 input gradient + the Langevin update of x's block: {s.describe()}."
     else:
-        name, params = f"_input_grad_{i}", "DZ, OUT, WT, nb, nbmax"
+        name, params = f"_input_grad_{i}", "DZ, OUT, RES, WT, nb, nbmax"
         doc = f"Layer {i} input gradient (dz of layer {i - 1}, in place over its z): {s.describe()}."
     _def(w, name, params, doc, noinline)
     if s.dense:
@@ -392,7 +405,7 @@ def _emit_dgrad(w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, u
         w(b, "acc, addr, mask = conv_dgrad_tile(")
         w(b + 1, f"DZ, WT, tm, tn, phase, nb, {_geom(s)}, {bool(s.in_nchw)}, {st.flat}, {prec}, {_dot(st)}")
         w(b, ")")
-    w(b, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, acc, addr, mask, {s.in_act})")
+    w(b, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, RES, acc, addr, mask, {_in_act(s)}, {feeds})")
     return name
 
 
@@ -408,13 +421,13 @@ def _emit_head(w: _Writer, i: int, s: LayerSpec, st: TileSettings, prec: int, up
     _def(w, name, params, doc, noinline)
     b = _loop(w, 1, "tm", f"tl.cdiv(nbmax, {st.bm})")
     w(b, "dz, offs_m, mask_m = head_dz_tile(")
-    w(b + 1, f"IN, WT, BIAS, WL, tm, nb, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {s.in_act}, "
-             f"{s.out_act}, {bool(s.has_bias)}, {prec}, {st.use_dot}, {st.bm}, {st.bn}, {st.bk}")  # fmt: skip
+    w(b + 1, f"IN, WT, BIAS, WL, tm, nb, {s.c_in}, {s.h * s.w}, {s.c_out}, {bool(s.in_nchw)}, {_in_act(s)}, "
+             f"{_out_act(s)}, {bool(s.has_bias)}, {prec}, {st.use_dot}, {st.bm}, {st.bn}, {st.bk}")  # fmt: skip
     w(b, ")")
     j = _loop(w, b, "tj", cdiv(s.d_in, st.bj))
     w(j, f"acc, addr, mask = head_dgrad_tile(dz, WT, offs_m, mask_m, tj, {s.c_in}, {s.h * s.w}, {s.c_out}, "
          f"{bool(s.in_nchw)}, {prec}, {st.use_dot_b}, {st.bm}, {st.bn}, {st.bj})")  # fmt: skip
-    w(j, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, acc, addr, mask, {s.in_act})")
+    w(j, _UPDATE_CALL if update else f"dgrad_dz_epilogue(OUT, OUT, acc, addr, mask, {_in_act(s)}, False)")
     return name
 
 
@@ -425,6 +438,9 @@ def chain_source(specs, precision: int, settings: ChainSettings) -> str:
     addresses out of the step loop, where they would stay live (in registers, or spilled) through every other
     phase."""
     specs = list(specs)
+    reason = residual_reason(specs)
+    if reason is not None:
+        raise ValueError(reason)
     m = len(specs)
     last = m - 2
     head = fused_head(specs)
@@ -445,16 +461,18 @@ def chain_source(specs, precision: int, settings: ChainSettings) -> str:
     def scr(i: int) -> str:
         return "XB" if i < 0 else f"S{i}"
 
+    feeds = residual_sources(specs)  # {j: k}: layer k adds the input of layer j
     step: list[str] = []  # the step's phase calls, in order (a barrier after each)
     for i in range(last if head else last + 1):
-        f = _emit_fwd(w, i, specs[i], tiles[i]["fwd"], i == last, prec, noinline)
-        step.append(f"{f}({scr(i - 1)}, S{i}, W{i}, B{i}, WL, nb, nbmax)")
+        j = specs[i].res_src
+        f = _emit_fwd(w, i, specs[i], tiles[i]["fwd"], i == last, prec, noinline, specs[j] if j >= 0 else None)
+        step.append(f"{f}({scr(i - 1)}, S{i}, {scr(j - 1) if j >= 0 else f'S{i}'}, W{i}, B{i}, WL, nb, nbmax)")
     if head and last > 0:
         f = _emit_head(w, last, specs[last], tiles[last]["head"], prec, False, noinline)
         step.append(f"{f}(S{last - 1}, S{last - 1}, W{last}, B{last}, WL, nb, nbmax)")
     for i in range(last - 1 if head else last, 0, -1):
-        f = _emit_dgrad(w, i, specs[i], tiles[i]["dgrad"], prec, False, noinline)
-        step.append(f"{f}(S{i}, S{i - 1}, W{i}, nb, nbmax)")
+        f = _emit_dgrad(w, i, specs[i], tiles[i]["dgrad"], prec, False, noinline, i in feeds)
+        step.append(f"{f}(S{i}, S{i - 1}, S{feeds.get(i, i)}, W{i}, nb, nbmax)")
     if head and last == 0:
         _emit_head(w, 0, specs[0], tiles[0]["head"], prec, True, noinline)
         update_args = "XB, W0, B0, WL, nb, nbmax"

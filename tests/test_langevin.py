@@ -76,6 +76,27 @@ def test_kernel_matches_torch_with_supplied_noise(shape, mode):
 
 @pytest.mark.device
 @requires_triton
+@pytest.mark.parametrize("mode", ["grad+noise", "grad", "noise"])
+def test_nan_propagates_like_torch(mode):
+    """A NaN gradient or state gives NaN out, as torch.clamp does (min/max without NaN propagation would turn it
+    into a clip bound); the other elements are untouched by it."""
+    gen = torch.Generator().manual_seed(17)
+    shape = (3, 1, 5, 7)
+    x = (torch.rand(shape, generator=gen) * 2 - 1).to(DEVICE)
+    g = (torch.randn(shape, generator=gen) * 0.05).to(DEVICE)
+    z = torch.randn(shape, generator=gen).to(DEVICE)
+    x.view(-1)[[4, 50]] = float("nan")  # NaN state
+    g.view(-1)[[7, 60, 99]] = float("nan")  # NaN gradient (beyond the clip bound would be +/-C otherwise)
+    use_g = g if "grad" in mode else None
+    use_z = z if "noise" in mode else None
+    want = torch_step(x, use_g, use_z)
+    got = x.clone()
+    launch_langevin_step(got, use_g, use_z, rng(0), S, C, SIGMA, LO, HI, 0, add_noise=use_z is not None)
+    assert torch.equal(got.isnan(), want.isnan()), f"NaN at {got.isnan().nonzero().tolist()}"
+    assert int(want.isnan().sum()) == (5 if use_g is not None else 2)
+    assert (got - want).nan_to_num(0.0).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("n", [1, 100, 1023, 3000])
 def test_normal_kernel_writes_every_element(n):
     out = torch.full((n,), float("nan"), device=DEVICE)  # poisoned

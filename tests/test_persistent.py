@@ -29,11 +29,21 @@ import textwrap
 import pytest
 import torch
 from conftest import assert_close_verbose
-from test_layers import frozen, mlp1_chain, mlp_chain, second_chain
+from test_layers import (
+    NEW_ACTS,
+    act_chain,
+    affine_params,
+    autograd_energy_grad,
+    frozen,
+    mlp1_chain,
+    mlp_chain,
+    residual_chain,
+    second_chain,
+)
 from torch import nn
 
 from ebmfast import CNNModel, LangevinSampler, langevin_reference, ops
-from ebmfast.kernels.geometry import encode_geometry
+from ebmfast.kernels.geometry import ACT_NAMES, ACT_SIGMOID, encode_geometry
 from ebmfast.layers import plan_layers
 from ebmfast.persistent import PersistentProgram, persistent_program, unsupported_reason
 from ebmfast.reference import sampling_mode
@@ -200,6 +210,68 @@ def test_supplied_noise(device):
     noise = (torch.randn(steps, *x.shape, generator=torch.Generator().manual_seed(52)) * 3).to(device)
     check(model, x, steps, "supplied noise", noise=noise)
     check(model, x, steps, "supplied noise trajectory", noise=noise, trajectory=True)
+
+
+def unclipped_chain(model, shape, specs, device, seed_x, gpu_tiles, steps=2):
+    """2 steps of the chain kernel on ``specs`` (the layers of ``model``) against the reference on ``model`` fed the
+    same draws, without clipping (clip bound 1e3, a step that moves x by about 0.1 per step): the gradient's values,
+    not only its signs, reach x. Returns the largest difference."""
+    batch, seed = 3, 11
+    x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(seed_x)) * 2 - 1).to(device)
+    z = LangevinSampler(model, steps=steps, seed=seed).noise_stream(x)
+    settings = P.chain_settings(specs, batch, interpreted=not gpu_tiles)
+    if gpu_tiles and not CUDA:
+        settings = settings._replace(programs=2)  # fewer programs than blocks: programs loop
+    weights, biases = affine_params(model)
+    scratch = torch.empty(settings.programs * P.scratch_layout(specs, settings.block)[1], device=device)
+    rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+    step_size = 0.1 / autograd_energy_grad(model, x).abs().max().item()
+    got = x.clone()
+    P.launch_chain(got, None, None, rng, weights, biases, scratch, specs, 0, settings, steps, step_size, 1e3, SIGMA,
+                   LO, HI)  # fmt: skip
+    with precision_context("fp32", x.device.type):
+        want = langevin_reference(model, x, steps, step_size, SIGMA, 1e3, (LO, HI), noise=z)
+    assert_close_verbose(got, want, atol=CHAIN_ATOL[device], what="chain")
+    return (got - want).abs().max().item()
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter-tiles", "gpu-tiles"])
+@pytest.mark.parametrize("act", NEW_ACTS, ids=ACT_NAMES.get)
+def test_activation_chains(device, act, gpu_tiles):
+    """A chain with each activation (padded convs, the fused head; tests/test_layers.py ``act_chain``), 2 unclipped
+    steps in the chain kernel against the reference (``unclipped_chain``)."""
+    model, shape, specs = act_chain(act)
+    err = unclipped_chain(frozen(model, device), shape, specs, device, act, gpu_tiles)
+    print(f"PERSISTENT {ACT_NAMES[act]} chain: max |persistent - reference| {err:.2e}")
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter-tiles", "gpu-tiles"])
+def test_residual_chain(device, gpu_tiles):
+    """Residual adds (tests/test_layers.py ``ResidualChain``: from an earlier layer's input across two convs, and
+    the unfused layer before the final Linear adding its own input), 2 unclipped steps against the reference."""
+    model, shape, specs = residual_chain(ACT_SIGMOID)
+    err = unclipped_chain(frozen(model, device), shape, specs, device, 24, gpu_tiles)
+    print(f"PERSISTENT residual chain: max |persistent - reference| {err:.2e}")
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("arch", ["mlp1", "mlp"])
+def test_nan_propagates(device, arch):
+    """A NaN state element makes its sample NaN (gradient, update and noise clamps keep NaN, as torch.clamp does);
+    the other samples of the block are unaffected."""
+    model, x = make(arch, device, 3, seed=53)
+    steps, seed = 2, 11
+    z = LangevinSampler(model, steps=steps, seed=seed).noise_stream(x)  # the stream (x only gives its shape)
+    x.view(3, -1)[1, 2] = float("nan")
+    got = x.clone()
+    with sampling_mode(model):
+        PersistentProgram(model).chain_(got, torch.tensor([seed, 0], dtype=torch.int64, device=device), steps, **STEP)
+    assert got.view(3, -1).isnan().all(dim=1).tolist() == [False, True, False]
+    keep = [0, 2]  # the reference refuses non-finite input: the other samples' chains, fed the same draws
+    want = reference(model, x[keep], steps, z[:, keep])
+    assert_close_verbose(got[keep], want, atol=CHAIN_ATOL[x.device.type], what=f"{arch} beside a NaN sample")
 
 
 # ------------------------------------------------------------------------------------------------ stream and weights
@@ -491,6 +563,8 @@ def test_hopper_compile(tmp_path):
     if os.environ.get("EBMFAST_COMPILE_SWEEP") == "1":  # the whole list (about 3 minutes on 2 cores)
         for factory, shape in (ARCHS["second"], ARCHS["mlp"], ARCHS["mlp1"]):
             jobs.append([encode_geometry(plan_layers(factory(), shape)), shape, 128, 0, "stream"])
+        _, shape, specs = residual_chain(ACT_SIGMOID)  # residual adds, a new activation
+        jobs.append([encode_geometry(specs), shape, 128, 0, "stream"])
     else:  # CI: the seed CNN in fp32 (1-sample and 4-sample blocks) and tf32
         jobs = jobs[:3]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
