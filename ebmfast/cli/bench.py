@@ -442,16 +442,12 @@ def _run_distributed(args, backends, batches, steps_list, rounds, compile_kwargs
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ebmfast.cli.bench``: the same as ``ebmfast bench``, without loading the other subcommands."""
-    from . import _one_line, _Parser
+    from . import Parser, run_parsed
 
-    parser = _Parser(prog="python -m ebmfast.cli.bench", description="measure sampler throughput")
+    parser = Parser(prog="python -m ebmfast.cli.bench", description="measure sampler throughput")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"ebmfast bench: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+    parser.set_defaults(_module=sys.modules[__name__], command="bench")
+    return run_parsed(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
