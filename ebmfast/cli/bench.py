@@ -40,7 +40,7 @@ from ..benchmark.training import SEED_EPOCHS, SEED_ITERS_PER_EPOCH, bench_train
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..models import CNNModel
-from ..sampler import PRECISIONS
+from ..sampler import PRECISION_MODES
 from .outputs import output_file
 
 __all__ = ["GPU_BATCHES", "CPU_BATCHES", "DEFAULT_STEPS", "add_arguments", "run", "main"]
@@ -88,7 +88,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--precision",
         default="fp32",
-        choices=PRECISIONS,
+        choices=PRECISION_MODES,
         help="sampler precision (fp32 is the parity target)",
     )
     parser.add_argument("--hidden-features", type=int, default=32, help="width of the seed CNN (default 32)")
