@@ -25,6 +25,7 @@ from ..benchmark.report import (
     csv_rows,
     environment,
     fmt,
+    format_distributed_table,
     format_table,
     format_train_table,
     write_csv_history,
@@ -33,7 +34,6 @@ from ..benchmark.throughput import (
     available_backends,
     bench_sampler,
     bench_sampler_distributed,
-    format_distributed_table,
 )
 from ..benchmark.timing import measure_matmul_peak
 from ..benchmark.training import SEED_EPOCHS, SEED_ITERS_PER_EPOCH, bench_train
@@ -210,6 +210,14 @@ def run(args) -> int:
             "train": [asdict(r) for r in train_results],
         }
 
+    # what the sampler and the training measurements share
+    common = dict(
+        precision=args.precision,
+        seed=args.seed,
+        telemetry=args.telemetry,
+        progress=args.progress,
+        compile_kwargs=compile_kwargs,
+    )
     sampler_results = bench_sampler(
         model,
         plan.device,
@@ -217,14 +225,10 @@ def run(args) -> int:
         plan.batches,
         plan.steps,
         rounds=plan.rounds,
-        precision=args.precision,
         peak=peak,
-        seed=args.seed,
         max_call_s=args.max_call_s,
         time_budget_s=args.time_budget_s,
-        telemetry=args.telemetry,
-        progress=args.progress,
-        compile_kwargs=compile_kwargs,
+        **common,
     )
     # Written now as well, so a run killed during training (e.g. by a stage timeout) keeps its sampler figures.
     _write_json(args.json, document(sampler_results, [], complete=not args.train))
@@ -237,11 +241,7 @@ def run(args) -> int:
             batch=args.train_batch,
             steps=args.train_steps,
             iters=plan.iters,
-            precision=args.precision,
-            seed=args.seed,
-            telemetry=args.telemetry,
-            progress=args.progress,
-            compile_kwargs=compile_kwargs,
+            **common,
         )
     env["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     _print_tables(args, plan, env, sampler_results, train_results)
