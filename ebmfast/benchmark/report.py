@@ -99,49 +99,57 @@ def _table(head: str, results: list, key: Callable[[Any], str], row: Callable[[A
     return "\n".join(lines)
 
 
-def _key(r: SamplerResult | TrainResult) -> str:
-    return f"{r.backend:<10} {r.batch:>6} {r.steps:>5}"
+def _column_table(results: list, columns: tuple) -> str:
+    """A table of results named by backend, batch and steps, then right-aligned figure columns (title, width,
+    value): ``value`` is an attribute name or a function of the result, and a format spec (``fmt``)."""
+
+    def key(r: SamplerResult | TrainResult) -> str:
+        return f"{r.backend:<10} {r.batch:>6} {r.steps:>5}"
+
+    def cell(r: SamplerResult | TrainResult, value: str | Callable, spec: str) -> str:
+        return fmt(getattr(r, value, None) if isinstance(value, str) else value(r), spec)
+
+    head = f"{'backend':<10} {'batch':>6} {'steps':>5}" + "".join(f" {title:>{w}}" for title, w, _, _ in columns)
+    return _table(head, results, key, lambda r: " ".join(f"{cell(r, v, spec):>{w}}" for _, w, v, spec in columns))
+
+
+def _scaled(v: float | None, factor: float) -> float | None:
+    return None if v is None else v * factor
+
+
+def _memory(r: SamplerResult) -> str:
+    if r.peak_mem_mb is not None and not r.device.startswith("cuda"):
+        return f"rss+{r.peak_mem_mb:.0f}"  # CPU: resident-set growth, not an allocator peak
+    return fmt(r.peak_mem_mb, ".1f")
+
+
+SAMPLER_COLUMNS = (
+    ("sample-steps/s", 15, "sample_steps_per_s", ",.0f"),
+    ("x eager", 8, "ratio_to_eager", ".2f"),
+    ("ms/chain", 10, "ms_per_chain", ".2f"),
+    ("TFLOP/s", 8, "tflops", ".3f"),
+    ("%fp32pk", 8, lambda r: _scaled(r.frac_fp32_peak, 100), ".1f"),
+    ("%tf32pk", 8, lambda r: _scaled(r.frac_tf32_peak, 100), ".1f"),
+    ("peak MB", 9, _memory, ""),
+    ("first s", 8, "first_call_s", ".2f"),
+)
+TRAIN_COLUMNS = (
+    ("CD it/s", 9, "iters_per_s", ".2f"),
+    ("x eager", 8, "ratio_to_eager", ".2f"),
+    ("ms/it", 9, lambda r: _scaled(r.median_s, 1e3), ".1f"),
+    ("chain ms", 9, lambda r: _scaled(getattr(r, "chain_median_s", None), 1e3), ".1f"),
+    ("it/chain", 9, "iter_over_chain", ".2f"),
+    ("60 ep (min)", 12, "projected_60_epochs_min", ".1f"),
+    ("first s", 8, "first_iter_s", ".2f"),
+)
 
 
 def format_table(results: list[SamplerResult]) -> str:
-    head = (
-        f"{'backend':<10} {'batch':>6} {'steps':>5} {'sample-steps/s':>15} {'x eager':>8} {'ms/chain':>10} "
-        f"{'TFLOP/s':>8} {'%fp32pk':>8} {'%tf32pk':>8} {'peak MB':>9} {'first s':>8}"
-    )
-
-    def row(r: SamplerResult) -> str:
-        mem = fmt(r.peak_mem_mb, ".1f")
-        if r.peak_mem_mb is not None and not r.device.startswith("cuda"):
-            mem = f"rss+{r.peak_mem_mb:.0f}"
-        return (
-            f"{fmt(r.sample_steps_per_s, ',.0f'):>15} "
-            f"{fmt(r.ratio_to_eager, '.2f'):>8} {fmt(r.ms_per_chain, '.2f'):>10} {fmt(r.tflops, '.3f'):>8} "
-            f"{fmt(None if r.frac_fp32_peak is None else 100 * r.frac_fp32_peak, '.1f'):>8} "
-            f"{fmt(None if r.frac_tf32_peak is None else 100 * r.frac_tf32_peak, '.1f'):>8} "
-            f"{mem:>9} {fmt(r.first_call_s, '.2f'):>8}"
-        )
-
-    return _table(head, results, _key, row)
+    return _column_table(results, SAMPLER_COLUMNS)
 
 
 def format_train_table(results: list[TrainResult]) -> str:
-    head = (
-        f"{'backend':<10} {'batch':>6} {'steps':>5} {'CD it/s':>9} {'x eager':>8} {'ms/it':>9} {'chain ms':>9} "
-        f"{'it/chain':>9} {'60 ep (min)':>12} {'first s':>8}"
-    )
-
-    def row(r: TrainResult) -> str:
-        chain_ms = getattr(r, "chain_median_s", None)
-        return (
-            f"{fmt(r.iters_per_s, '.2f'):>9} "
-            f"{fmt(r.ratio_to_eager, '.2f'):>8} "
-            f"{fmt(None if r.median_s is None else r.median_s * 1e3, '.1f'):>9} "
-            f"{fmt(None if chain_ms is None else chain_ms * 1e3, '.1f'):>9} "
-            f"{fmt(getattr(r, 'iter_over_chain', None), '.2f'):>9} "
-            f"{fmt(r.projected_60_epochs_min, '.1f'):>12} {fmt(r.first_iter_s, '.2f'):>8}"
-        )
-
-    return _table(head, results, _key, row)
+    return _column_table(results, TRAIN_COLUMNS)
 
 
 def format_distributed_table(results: list[DistributedSamplerResult]) -> str:
