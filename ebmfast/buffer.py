@@ -13,14 +13,14 @@ Semantics versus the seed:
 - The seed prepends the newest chains and keeps the first ``capacity``: the oldest are evicted. A ring buffer
   does exactly that.
 
-``fused=True`` (CUDA with Triton) draws and writes back with one Triton kernel each (``kernels/replay.py``) instead of
+``fused=True`` (CUDA with Triton) draws and writes back with one Triton kernel each (``kernels/buffer.py``) instead of
 about eight and four torch launches; the draw's randomness then comes from the buffer's own Philox stream
 (``rng`` = device (seed, counter), advanced on the device per draw), so it stays capturable. It is opt-in: on an
 H200, outside a CUDA graph, it showed no consistent win over the torch path (``bench/RESULTS.md``, measured with
 ``bench/bench_buffer.py``); the default torch path works on every device.
 
 The fused path's torch custom ops, defined here beside their one caller: ``ebmfast::replay_draw(storage, rng, batch,
-fresh_prob, lo, hi) -> (out, slots)`` and ``ebmfast::replay_push_(storage, samples, ptr)`` (``kernels/replay.py``).
+fresh_prob, lo, hi) -> (out, slots)`` and ``ebmfast::replay_push_(storage, samples, ptr)`` (``kernels/buffer.py``).
 They exist for CUDA (and for CPU tensors under the Triton interpreter with EBMFAST_TRITON_ON_CPU=1, for tests).
 """
 
@@ -33,7 +33,7 @@ from .validation import check_clamp, check_positive_int, check_probability, chec
 
 __all__ = ["ReplayBuffer", "fused_replay_available", "replay_draw", "replay_push_"]
 
-kernels = load_kernels("replay")  # None without Triton
+kernels = load_kernels("buffer")  # None without Triton
 
 
 def fused_replay_available(device: torch.device | str) -> bool:

@@ -68,13 +68,13 @@ class TrainingState:
     @torch.no_grad()
     def save(self) -> None:
         model, buffer, sampler = self.step.model, self.step.buffer, self.step.sampler
-        sampler.rng_state(buffer.device)  # created lazily by the first chain: create it now so it is saved too
+        rng = sampler.rng_state(buffer.device)  # the chains' noise counter (created now if no chain ran yet)
         self._saved = {
             "model": [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())],
             "opt": {k: (t, t.clone()) for k, t in self._opt_tensors().items()},
             "buffer": (buffer.storage.clone(), buffer.ptr.clone()),
             "buffer_rng": buffer.rng.clone() if getattr(buffer, "rng", None) is not None else None,
-            "rng": [(t, t.clone()) for t in sampler._rng.values()],
+            "rng": (rng, rng.clone()),
             "generators": [(g, g.get_state()) for g in self._generators()],
             "training": model.training,
         }
@@ -97,8 +97,8 @@ class TrainingState:
         self.step.buffer.ptr.copy_(ptr)
         if s["buffer_rng"] is not None:
             self.step.buffer.rng.copy_(s["buffer_rng"])
-        for t, copy in s["rng"]:
-            t.copy_(copy)
+        rng, copy = s["rng"]
+        rng.copy_(copy)
         for g, state in s["generators"]:
             g.set_state(state)
         self.step.model.train(s["training"])

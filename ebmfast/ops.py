@@ -16,7 +16,7 @@ import torch
 
 from . import langevin
 from .buffer import fused_replay_available
-from .opdef import HAS_TRITON, USES_TRITON_OP, define_op, load_kernels, triton_on_cpu, triton_unavailable_reason, wrap
+from .opdef import USES_TRITON_OP, define_op, load_kernels, triton_on_cpu, triton_unavailable_reason, wrap
 from .reference import StepSettings
 
 __all__ = [
@@ -35,8 +35,7 @@ check_step_args = langevin.check_step_args
 # compatibility: names that layers.py, persistent.py and their tests and benchmarks still reach through ``ops``
 _check_step_args = check_step_args
 _kernels = langevin.kernels
-cpu_normal = langevin.cpu_normal
-__all__ += ["HAS_TRITON", "USES_TRITON_OP", "triton_unavailable_reason", "fused_replay_available", "cpu_normal"]
+__all__ += ["fused_replay_available"]
 
 
 def fused_step_(

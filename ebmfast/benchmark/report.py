@@ -1,4 +1,4 @@
-"""How ``ebmfast bench`` reports: the environment recorded with every result, the two tables, and the long-format
+"""How ``ebmfast bench`` reports: the environment recorded with every result, the tables, and the long-format
 CSV history (one measurement per row, in the style of Liger-Kernel's benchmark history)."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import datetime as _dt
 import json
 import os
 import platform
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .throughput import SamplerResult
+from .throughput import DistributedSamplerResult, SamplerResult
 from .training import TrainResult
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "fmt",
     "format_table",
     "format_train_table",
+    "format_distributed_table",
     "CSV_FIELDS",
     "csv_rows",
     "check_csv_history",
@@ -87,49 +90,83 @@ def fmt(v, spec: str, none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
 
 
-def format_table(results: list[SamplerResult]) -> str:
-    head = (
-        f"{'backend':<10} {'batch':>6} {'steps':>5} {'sample-steps/s':>15} {'x eager':>8} {'ms/chain':>10} "
-        f"{'TFLOP/s':>8} {'%fp32pk':>8} {'%tf32pk':>8} {'peak MB':>9} {'first s':>8}"
-    )
+def _table(head: str, results: list, key: Callable[[Any], str], row: Callable[[Any], str]) -> str:
+    """``head``, a rule, then a line per result: ``key(r)`` (the columns that name the measurement) and ``row(r)``
+    (its figures), or ``key(r)`` and why it was skipped."""
     lines = [head, "-" * len(head)]
     for r in results:
-        if r.skipped:
-            lines.append(f"{r.backend:<10} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
-            continue
-        mem = fmt(r.peak_mem_mb, ".1f")
-        if r.peak_mem_mb is not None and not r.device.startswith("cuda"):
-            mem = f"rss+{r.peak_mem_mb:.0f}"
-        lines.append(
-            f"{r.backend:<10} {r.batch:>6} {r.steps:>5} {fmt(r.sample_steps_per_s, ',.0f'):>15} "
-            f"{fmt(r.ratio_to_eager, '.2f'):>8} {fmt(r.ms_per_chain, '.2f'):>10} {fmt(r.tflops, '.3f'):>8} "
-            f"{fmt(None if r.frac_fp32_peak is None else 100 * r.frac_fp32_peak, '.1f'):>8} "
-            f"{fmt(None if r.frac_tf32_peak is None else 100 * r.frac_tf32_peak, '.1f'):>8} "
-            f"{mem:>9} {fmt(r.first_call_s, '.2f'):>8}"
-        )
+        lines.append(f"{key(r)}   skipped: {r.skipped}" if r.skipped else f"{key(r)} {row(r)}")
     return "\n".join(lines)
+
+
+def _column_table(results: list, columns: tuple) -> str:
+    """A table of results named by backend, batch and steps, then right-aligned figure columns (title, width,
+    value): ``value`` is an attribute name or a function of the result, and a format spec (``fmt``)."""
+
+    def key(r: SamplerResult | TrainResult) -> str:
+        return f"{r.backend:<10} {r.batch:>6} {r.steps:>5}"
+
+    def cell(r: SamplerResult | TrainResult, value: str | Callable, spec: str) -> str:
+        return fmt(getattr(r, value, None) if isinstance(value, str) else value(r), spec)
+
+    head = f"{'backend':<10} {'batch':>6} {'steps':>5}" + "".join(f" {title:>{w}}" for title, w, _, _ in columns)
+    return _table(head, results, key, lambda r: " ".join(f"{cell(r, v, spec):>{w}}" for _, w, v, spec in columns))
+
+
+def _scaled(v: float | None, factor: float) -> float | None:
+    return None if v is None else v * factor
+
+
+def _memory(r: SamplerResult) -> str:
+    if r.peak_mem_mb is not None and not r.device.startswith("cuda"):
+        return f"rss+{r.peak_mem_mb:.0f}"  # CPU: resident-set growth, not an allocator peak
+    return fmt(r.peak_mem_mb, ".1f")
+
+
+SAMPLER_COLUMNS = (
+    ("sample-steps/s", 15, "sample_steps_per_s", ",.0f"),
+    ("x eager", 8, "ratio_to_eager", ".2f"),
+    ("ms/chain", 10, "ms_per_chain", ".2f"),
+    ("TFLOP/s", 8, "tflops", ".3f"),
+    ("%fp32pk", 8, lambda r: _scaled(r.frac_fp32_peak, 100), ".1f"),
+    ("%tf32pk", 8, lambda r: _scaled(r.frac_tf32_peak, 100), ".1f"),
+    ("peak MB", 9, _memory, ""),
+    ("first s", 8, "first_call_s", ".2f"),
+)
+TRAIN_COLUMNS = (
+    ("CD it/s", 9, "iters_per_s", ".2f"),
+    ("x eager", 8, "ratio_to_eager", ".2f"),
+    ("ms/it", 9, lambda r: _scaled(r.median_s, 1e3), ".1f"),
+    ("chain ms", 9, lambda r: _scaled(getattr(r, "chain_median_s", None), 1e3), ".1f"),
+    ("it/chain", 9, "iter_over_chain", ".2f"),
+    ("60 ep (min)", 12, "projected_60_epochs_min", ".1f"),
+    ("first s", 8, "first_iter_s", ".2f"),
+)
+
+
+def format_table(results: list[SamplerResult]) -> str:
+    return _column_table(results, SAMPLER_COLUMNS)
 
 
 def format_train_table(results: list[TrainResult]) -> str:
+    return _column_table(results, TRAIN_COLUMNS)
+
+
+def format_distributed_table(results: list[DistributedSamplerResult]) -> str:
     head = (
-        f"{'backend':<10} {'batch':>6} {'steps':>5} {'CD it/s':>9} {'x eager':>8} {'ms/it':>9} {'chain ms':>9} "
-        f"{'it/chain':>9} {'60 ep (min)':>12} {'first s':>8}"
+        f"{'backend':<10} {'batch/rank':>10} {'steps':>5} {'ranks':>5} {'aggregate sample-steps/s':>25} "
+        f"{'slowest ms/call':>16}  per-rank sample-steps/s"
     )
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if r.skipped:
-            lines.append(f"{r.backend:<10} {r.batch:>6} {r.steps:>5}   skipped: {r.skipped}")
-            continue
-        chain_ms = getattr(r, "chain_median_s", None)
-        lines.append(
-            f"{r.backend:<10} {r.batch:>6} {r.steps:>5} {fmt(r.iters_per_s, '.2f'):>9} "
-            f"{fmt(r.ratio_to_eager, '.2f'):>8} "
-            f"{fmt(None if r.median_s is None else r.median_s * 1e3, '.1f'):>9} "
-            f"{fmt(None if chain_ms is None else chain_ms * 1e3, '.1f'):>9} "
-            f"{fmt(getattr(r, 'iter_over_chain', None), '.2f'):>9} "
-            f"{fmt(r.projected_60_epochs_min, '.1f'):>12} {fmt(r.first_iter_s, '.2f'):>8}"
-        )
-    return "\n".join(lines)
+
+    def key(r: DistributedSamplerResult) -> str:
+        return f"{r.backend:<10} {r.batch:>10} {r.steps:>5} {r.world_size:>5}"
+
+    def row(r: DistributedSamplerResult) -> str:
+        per_rank = ", ".join(f"r{i} {v:,.0f}" for i, v in enumerate(r.rank_sample_steps_per_s))
+        agg = fmt(r.aggregate_sample_steps_per_s, ",.0f")
+        return f"{agg:>25} {fmt(r.slowest_ms_per_call, '.2f'):>16}  {per_rank}"
+
+    return _table(head, results, key, row)
 
 
 CSV_FIELDS = (
@@ -164,56 +201,36 @@ def csv_rows(env: dict, sampler: list[SamplerResult], train: list[TrainResult], 
     for r in sampler:
         if r.skipped or r.median_s is None:
             continue
-        cfg = json.dumps({"steps": r.steps, "precision": precision, "timer": r.timer, "rounds": len(r.times_s)})
-        base = dict(
-            common,
-            kernel="langevin_sample",
-            provider=r.backend,
-            x_name="batch",
-            x_value=r.batch,
-            extra_benchmark_config_str=cfg,
-        )
+        base = _csv_base(common, "langevin_sample", r, precision, "rounds")
         n = r.batch * r.steps
-        rows.append(
-            dict(
-                base,
-                metric="throughput",
-                unit="sample-steps/s",
-                y_50=n / r.median_s,
-                y_20=n / r.q80_s,
-                y_80=n / r.q20_s,
-            )
-        )
-        rows.append(dict(base, metric="time", unit="ms", y_50=r.median_s * 1e3, y_20=r.q20_s * 1e3, y_80=r.q80_s * 1e3))
-        rows.append(
-            dict(base, metric="first_call", unit="s", y_50=r.first_call_s, y_20=r.first_call_s, y_80=r.first_call_s)
-        )
+        rows.append(_csv_row(base, "throughput", "sample-steps/s", n / r.median_s, n / r.q80_s, n / r.q20_s))
+        rows.append(_csv_row(base, "time", "ms", r.median_s * 1e3, r.q20_s * 1e3, r.q80_s * 1e3))
+        rows.append(_csv_row(base, "first_call", "s", r.first_call_s))
         if r.peak_mem_mb is not None:
             unit = "MB" if r.device.startswith("cuda") else "MB (RSS growth)"
-            rows.append(
-                dict(base, metric="memory", unit=unit, y_50=r.peak_mem_mb, y_20=r.peak_mem_mb, y_80=r.peak_mem_mb)
-            )
+            rows.append(_csv_row(base, "memory", unit, r.peak_mem_mb))
     for r in train:
         if r.skipped or r.median_s is None:
             continue
-        cfg = json.dumps({"steps": r.steps, "precision": precision, "timer": r.timer, "iters": len(r.times_s)})
-        base = dict(
-            common,
-            kernel="cd_iteration",
-            provider=r.backend,
-            x_name="batch",
-            x_value=r.batch,
-            extra_benchmark_config_str=cfg,
-        )
-        rows.append(
-            dict(
-                base, metric="throughput", unit="iterations/s", y_50=1 / r.median_s, y_20=1 / r.q80_s, y_80=1 / r.q20_s
-            )
-        )
+        base = _csv_base(common, "cd_iteration", r, precision, "iters")
+        rows.append(_csv_row(base, "throughput", "iterations/s", 1 / r.median_s, 1 / r.q80_s, 1 / r.q20_s))
         if getattr(r, "chain_median_s", None):
-            ratio = r.iter_over_chain
-            rows.append(dict(base, metric="iteration_over_chain", unit="ratio", y_50=ratio, y_20=ratio, y_80=ratio))
+            rows.append(_csv_row(base, "iteration_over_chain", "ratio", r.iter_over_chain))
     return rows
+
+
+def _csv_base(common: dict, kernel: str, r: SamplerResult | TrainResult, precision: str, count: str) -> dict:
+    """The columns every row of one measurement shares (``count``: what its number of timings is called)."""
+    cfg = json.dumps({"steps": r.steps, "precision": precision, "timer": r.timer, count: len(r.times_s)})
+    return dict(
+        common, kernel=kernel, provider=r.backend, x_name="batch", x_value=r.batch, extra_benchmark_config_str=cfg
+    )
+
+
+def _csv_row(base: dict, metric: str, unit: str, y_50: float | None, *quantiles: float) -> dict:
+    """One row: the median and the 20th/80th percentiles (``quantiles``), or one value for all three."""
+    y_20, y_80 = quantiles or (y_50, y_50)
+    return dict(base, metric=metric, unit=unit, y_50=y_50, y_20=y_20, y_80=y_80)
 
 
 def check_csv_history(path) -> bool:

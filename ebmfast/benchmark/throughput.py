@@ -48,7 +48,6 @@ __all__ = [
     "bench_sampler",
     "DistributedSamplerResult",
     "bench_sampler_distributed",
-    "format_distributed_table",
 ]
 
 CONCRETE_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
@@ -329,20 +328,3 @@ def bench_sampler_distributed(
             torch.cuda.empty_cache()
     bar.close()
     return out if ctx.is_main else None
-
-
-def format_distributed_table(results: list[DistributedSamplerResult]) -> str:
-    head = (
-        f"{'backend':<10} {'batch/rank':>10} {'steps':>5} {'ranks':>5} {'aggregate sample-steps/s':>25} "
-        f"{'slowest ms/call':>16}  per-rank sample-steps/s"
-    )
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if r.skipped:
-            lines.append(f"{r.backend:<10} {r.batch:>10} {r.steps:>5} {r.world_size:>5}   skipped: {r.skipped}")
-            continue
-        per_rank = ", ".join(f"r{i} {v:,.0f}" for i, v in enumerate(r.rank_sample_steps_per_s))
-        agg = "n/a" if r.aggregate_sample_steps_per_s is None else f"{r.aggregate_sample_steps_per_s:,.0f}"
-        slow = "n/a" if r.slowest_ms_per_call is None else f"{r.slowest_ms_per_call:.2f}"
-        lines.append(f"{r.backend:<10} {r.batch:>10} {r.steps:>5} {r.world_size:>5} {agg:>25} {slow:>16}  {per_rank}")
-    return "\n".join(lines)

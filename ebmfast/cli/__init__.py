@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from ..errors import NonFiniteError, UsageError, write_failure
 
-__all__ = ["COMMANDS", "build_parser", "entry", "main"]
+__all__ = ["COMMANDS", "Parser", "build_parser", "entry", "main", "one_line", "run_parsed"]
 
 COMMANDS = {
     "train": ("ebmfast.cli.train", "train an energy model by contrastive divergence (the seed's recipe)"),
@@ -26,21 +26,22 @@ COMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is reported like every other usage error: one line, exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def _one_line(text) -> str:
+def one_line(text: object) -> str:
+    """``text`` on one line (every error the command prints is one line)."""
     return " ".join(str(text).split())
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = _Parser(prog="ebmfast", description="Fast Langevin sampling for deep energy-based models")
+    parser = Parser(prog="ebmfast", description="Fast Langevin sampling for deep energy-based models")
     parser.add_argument("--version", action="version", version=f"ebmfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -53,21 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run the subcommand ``args`` was parsed for (``args._module``, ``args.command``): its exit code, or one line on
+    stderr and 2 for a usage error or a fault met while writing, 1 for a non-finite chain, 130 for Ctrl-C."""
     try:
         return int(args._module.run(args) or 0)
     except UsageError as exc:
-        print(f"ebmfast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"ebmfast {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as exc:  # a full disk, a file-size limit, ... while writing: one line
         fault = write_failure(exc)
         if fault is None:
             raise
-        print(f"ebmfast {args.command}: error: {_one_line(fault)}", file=sys.stderr)
+        print(f"ebmfast {args.command}: error: {one_line(fault)}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:  # the model's fault, not the command line's: one line, exit 1
-        print(f"ebmfast {args.command}: {_one_line(exc)}", file=sys.stderr)
+        print(f"ebmfast {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ebmfast {args.command}: interrupted", file=sys.stderr)

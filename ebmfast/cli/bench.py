@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -25,6 +25,7 @@ from ..benchmark.report import (
     csv_rows,
     environment,
     fmt,
+    format_distributed_table,
     format_table,
     format_train_table,
     write_csv_history,
@@ -33,14 +34,13 @@ from ..benchmark.throughput import (
     available_backends,
     bench_sampler,
     bench_sampler_distributed,
-    format_distributed_table,
 )
 from ..benchmark.timing import measure_matmul_peak
 from ..benchmark.training import SEED_EPOCHS, SEED_ITERS_PER_EPOCH, bench_train
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..models import CNNModel
-from ..sampler import PRECISIONS
+from ..sampler import PRECISION_MODES
 from .outputs import output_file
 
 __all__ = ["GPU_BATCHES", "CPU_BATCHES", "DEFAULT_STEPS", "add_arguments", "run", "main"]
@@ -88,7 +88,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--precision",
         default="fp32",
-        choices=PRECISIONS,
+        choices=PRECISION_MODES,
         help="sampler precision (fp32 is the parity target)",
     )
     parser.add_argument("--hidden-features", type=int, default=32, help="width of the seed CNN (default 32)")
@@ -157,7 +157,110 @@ def _bounded(flag: str, value: int, hi: int, why: str) -> None:
         raise UsageError(f"{flag} must be <= {hi:,} ({why}), got {value:,}")
 
 
+@dataclass
+class _Plan:
+    """What a run measures, from the flags (checked)."""
+
+    device: torch.device
+    backends: list[str]
+    unusable: dict[str, str]
+    batches: list[int]
+    steps: list[int]
+    rounds: int
+    iters: int
+
+
 def run(args) -> int:
+    plan = _plan(args)
+    _check_flags(args)
+    _check_outputs(args)  # the output files, before any measurement
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    compile_kwargs = {"dynamic": False} if args.compile_static else None
+    if getattr(args, "distributed", False):
+        if args.csv:
+            raise UsageError("--csv is not supported with --distributed (use --json)")
+        return _run_distributed(args, plan.backends, plan.batches, plan.steps, plan.rounds, compile_kwargs)
+    torch.manual_seed(args.seed)
+    model = CNNModel(hidden_features=args.hidden_features).to(plan.device)
+    env, peak, fpss = _announce(args, plan, model)
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
+        "device": str(plan.device),
+        "backends": plan.backends,
+        "batch": plan.batches,
+        "steps": plan.steps,
+        "rounds": plan.rounds,
+        "train_iters": plan.iters,
+    }
+
+    def document(sampler_results, train_results, complete):
+        return {
+            "complete": complete,  # False: written after the sampler part, training still to come
+            "environment": env,
+            "config": config,
+            "matmul_peak": peak,
+            "flop_per_sample_step": fpss,
+            # what backend="auto"'s committed table is keyed by (bench/device_summary.py writes rows from this run)
+            "model": {
+                "architecture": architecture_key(model),
+                "sample_shape": list(model.input_shape),
+                "precision": args.precision,
+            },
+            "sampler": [asdict(r) for r in sampler_results],
+            "train": [asdict(r) for r in train_results],
+        }
+
+    # what the sampler and the training measurements share
+    common = dict(
+        precision=args.precision,
+        seed=args.seed,
+        telemetry=args.telemetry,
+        progress=args.progress,
+        compile_kwargs=compile_kwargs,
+    )
+    sampler_results = bench_sampler(
+        model,
+        plan.device,
+        plan.backends,
+        plan.batches,
+        plan.steps,
+        rounds=plan.rounds,
+        peak=peak,
+        max_call_s=args.max_call_s,
+        time_budget_s=args.time_budget_s,
+        **common,
+    )
+    # Written now as well, so a run killed during training (e.g. by a stage timeout) keeps its sampler figures.
+    _write_json(args.json, document(sampler_results, [], complete=not args.train))
+    train_results = []
+    if args.train:
+        train_results = bench_train(
+            model,
+            plan.device,
+            plan.backends,
+            batch=args.train_batch,
+            steps=args.train_steps,
+            iters=plan.iters,
+            **common,
+        )
+    env["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    _print_tables(args, plan, env, sampler_results, train_results)
+    doc = document(sampler_results, train_results, complete=True)
+    if args.json:
+        _write_json(args.json, doc)
+        print(f"\nwrote {args.json}")
+    if args.csv:
+        write_csv_history(args.csv, csv_rows(env, sampler_results, train_results, args.precision))
+        print(f"appended to {args.csv}")
+    failed = [r for r in sampler_results + train_results if (r.skipped or "").startswith("failed")]
+    if failed:
+        print(f"ebmfast bench: {len(failed)} measurement(s) failed (tracebacks above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plan(args) -> _Plan:
+    """The device, backends, batch sizes, chain lengths, rounds and training iterations to measure (checked)."""
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
@@ -185,6 +288,11 @@ def run(args) -> int:
         raise UsageError(f"--rounds and --train-iters must be >= 1, got {rounds} and {iters}")
     _bounded("--rounds", rounds, 10_000, "a bound against typos that would never finish")
     _bounded("--train-iters", iters, 100_000, "a bound against typos that would never finish")
+    return _Plan(device, backends, unusable, batches, steps_list, rounds, iters)
+
+
+def _check_flags(args) -> None:
+    """The training, model and timing flags: in range, or one line saying what was expected."""
     _bounded("--train-batch", args.train_batch, 1 << 20, "images held on the device at once")
     _bounded("--train-steps", args.train_steps, 1_000_000, "a bound against typos that would never finish")
     _bounded("--hidden-features", args.hidden_features, 4096, "the CNN's width")
@@ -205,7 +313,9 @@ def run(args) -> int:
     ):
         if not ok:
             raise UsageError(f"{flag} must be {wanted}, got {value}")
-    # the output files, before any measurement
+
+
+def _check_outputs(args) -> None:
     if args.json:
         output_file(args.json, "--json")
     if args.csv:
@@ -214,22 +324,19 @@ def run(args) -> int:
             check_csv_history(csv_path)
         except ValueError as exc:  # a CSV with other columns: refused now, not after the measurements
             raise UsageError(f"--csv {exc}") from None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    compile_kwargs = {"dynamic": False} if args.compile_static else None
-    if getattr(args, "distributed", False):
-        if args.csv:
-            raise UsageError("--csv is not supported with --distributed (use --json)")
-        return _run_distributed(args, backends, batches, steps_list, rounds, compile_kwargs)
-    torch.manual_seed(args.seed)
-    model = CNNModel(hidden_features=args.hidden_features).to(device)
-    env = environment(device)
+
+
+def _announce(args, plan: _Plan, model: CNNModel) -> tuple[dict, dict | None, float]:
+    """Print what is measured where; returns the environment, the measured matmul peak (``--peak``) and the FLOP
+    count of one sample-step."""
+    env = environment(plan.device)
+    unusable = plan.unusable
     print(
-        f"ebmfast bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}; "
-        f"backends {', '.join(backends)}" + (f"; unavailable: {', '.join(unusable)}" if unusable else ""),
+        f"ebmfast bench on {env['device_name']} ({plan.device}); torch {env['torch']}, triton {env['triton']}; "
+        f"backends {', '.join(plan.backends)}" + (f"; unavailable: {', '.join(unusable)}" if unusable else ""),
         flush=True,
     )
-    if not cuda:
+    if plan.device.type != "cuda":
         print(
             f"cpu: {env['cpu_count']} cores, {env['torch_threads']} torch threads, load average (1 min) "
             f"{fmt(env['loadavg_1m'], '.2f')} at start",
@@ -237,104 +344,36 @@ def run(args) -> int:
         )
     peak = None
     if args.peak:
-        peak = measure_matmul_peak(device, n=args.peak_n)
+        peak = measure_matmul_peak(plan.device, n=args.peak_n)
         tf32 = f", tf32 {peak['tf32_tflops']:.2f}" if peak["tf32_tflops"] else ""
         print(f"measured matmul peak (n={peak['n']}): fp32 {peak['fp32_tflops']:.3f} TFLOP/s{tf32}", flush=True)
     fpss = flops_per_sample_step(model, model.input_shape)
     print(f"work per sample-step (forward + input gradient): {fpss / 1e6:.3f} MFLOP", flush=True)
+    return env, peak, fpss
 
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
-        "device": str(device),
-        "backends": backends,
-        "batch": batches,
-        "steps": steps_list,
-        "rounds": rounds,
-        "train_iters": iters,
-    }
 
-    def document(sampler_results, train_results, complete):
-        return {
-            "complete": complete,  # False: written after the sampler part, training still to come
-            "environment": env,
-            "config": config,
-            "matmul_peak": peak,
-            "flop_per_sample_step": fpss,
-            # what backend="auto"'s committed table is keyed by (bench/device_summary.py writes rows from this run)
-            "model": {
-                "architecture": architecture_key(model),
-                "sample_shape": list(model.input_shape),
-                "precision": args.precision,
-            },
-            "sampler": [asdict(r) for r in sampler_results],
-            "train": [asdict(r) for r in train_results],
-        }
+def _write_json(path: str | None, doc: dict) -> None:
+    """``--json``, replaced atomically (nothing without the flag)."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=2, default=str)
+        os.replace(tmp, path)
 
-    def write_json(doc):
-        if args.json:
-            tmp = f"{args.json}.tmp"
-            with open(tmp, "w") as fh:
-                json.dump(doc, fh, indent=2, default=str)
-            os.replace(tmp, args.json)
 
-    sampler_results = bench_sampler(
-        model,
-        device,
-        backends,
-        batches,
-        steps_list,
-        rounds=rounds,
-        precision=args.precision,
-        peak=peak,
-        seed=args.seed,
-        max_call_s=args.max_call_s,
-        time_budget_s=args.time_budget_s,
-        telemetry=args.telemetry,
-        progress=args.progress,
-        compile_kwargs=compile_kwargs,
-    )
-    # Written now as well, so a run killed during training (e.g. by a stage timeout) keeps its sampler figures.
-    write_json(document(sampler_results, [], complete=not args.train))
-    train_results = []
-    if args.train:
-        train_results = bench_train(
-            model,
-            device,
-            backends,
-            batch=args.train_batch,
-            steps=args.train_steps,
-            iters=iters,
-            precision=args.precision,
-            seed=args.seed,
-            telemetry=args.telemetry,
-            progress=args.progress,
-            compile_kwargs=compile_kwargs,
-        )
-
-    env["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def _print_tables(args, plan: _Plan, env: dict, sampler_results: list, train_results: list) -> None:
     print()
-    if not cuda:
+    if plan.device.type != "cuda":
         print(f"load average (1 min) at end {fmt(env['loadavg_1m_end'], '.2f')}")
-    print(f"Sampler ({args.precision}, {rounds} interleaved rounds, median; {sampler_results[0].timer})")
+    print(f"Sampler ({args.precision}, {plan.rounds} interleaved rounds, median; {sampler_results[0].timer})")
     print(format_table(sampler_results))
     if train_results:
         print()
         print(
-            f"Contrastive-divergence training (batch {args.train_batch}, {args.train_steps} steps, {iters} "
+            f"Contrastive-divergence training (batch {args.train_batch}, {args.train_steps} steps, {plan.iters} "
             f"iterations, median); 60 ep = projected {SEED_EPOCHS} x {SEED_ITERS_PER_EPOCH} iterations"
         )
         print(format_train_table(train_results))
-    doc = document(sampler_results, train_results, complete=True)
-    if args.json:
-        write_json(doc)
-        print(f"\nwrote {args.json}")
-    if args.csv:
-        write_csv_history(args.csv, csv_rows(env, sampler_results, train_results, args.precision))
-        print(f"appended to {args.csv}")
-    failed = [r for r in sampler_results + train_results if (r.skipped or "").startswith("failed")]
-    if failed:
-        print(f"ebmfast bench: {len(failed)} measurement(s) failed (tracebacks above)", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _run_distributed(args, backends, batches, steps_list, rounds, compile_kwargs) -> int:
@@ -392,10 +431,7 @@ def _run_distributed(args, backends, batches, steps_list, rounds, compile_kwargs
     if args.json:
         doc = {"complete": True, "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
         doc["distributed"] = [asdict(r) for r in results]
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=2, default=str)
-        os.replace(tmp, args.json)
+        _write_json(args.json, doc)
         print(f"\nwrote {args.json}")
     failed = [r for r in results if (r.skipped or "").startswith("failed")]
     if failed:
@@ -406,16 +442,12 @@ def _run_distributed(args, backends, batches, steps_list, rounds, compile_kwargs
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ebmfast.cli.bench``: the same as ``ebmfast bench``, without loading the other subcommands."""
-    from . import _one_line, _Parser
+    from . import Parser, run_parsed
 
-    parser = _Parser(prog="python -m ebmfast.cli.bench", description="measure sampler throughput")
+    parser = Parser(prog="python -m ebmfast.cli.bench", description="measure sampler throughput")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"ebmfast bench: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+    parser.set_defaults(_module=sys.modules[__name__], command="bench")
+    return run_parsed(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

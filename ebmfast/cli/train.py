@@ -20,7 +20,7 @@ import torch
 from ..data import DATASETS, load_dataset
 from ..devices import resolve_device
 from ..errors import CheckpointError, DivergenceError, UsageError
-from ..sampler import BACKENDS, PRECISIONS, resolve_backend
+from ..sampler import BACKENDS, PRECISION_MODES, resolve_backend
 from ..training.checkpoint import load_checkpoint
 from ..training.config import PRESETS, TrainConfig
 from ..training.distributed import (
@@ -138,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         dest="sampler_precision",
         default=None,
-        choices=PRECISIONS,
+        choices=PRECISION_MODES,
         help="sampler arithmetic (default fp32, the seed's)",
     )
     parser.add_argument(

@@ -145,25 +145,42 @@ class Trainer:
     ):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        cfg = self.config = config
+        self.config = config
         self.device = resolve_device(device)
         self.dist = DistContext.current()  # one process, or this rank of a data-parallel run
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = bool(progress) and self.dist.is_main
-        self.callbacks = list(callbacks)
-        for cb in self.callbacks:
-            if not callable(getattr(cb, "on_epoch_end", None)) and not callable(getattr(cb, "on_step_end", None)):
-                raise TypeError(f"callback {cb!r} has neither on_epoch_end(trainer, epoch) nor on_step_end(...)")
+        self.callbacks = _checked_callbacks(callbacks)
         if self.out_dir is not None and resume is None and not overwrite:
-            existing = self.out_dir / "checkpoints" / "last.pt"
-            if existing.exists():
-                raise FileExistsError(
-                    f"{self.out_dir} already holds a run ({existing}); continue it with "
-                    f"--resume {existing}, pick another --out, or pass --overwrite"
-                )
+            _refuse_earlier_run(self.out_dir)
         ckpt = load_checkpoint(resume) if resume is not None else None  # fail before anything is written
 
-        # ---- data, on the device as single tensors
+        train_images = self._set_up_data(data, data_root, download)
+        self._build_model()
+        backend = self._build_sampling(train_images)
+        self._start_counters()
+        resharded = resume_from(self, ckpt, str(resume)) if ckpt is not None else None
+        self._build_iterations(backend)
+        if ckpt is not None:
+            self.state_restored()
+        self._open_files(resumed=ckpt is not None)  # only now: every check above has passed
+        if ckpt is not None:
+            self.note(f"resumed from {resume} at epoch {self.epoch}, iteration {self.iteration}")
+            if resharded:
+                self.note(resharded, warn=True)
+        else:
+            self.note(
+                f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                f"{len(train_images)} training images, {len(self.batches)} iterations per epoch"
+            )
+        self.note(f"iterations: {self.runner.describe()}; metrics copied to the host every {self.sync_every}")
+        if self.dist.distributed:
+            self.note(self.dist.describe(self.config))
+
+    # ============================================================================================ construction
+    def _set_up_data(self, data: DataSplits | None, data_root: str | Path | None, download: bool) -> torch.Tensor:
+        """The data, checked; the validation images go to the device; returns the training images (checked)."""
+        cfg = self.config
         if data is None:
             data = load_dataset(cfg.data, root=data_root, download=download)
         self.data = data
@@ -173,8 +190,11 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images")
         self.dist.local_batch(cfg.batch_size)  # ValueError unless the ranks can take equal shares
         self.val_images = val_images.to(self.device)
+        return train_images
 
-        # ---- model, optimizer, schedule (seed_everything(seed) then build, as the seed does)
+    def _build_model(self) -> None:
+        """Model, optimizer, schedule: seed_everything(seed), then build, as the seed does."""
+        cfg = self.config
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -187,7 +207,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=cfg.lr_gamma)
         self._adopt_lr()
 
-        # ---- random streams and the sampling machinery
+    def _build_sampling(self, train_images: torch.Tensor) -> str:
+        """The random streams and the sampling machinery (buffer, sampler, pictures, batches, roll-back, signals);
+        returns the sampler backend the configuration resolves to on this device."""
+        cfg = self.config
         self.gen = torch.Generator(device=self.device).manual_seed(self.dist.seed(cfg.seed, 0, S_GEN))
         self.buffer = ReplayBuffer(
             IMAGE_SHAPE,
@@ -230,8 +253,10 @@ class Trainer:
             # A long chain looks at the flag between its chunks (sampler.CHUNK_STEPS); under torchrun the ranks agree
             # on stops between iterations only (a rank leaving mid-iteration would leave the others in a collective).
             self.sampler.stop_check = lambda: self.signals.signum is not None
+        return backend
 
-        # ---- progress counters
+    def _start_counters(self) -> None:
+        """The progress counters of a new run (a resume then loads the checkpoint's)."""
         self.epoch = 0  # epochs completed (= index of the epoch in progress)
         self.iteration = 0  # training iterations completed
         self.best_val = math.inf
@@ -240,7 +265,10 @@ class Trainer:
         self.epoch_metrics: dict[str, float] = {}
         self.events: list[dict] = []
         self._fit_start: float | None = None
-        resharded = resume_from(self, ckpt, str(resume)) if ckpt is not None else None
+
+    def _build_iterations(self, backend: str) -> None:
+        """How iterations run: the forward model, the CD step, the runner (CDGraph or CDStep), the flush cadence."""
+        cfg = self.config
         # The module the training forward/backward runs through: DistributedDataParallel(model) in a process group
         # (gradients averaged across ranks before the clip), else the model. The sampler samples from self.model.
         # Under DDP the whole-iteration CUDA graph stays off (step.iteration_graph_reason says why).
@@ -265,36 +293,20 @@ class Trainer:
         self.checkpoint_every_s = CHECKPOINT_EVERY_S
         self._history = StepHistory(self.sync_every, self.device)
         self.timing: dict = {}
-        if ckpt is not None:
-            self.state_restored()
 
-        # ---- files (only now: every check above has passed; only rank 0 writes)
+    def _open_files(self, resumed: bool) -> None:
+        """The run's metrics log, text log and folders; only rank 0 writes."""
         writes = self.out_dir if self.dist.is_main else None
         self.metrics = MetricsLogger(
-            writes, tensorboard=cfg.tensorboard, purge_step=self.iteration if ckpt is not None else None
+            writes, tensorboard=self.config.tensorboard, purge_step=self.iteration if resumed else None
         )
         self.log = RunLog(writes)
-        if self.out_dir is not None:
-            self.ckpt_dir = self.out_dir / "checkpoints"
-        else:
-            self.ckpt_dir = None
+        self.ckpt_dir = self.out_dir / "checkpoints" if self.out_dir is not None else None
         if writes is not None:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.ckpt_dir)
             (self.out_dir / "samples").mkdir(exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if ckpt is not None:
-            self.note(f"resumed from {resume} at epoch {self.epoch}, iteration {self.iteration}")
-            if resharded:
-                self.note(resharded, warn=True)
-        else:
-            self.note(
-                f"new run on {self.device}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                f"{len(train_images)} training images, {len(self.batches)} iterations per epoch"
-            )
-        self.note(f"iterations: {self.runner.describe()}; metrics copied to the host every {self.sync_every}")
-        if self.dist.distributed:
-            self.note(self.dist.describe(cfg))
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     # ================================================================================================ training
     def train_step(self, real: torch.Tensor) -> dict[str, float]:
@@ -708,6 +720,23 @@ class Trainer:
         """Flush and close the run's files (the trainer can still be used in memory)."""
         self.metrics.close()
         self.log.close()
+
+
+def _checked_callbacks(callbacks) -> list:
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if not callable(getattr(cb, "on_epoch_end", None)) and not callable(getattr(cb, "on_step_end", None)):
+            raise TypeError(f"callback {cb!r} has neither on_epoch_end(trainer, epoch) nor on_step_end(...)")
+    return callbacks
+
+
+def _refuse_earlier_run(out_dir: Path) -> None:
+    existing = out_dir / "checkpoints" / "last.pt"
+    if existing.exists():
+        raise FileExistsError(
+            f"{out_dir} already holds a run ({existing}); continue it with "
+            f"--resume {existing}, pick another --out, or pass --overwrite"
+        )
 
 
 def _check_images(x, name: str, allow_empty: bool = False) -> torch.Tensor:
