@@ -308,7 +308,16 @@ class LangevinSampler:
     def explain(self, x: torch.Tensor) -> str:
         """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons)."""
         backend, why = self._choose(x)
-        return f"backend={self.backend!r} -> {backend!r} for x of shape {tuple(x.shape)} on {x.device}: {why}"
+        text = f"backend={self.backend!r} -> {backend!r} for x of shape {tuple(x.shape)} on {x.device}: {why}"
+        if backend in ("compiled", "fused", "graph"):
+            from .recognise import recognise
+
+            found = recognise(self.model, x)
+            if isinstance(found, str):
+                text += f"; gradient: torch.func (the chain program does not run this model: {found})"
+            else:
+                text += f"; gradient: the chain program of {found.describe()}"
+        return text
 
     def _energy_grad(self, device: torch.device, backend: str = "compiled") -> Callable[[torch.Tensor], torch.Tensor]:
         """The gradient function for ``backend`` (eager autograd or compiled), in the sampler's precision."""

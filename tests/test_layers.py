@@ -39,9 +39,10 @@ from conftest import assert_close_verbose
 from torch import nn
 
 from ebmfast import CNNModel, LangevinSampler, Swish, langevin_reference, ops
-from ebmfast.energy_grad import chain_energy_grad, chain_layers
+from ebmfast.energy_grad import program_energy_grad
 from ebmfast.kernels.geometry import ACT_NONE, ACT_SWISH, ACT_TANH, LayerSpec, decode_geometry, encode_geometry
 from ebmfast.layers import LayerProgram, layer_program, plan_layers, unsupported_reason
+from ebmfast.recognise import recognise
 from ebmfast.reference import energy_grad_reference, sampling_mode
 
 # The whole file is a kernel sweep under the Triton interpreter (minutes on 2 cores): marked slow, so that
@@ -398,6 +399,12 @@ def seed_cnns():
     return {"random": random, "trained": trained}
 
 
+def chain_rule(model, x):
+    """The chain program's gradient (ebmfast.energy_grad, uncompiled) of the recognised model."""
+    program = recognise(model, x)
+    return program_energy_grad(program, program.read(model), x)
+
+
 def frozen(model, device):
     model = model.to(device).eval()
     for p in model.parameters():
@@ -408,12 +415,12 @@ def frozen(model, device):
 def check_energy_grad(model, x, what, precision="fp32", atol=None):
     program = LayerProgram(model, precision)
     got = program.energy_grad(x)
-    want = chain_energy_grad(chain_layers(model), x)
+    want = chain_rule(model, x)
     with sampling_mode(model):
         ref = energy_grad_reference(model, x)
-        exact = chain_energy_grad(chain_layers(copy.deepcopy(model).double()), x.double())
+        exact = chain_rule(copy.deepcopy(model).double(), x.double())
     atol = CHAIN_ATOL[x.device.type] * 1e-2 if atol is None else atol  # gradients are ~1e-4: relative ~1e-3 max
-    assert_close_verbose(got, want, atol=atol, what=f"{what} vs chain_energy_grad")
+    assert_close_verbose(got, want, atol=atol, what=f"{what} vs the chain program")
     assert_close_verbose(got, ref, atol=atol, what=f"{what} vs energy_grad_reference")
     return (got.double() - exact).abs().max().item(), exact.abs().max().item()
 
@@ -499,7 +506,7 @@ def test_whole_program_with_compiled_settings(device, arch):
     model = frozen(model(), device)
     x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(14)) * 2 - 1).to(device)
     g = program_calls(model, x, L.MODE_GRAD, interpreted=False)
-    assert_close_verbose(g, chain_energy_grad(chain_layers(model), x), atol=1e-7, what=f"{arch} compiled settings")
+    assert_close_verbose(g, chain_rule(model, x), atol=1e-7, what=f"{arch} compiled settings")
 
 
 def run_chain(model, x, steps, device, seed=11, noise=None):
@@ -596,9 +603,9 @@ def test_in_place_weight_updates_are_seen(device):
             p.mul_(1.5).add_(0.01)
     after = program.energy_grad(x)
     assert (after - before).abs().max() > 1e-4
-    assert_close_verbose(after, chain_energy_grad(chain_layers(model), x), atol=1e-7, what="after in-place update")
+    assert_close_verbose(after, chain_rule(model, x), atol=1e-7, what="after in-place update")
     model[0].weight = nn.Parameter(model[0].weight.detach() * -1.0, requires_grad=False)  # replaced: read per call
-    assert_close_verbose(program.energy_grad(x), chain_energy_grad(chain_layers(model), x), atol=1e-7, what="replaced")
+    assert_close_verbose(program.energy_grad(x), chain_rule(model, x), atol=1e-7, what="replaced")
 
 
 # ------------------------------------------------------------------------------------------------ API and checks
