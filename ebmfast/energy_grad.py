@@ -57,7 +57,7 @@ def activation(name: str, param: float, a: torch.Tensor) -> tuple[torch.Tensor, 
         return torch.relu(a), pos.to(a.dtype)
     if name == "leaky_relu":
         pos = a > 0
-        return F.leaky_relu(a, param), torch.where(pos, 1.0, param).to(a.dtype)
+        return F.leaky_relu(a, param), torch.where(pos, torch.ones_like(a), torch.full_like(a, param))
     if name == "elu":
         y = F.elu(a, param)
         return y, torch.where(a > 0, torch.ones_like(a), y + param)

@@ -188,6 +188,11 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
         return f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return "x must be a batch tensor (N, C, H, W) or (N, D)"
+    if x.dtype != torch.float32:
+        return f"the chain state must be float32, got {x.dtype}"
+    for name, p in model.named_parameters():
+        if p.dtype != torch.float32:
+            return f"parameters must be float32, {name} is {p.dtype}"
     found = chain_for(model, x)
     if isinstance(found, str):
         return found
@@ -220,16 +225,19 @@ class _Plan:
 
 class KernelProgram:
     """What the kernel programs (``LayerProgram`` here, ``ebmfast.persistent.PersistentProgram``) share: the model
-    (held weakly: the program cache stays weak), the precision, the per-shape plans, and the parameters read at each
-    call. The model is recognised per call (``ebmfast.recognise``: cached, re-captured when its structure changes).
+    (held weakly by the cached programs, so the cache stays weak), the precision, the per-shape plans, and the
+    parameters read at each call. The model is recognised per call (``ebmfast.recognise``: cached, re-captured
+    when its structure changes).
     Subclasses set ``WHAT`` (for messages) and build their own plans (``_plan``)."""
 
     WHAT = "the layer kernels"
 
-    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+    def __init__(self, model: nn.Module, precision: str = "fp32", *, weak: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        self._model = weakref.ref(model)
+        # ``weak``: the per-model caches hold their programs as values of a weak-keyed dict, which must not keep
+        # their own key alive; a program made directly keeps its model.
+        self._model = weakref.ref(model) if weak else (lambda: model)
         self.precision = precision
         self._prec = PRECISIONS[precision]
         self._plans: dict = {}
@@ -387,5 +395,5 @@ def layer_program(model: nn.Module, precision: str = "fp32") -> LayerProgram:
     """The (cached) layer program of ``model`` in ``precision``: every sampler on one model shares its scratch."""
     per_model = _PROGRAMS.setdefault(model, {})
     if precision not in per_model:
-        per_model[precision] = LayerProgram(model, precision)
+        per_model[precision] = LayerProgram(model, precision, weak=True)
     return per_model[precision]

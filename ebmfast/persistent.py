@@ -86,8 +86,8 @@ class PersistentProgram(KernelProgram):
     WHAT = "the persistent kernel"
     launches_per_chain = 1  # head noise, K steps and every layer inside one launch
 
-    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
-        super().__init__(model, precision)
+    def __init__(self, model: nn.Module, precision: str = "fp32", *, weak: bool = False) -> None:
+        super().__init__(model, precision, weak=weak)
         self.first_call_s: dict = {}  # (shape, noise supplied, trajectory) -> wall seconds of the first launch call
 
     def _plan(self, x: torch.Tensor, settings: ChainSettings | None = None) -> _Plan:
@@ -193,5 +193,5 @@ def persistent_program(model: nn.Module, precision: str = "fp32") -> PersistentP
     scratch."""
     per_model = _PROGRAMS.setdefault(model, {})
     if precision not in per_model:
-        per_model[precision] = PersistentProgram(model, precision)
+        per_model[precision] = PersistentProgram(model, precision, weak=True)
     return per_model[precision]

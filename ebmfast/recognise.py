@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 import weakref
 
@@ -213,12 +214,17 @@ def _capture(model: nn.Module, x: torch.Tensor) -> Program | str:
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 1:
         return f"inputs must be a batch (N, ...), got {tuple(getattr(x, 'shape', ()))}"
     probe = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # a failing capture is a reason, not a log
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with sampling_mode(model), torch.enable_grad():
             exported = torch.export.export(model, (probe,), strict=False)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"the forward could not be captured by torch.export ({type(exc).__name__}: {msg[:300]})"
+    finally:
+        quiet.setLevel(level)
     return _read(exported, int(x.shape[0]))
 
 
@@ -342,8 +348,15 @@ class _Reader:
                 raise _Refused(f"{op}{_where(n)} is active in eval mode")
             self.value[n] = self.val(first, n)
             return
-        src = self.val(first, n)
         ps = shape[1:]
+        if op == "mul" and n.target._overloadname == "Tensor":
+            x, y = a["self"], a["other"]
+            for pre, gate in ((x, y), (y, x)):
+                if isinstance(gate, torch.fx.Node) and _is_swish_gate(gate) and gate.args[0] is pre:
+                    self.value[n] = self.add("act", ps, src=self.val(pre, n), name="swish", param=0.0)
+                    return
+            raise _Refused(f"mul{_where(n)}: only x * sigmoid(x) (swish) is read as a product")
+        src = self.val(first, n)
         if op == "conv2d":
             if n.target._overloadname != "default":
                 raise _Refused(f"conv2d with padding={a['padding']!r}{_where(n)}: numeric padding only")
@@ -426,13 +439,6 @@ class _Reader:
             if _is_swish_gate(n):
                 return  # read at the mul
             self.value[n] = self.add("act", ps, src=src, name="sigmoid", param=0.0)
-        elif op == "mul" and n.target._overloadname == "Tensor":
-            x, y = a["self"], a["other"]
-            for pre, gate in ((x, y), (y, x)):
-                if isinstance(gate, torch.fx.Node) and _is_swish_gate(gate) and gate.args[0] is pre:
-                    self.value[n] = self.add("act", ps, src=self.val(pre, n), name="swish", param=0.0)
-                    return
-            raise _Refused(f"mul{_where(n)}: only x * sigmoid(x) (swish) is read as a product")
         elif op == "add" and n.target._overloadname == "Tensor":
             if a["alpha"] != 1:
                 raise _Refused(f"add{_where(n)} with alpha {a['alpha']}")
@@ -464,22 +470,27 @@ class _Reader:
                 alias[i] = s
             elif kind in ("pool", "gpool"):
                 what = "avg_pool2d" if kind == "pool" else "the global mean"
-                j, between = i, []
-                while len(users.get(j, [])) == 1 and users[j][0] > 0 and raw[users[j][0] - 1][0] == "reshape":
-                    j = users[j][0]
-                    between.append(j)
-                tgt = users.get(j, [])
-                aff = raw[tgt[0] - 1][1] if len(tgt) == 1 and tgt[0] > 0 and raw[tgt[0] - 1][0] == "affine" else None
-                ok = aff is not None and not aff.get("pool") and not aff.get("global_pool")
-                ok = ok and (not aff["conv"] if kind == "gpool" else (not aff["conv"] or not between))
-                if not ok:
+                targets = []
+                for u in users.get(i, []):  # every user: a conv, or reshapes then a Linear
+                    between = []
+                    while u > 0 and raw[u - 1][0] == "reshape" and len(users.get(u, [])) == 1:
+                        between.append(u)
+                        u = users[u][0]
+                    aff = raw[u - 1][1] if u > 0 and raw[u - 1][0] == "affine" else None
+                    ok = aff is not None and not aff.get("pool") and not aff.get("global_pool")
+                    ok = ok and (not aff["conv"] if kind == "gpool" else (not aff["conv"] or not between))
+                    if not ok:
+                        raise _Refused(f"{what}{f['where']} is not followed by a Conv2d/Linear it can fold into")
+                    targets.append((aff, between))
+                if not targets:
                     raise _Refused(f"{what}{f['where']} is not followed by a Conv2d/Linear it can fold into")
-                aff["src"] = f["src"]
-                dropped.update(between)
-                if kind == "gpool":
-                    aff["global_pool"] = True
-                else:
-                    aff["pool"] = f["pool"]
+                for aff, between in targets:
+                    aff["src"] = f["src"]
+                    dropped.update(between)
+                    if kind == "gpool":
+                        aff["global_pool"] = True
+                    else:
+                        aff["pool"] = f["pool"]
         # keep the live nodes, renumbered
         live = [i for i, (k, _) in enumerate(raw, start=1) if k not in ("bn", "pool", "gpool") and i not in dropped]
         renum = {0: 0}

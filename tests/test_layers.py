@@ -467,7 +467,7 @@ def program_calls(model, x, mode, **kw):
     """Run one gradient (MODE_GRAD, returns g) or step (MODE_STEP on x) with explicit launch options."""
     program = LayerProgram(model)
     plan = program._plan(x)
-    w, b = program._params()
+    w, b = program._params(plan.chain)
     g = torch.full_like(x, float("nan")) if mode == L.MODE_GRAD else None
     L.run_calls(L.step_calls(plan.specs, x, w, b, plan.scratch, 0, mode, g=g, **kw))
     return g
@@ -619,7 +619,11 @@ def test_launches_per_step_on_the_seed_cnn():
         calls = L.step_calls(specs, meta, w, w, w[:-1], 0, L.MODE_STEP, rng=w[0], add_noise=True, fuse_head=fuse)
         assert len(calls) == launches
     assert [c.kernel.__name__ for c in calls[-6:]] == ["layer_fwd_kernel"] + ["layer_dgrad_kernel"] * 5
-    assert LayerProgram(mlp1_chain()).launches_per_step == 1  # one hidden layer: the whole step is the head
+    program = LayerProgram(mlp1_chain())
+    with pytest.raises(ValueError, match="prepare"):
+        program.launches_per_step  # noqa: B018 - no input shape known yet
+    program._chain(torch.zeros(2, 3, 5, 7))  # recognised for that shape (no scratch: no kernels needed)
+    assert program.launches_per_step == 1  # one hidden layer: the whole step is the head
 
 
 def test_geometry_round_trip():
@@ -647,7 +651,7 @@ REASONS = [
     (
         lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
         (1, 28, 28),
-        "not a supported layer chain",
+        "the activation relu is not run by the layer kernels",
     ),
     (
         lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
@@ -659,28 +663,32 @@ REASONS = [
         (1, 28, 28),
         "two activations in a row",
     ),
-    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(26, 1)), (1, 28, 28), "Linear on a 4-D activation"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(26, 1)), (1, 28, 28), "linear in 1 (Linear) on a 4-D tensor"),
     (lambda: nn.Sequential(nn.Tanh(), nn.Flatten(), nn.Linear(784, 1)), (1, 28, 28), "before the first"),
     (lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 1)), (1, 28, 28), "at least one Conv2d/Linear"),
     (
         lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Conv2d(8, 1, 1), nn.Flatten(), nn.Linear(1, 1)),
         (1, 28, 28),
-        "Conv2d after Flatten",
+        "Expected 3D (unbatched) or 4D (batched) input to conv2d",
     ),
     (
         lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
         (1, 28, 28),
-        "expects 3 input channels",
+        "to have 3 channels, but got 1",
     ),
-    (lambda: nn.Sequential(nn.Conv2d(1, 4, 9), nn.Flatten(), nn.Linear(4, 1)), (1, 5, 5), "does not fit"),
-    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (1, 3, 3), "Linear on a 4-D activation"),
-    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (3, 10), "inputs must be"),
-    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "expects 5 input features"),
-    (lambda: CNNModel(), (1, 32, 32), "CNNModel takes inputs"),
+    (
+        lambda: nn.Sequential(nn.Conv2d(1, 4, 9), nn.Flatten(), nn.Linear(4, 1)),
+        (1, 5, 5),
+        "Kernel size can't be greater than actual input size",
+    ),
+    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (1, 3, 3), "could not be captured"),
+    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (3, 10), "linear in 0 (Linear) on a 3-D tensor"),
+    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "could not be captured"),
+    (lambda: CNNModel(), (1, 32, 32), "CNNModel expects images of shape (N, 1, 28, 28)"),
     (
         lambda: nn.Sequential(nn.Conv2d(1, 2, 3, groups=1, dilation=2), nn.Flatten(), nn.Linear(2 * 24 * 24, 1)),
         (1, 28, 28),
-        "not a supported layer chain",
+        "dilation [2, 2]",
     ),
 ]
 
@@ -704,8 +712,8 @@ def test_unsupported_dtype_device_and_precision(monkeypatch):
             LayerProgram(CNNModel()).energy_grad(torch.zeros(2, 1, 28, 28))
         monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
         assert unsupported_reason(CNNModel(), torch.zeros(2, 1, 28, 28)) is None
-    with pytest.raises(ValueError, match="not a supported layer chain"):
-        LayerProgram(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()))
+    with pytest.raises(ValueError, match="one score per sample"):
+        LayerProgram(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU())).prepare(torch.zeros(2, 1, 5, 5))
 
 
 def test_step_argument_checks(device):
@@ -746,7 +754,7 @@ def test_opcheck_layer_ops(device):
     program = LayerProgram(model)
     x = torch.rand(3, 23, device=device)
     plan = program._plan(x)
-    w, b = program._params()
+    w, b = program._params(plan.chain)
     rng = torch.tensor([3, 5], dtype=torch.int64, device=device)
     torch.library.opcheck(
         torch.ops.ebmfast.layers_step_.default,
