@@ -8,15 +8,17 @@ Backends (``backend=``):
   noise launch + K gradients + K fused updates.
 - ``graph`` (CUDA only): the whole ``fused`` chain captured once in a CUDA graph and replayed (``ebmfast.graph``).
 - ``triton``: the energy gradient on our own Triton layer kernels (``ebmfast.layers``), the update being the epilogue
-  of the last launch; on CUDA the K-step chain is captured in a CUDA graph like ``graph``. For models that are a
-  plain layer chain (``ebmfast.layers.unsupported_reason`` says why another is not); runs on CPU only under the
-  Triton interpreter (how the tests run it).
+  of the last launch; on CUDA the K-step chain is captured in a CUDA graph like ``graph``. For models that
+  ``ebmfast.recognise`` reads as a plain layer chain of what the kernels run, whatever their classes are called
+  (``ebmfast.layers.unsupported_reason`` says why another is not); runs on CPU only under the Triton interpreter
+  (how the tests run it).
 - ``persistent``: the whole K-step chain in one persistent Triton kernel (``ebmfast.persistent``): each program
   owns a block of samples for all K steps, built from the same layer device functions; same models as ``triton``
   (plus a per-sample scratch budget). Captured in a CUDA graph on CUDA as well.
 - ``auto``: on CUDA the fastest measured of ``graph`` and the kernel backends the model supports
   (``ebmfast.autotune``; ``graph`` where nothing was measured, ``compiled`` when Triton is missing); ``compiled`` on
-  CPU (the fastest measured there). ``sampler.explain(x)`` says what runs and why.
+  CPU (the fastest measured there). ``sampler.explain(x)`` says what runs and why, and for the compiled gradient
+  whether the chain program runs the model (or why not).
 
 Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a pure function of the sampler's seed,
 a device-side counter and the element index (Philox in the kernel on CUDA; a seeded CPU generator on CPU); each call
@@ -53,7 +55,7 @@ from .validation import (
 __all__ = ["LangevinSampler", "BACKENDS", "KERNEL_BACKENDS", "PRECISIONS", "precision_context", "resolve_backend"]
 
 BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton", "persistent")
-KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for plain layer chains only
+KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for recognised layer chains only
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -345,11 +347,13 @@ class LangevinSampler:
         return bf16_grad
 
     def _check_model_output(self, x: torch.Tensor) -> None:
-        key = (id(self.model), tuple(x.shape[1:]), x.dtype, x.device)
+        # Two samples where the batch has them: a model ending in ``.squeeze()`` returns (N,) for a batch but a
+        # 0-d score for one sample.
+        key = (id(self.model), min(x.shape[0], 2), tuple(x.shape[1:]), x.dtype, x.device)
         if key in self._checked:
             return
         with torch.no_grad(), sampling_mode(self.model):
-            energy_scores(self.model, x[:1])
+            energy_scores(self.model, x[:2])
         self._checked.add(key)
 
     def sample(
