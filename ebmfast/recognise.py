@@ -230,7 +230,7 @@ def _capture(model: nn.Module, x: torch.Tensor) -> Program | str:
 
 # --------------------------------------------------------------------------------------------- reading the graph
 _PARAM_DEFAULT = {"leaky_relu": 0.01, "elu": 1.0, "softplus": 1.0}
-_SAME = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout"}
+_SAME = {"clone", "contiguous", "alias", "dropout", "feature_dropout", "alpha_dropout"}  # the identity while sampling
 _RESHAPES = {"flatten", "view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "_reshape_alias"}
 _IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "_set_grad_enabled"}
 
