@@ -401,3 +401,53 @@ def test_compiled_backend_runs_the_chain_program(make):
     noise = sampler.noise_stream(x)
     got = sampler.sample(x)
     assert_close_verbose(got, langevin_reference(model, x, 5, noise=noise), atol=1e-5, what="compiled")
+
+
+class PooledChain(nn.Module):
+    """Average pooling into a conv, a global mean into the final Linear, a spectral-normalised conv, batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = spectral_norm(nn.Conv2d(1, 4, 3, padding=1))
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=1, padding=1)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = F.silu(self.bn(self.c1(x)))
+        h = torch.tanh(self.c2(F.avg_pool2d(h, 2)))
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1)).squeeze(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton", "persistent"])
+def test_folded_pooling_and_norms_on_the_kernel_backends(monkeypatch, backend):
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    torch.manual_seed(12)
+    model = randomise_bn(PooledChain())
+    x = images(3, 8)
+    sampler = LangevinSampler(model, steps=3, backend=backend, seed=13)
+    noise = sampler.noise_stream(x)
+    got = sampler.sample(x)
+    assert sampler.last_backend == backend
+    assert_close_verbose(got, langevin_reference(model, x, 3, noise=noise), atol=1e-5, what=backend)
+
+
+def every_activation_mlp():
+    layers = [nn.Flatten(), nn.Linear(49, 6)]
+    for act, _ in ACTS:
+        layers += [act, nn.Linear(6, 6)]
+    return nn.Sequential(*layers[:-1], nn.Linear(6, 1))
+
+
+@pytest.mark.slow
+def test_compiled_chain_program_with_every_activation():
+    torch.manual_seed(14)
+    model = every_activation_mlp()
+    x = images(5, 7)
+    sampler = LangevinSampler(model, steps=4, backend="compiled", seed=15)
+    text = sampler.explain(x)
+    assert all(name in text for _, name in ACTS[1:]), text
+    noise = sampler.noise_stream(x)
+    got = sampler.sample(x)
+    assert_close_verbose(got, langevin_reference(model, x, 4, noise=noise), atol=1e-5, what="every activation")
