@@ -7,8 +7,9 @@ Two builders:
   mean pooling folded into the affine layers), the program is the chain rule written out (``program_energy_grad``:
   forward keeping what the backward needs, then conv_transpose / matmul / elementwise derivative back to the input);
   only the input gradient is formed, never weight gradients. One compiled program per recognised structure. Any other
-  model goes through ``torch.func.grad`` over ``functional_call``; ``chain_reason`` says why. Either way parameters
-  are read at call time, so in-place optimizer updates and replaced parameters are seen.
+  model goes through ``torch.func.grad`` over ``functional_call``; ``recognise(model, x)`` (and
+  ``sampler.explain(x)``) says why. Either way parameters are read at call time, so in-place optimizer updates and
+  replaced parameters are seen.
   On CPU, 4-D inputs are run channels-last (oneDNN's strided conv_transpose is several times faster that way).
 """
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from .recognise import ACTIVATIONS, Act, Add, Affine, Program, Reshape, affine_tensors, recognise
 
-__all__ = ["eager_energy_grad", "compiled_energy_grad", "program_energy_grad", "activation", "chain_reason"]
+__all__ = ["eager_energy_grad", "compiled_energy_grad", "program_energy_grad", "activation"]
 
 EnergyGrad = Callable[[torch.Tensor], torch.Tensor]
 
@@ -166,13 +167,6 @@ def compiled_energy_grad(
     if key not in per_model:
         per_model[key] = _build_compiled(model, channels_last, compile_kwargs)
     return per_model[key]
-
-
-def chain_reason(model: nn.Module, x: torch.Tensor) -> str | None:
-    """Why the compiled chain-rule program cannot run ``model`` on inputs like ``x`` (None if it can); the generic
-    ``torch.func`` gradient runs it then."""
-    found = recognise(model, x)
-    return found if isinstance(found, str) else None
 
 
 def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs: dict) -> EnergyGrad:

@@ -337,12 +337,12 @@ class _Reader:
         op, a = _op(n), _args(n) if hasattr(n.target, "_schema") else {}
         if not a:
             raise _Refused(f"{n.target}{_where(n)} is not an operation the recogniser reads")
+        if op in _IGNORED:
+            return
         shape = _shape(n)
         if shape[:1] != (self.batch,):
             raise _Refused(f"{op}{_where(n)} changes the batch dimension ({self.batch} -> {shape[:1]})")
         first = next(iter(a.values()))
-        if op in _IGNORED:
-            return
         if op in _SAME:
             if op.endswith("dropout") and a.get("train"):
                 raise _Refused(f"{op}{_where(n)} is active in eval mode")
