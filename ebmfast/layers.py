@@ -64,7 +64,8 @@ ACT_CODES = {
     "gelu_tanh": 8,
     "sigmoid": 9,
 }
-# What the kernels in this tree run: the ONE place to widen when the kernels gain activations or the residual add.
+# What the kernels in this tree run: the ONE place to widen when the kernels gain activations or the residual add
+# (``KERNEL_RESIDUAL = True`` once ``LayerSpec`` has the ``res_src`` field: kernel_chain then fills it).
 KERNEL_ACTIVATIONS = frozenset({"identity", "swish", "tanh"})
 KERNEL_RESIDUAL = False
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(LayerSpec)}
@@ -72,11 +73,13 @@ _SPEC_FIELDS = {f.name for f in dataclasses.fields(LayerSpec)}
 
 @dataclasses.dataclass(frozen=True)
 class KernelChain:
-    """A recognised program as the kernels run it: its affine layers in order and one ``LayerSpec`` each."""
+    """A recognised program as the kernels run it: its affine layers in order, one ``LayerSpec`` each, and the
+    residual sources."""
 
     program: Program
     affine: tuple[Affine, ...]
     specs: tuple[LayerSpec, ...]
+    residual: tuple[int, ...]  # per layer k: j when the input of layer j is added to z_k (``LayerSpec.res_src``), or -1
 
 
 def _act_fields(prefix: str, act: tuple[str, float]) -> dict:
@@ -101,16 +104,28 @@ def _map_shape(program: Program, v: int) -> tuple[int, ...]:
 def kernel_chain(program: Program) -> KernelChain | str:
     """``program`` as a chain of the layer kernels, or the reason the kernels cannot run it: a plain chain of
     Conv2d / Linear layers with at most one activation (of ``KERNEL_ACTIVATIONS``) between two of them, reshapes
-    only in front of a Linear or at the output, ending in Linear(k, 1)."""
+    only in front of a Linear or at the output, ending in Linear(k, 1); with ``KERNEL_RESIDUAL``, residual adds
+    z_k + h_j right after layer k of the input h_j of an earlier layer j (identity shortcuts)."""
     affine: list[Affine] = []
     acts: list[tuple[str, float]] = []
+    res: list[int] = []  # per affine layer k: j when the input of layer j is added to z_k, else -1
     pending: tuple[str, float] | None = None
     reshaped = False
     for i, node in enumerate(program.nodes, start=1):
         if isinstance(node, Add):
             if not KERNEL_RESIDUAL:
                 return "a residual add (y = x + g(x)): the layer kernels in this tree have no residual add"
-            return "a residual add is not lowered to the layer kernels yet"
+            if not isinstance(program.nodes[i - 2], Affine) or i - 1 not in (node.a, node.b) or res[-1] >= 0:
+                return "a residual add must directly follow a Conv2d/Linear (before its activation), once"
+            skip = node.b if node.a == i - 1 else node.a
+            sources = [j for j, layer in enumerate(affine) if layer.src == skip]
+            if not sources:
+                return (
+                    "a residual add of a value that is not the input of an earlier Conv2d/Linear (a projection "
+                    "shortcut) is not run by the layer kernels"
+                )
+            res[-1] = sources[0]
+            continue
         if node.src != i - 1:
             return f"value v{node.src} feeds more than one layer: the layer kernels run a plain chain"
         if isinstance(node, Reshape):
@@ -138,6 +153,7 @@ def kernel_chain(program: Program) -> KernelChain | str:
             if node.conv and len(node.in_shape) != 3:
                 return f"a Conv2d on a per-sample shape {node.in_shape} is not supported"
             affine.append(node)
+            res.append(-1)
             reshaped = False
     if pending is not None:
         return f"an activation ({pending[0]}) after the final Linear(k, 1) is not supported"
@@ -158,13 +174,15 @@ def kernel_chain(program: Program) -> KernelChain | str:
             has_bias=int(node.bias is not None or node.bn is not None),
             in_nchw=int(idx == 0),
         )
+        if "res_src" in _SPEC_FIELDS:
+            common["res_src"] = res[idx]
         if node.conv:
             c_out, oh, ow = node.out_shape
             (kh, kw), (sh, sw), (ph, pw) = node.kernel, node.stride, node.padding
             specs.append(LayerSpec(0, c, h, w, c_out, oh, ow, kh, kw, sh, sw, ph, pw, **common))
         else:
             specs.append(LayerSpec(1, c, h, w, node.out_shape[0], 1, 1, h, w, 1, 1, 0, 0, **common))
-    return KernelChain(program, tuple(affine), tuple(specs))
+    return KernelChain(program, tuple(affine), tuple(specs), tuple(res))
 
 
 def chain_for(model: nn.Module, x: torch.Tensor) -> KernelChain | str:

@@ -15,7 +15,7 @@ from conftest import assert_close_verbose
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ebmfast import LangevinSampler, langevin_reference
+from ebmfast import LangevinSampler, langevin_reference, layers
 from ebmfast.energy_grad import program_energy_grad
 from ebmfast.layers import unsupported_reason
 from ebmfast.models import CNNModel
@@ -323,6 +323,33 @@ def test_kernel_reasons_for_what_the_kernels_in_this_tree_lack(monkeypatch):
     assert "leaky_relu" in unsupported_reason(ShortRunNet(), images(2, 16))
     assert "residual add" in unsupported_reason(ResNet(), images(2, 8))
     assert unsupported_reason(TutorialCNN(), images(2)) is None
+
+
+class PlainResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = (
+            nn.Conv2d(1, 4, 3, 2, 1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+        )
+        self.head = nn.Linear(4 * 4 * 4, 1)
+
+    def forward(self, x):
+        h = F.silu(self.stem(x))
+        h = F.silu(h + self.b(F.silu(self.a(h))))
+        return self.head(h.flatten(1))
+
+
+def test_residual_adds_lower_to_the_kernels_residual_source(monkeypatch):
+    program = recognise(PlainResidual(), images(2, 8))
+    assert "residual add" in layers.kernel_chain(program)
+    monkeypatch.setattr(layers, "KERNEL_RESIDUAL", True)  # as once the kernels run it
+    chain = layers.kernel_chain.__wrapped__(program)
+    assert chain.residual == (-1, -1, 1, -1)  # z of layer 2 (conv b) gets the input of layer 1 (conv a)
+    projected = nn.Sequential(ResBlock(1, 4, nn.SiLU()), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
+    reason = layers.kernel_chain.__wrapped__(recognise(projected, images(2, 4)))
+    assert isinstance(reason, str) and "more than one layer" in reason, reason  # the shortcut's 1x1 conv
 
 
 def test_explain_and_the_kernel_error_give_the_reason(monkeypatch):
