@@ -395,7 +395,7 @@ def test_opcheck(device):
     program = PersistentProgram(model)
     program.prepare(x)
     plan = program._plan(x)
-    w, b = program._params()
+    w, b = program._params(plan.chain)
     rng = torch.tensor([3, 5], dtype=torch.int64, device=device)
     traj = torch.zeros(2, *x.shape, device=device)
     torch.library.opcheck(
