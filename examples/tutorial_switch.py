@@ -7,7 +7,7 @@ model by what it computes (`ebmfast.recognise`), so the tutorial's classes run o
 `ebmfast.CNNModel`; `sampler.explain(x)` says what runs and why.
 
 Run: python examples/tutorial_switch.py [--batch 128] [--steps 60] [--rounds 5]
-Times: median of interleaved rounds (tutorial loop, ebmfast on the tutorial's classes, ebmfast.CNNModel holding the
+Times: median of interleaved rounds, order rotated each round (tutorial loop, ebmfast on the tutorial's classes, ebmfast.CNNModel holding the
 same weights), after a warm-up; the warm-up (torch.compile) is reported separately.
 """
 
@@ -113,10 +113,11 @@ def main():
         run()
         print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
     times = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    for r in range(args.rounds):  # interleaved, the order rotated every round
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med["tutorial loop"]
