@@ -7,8 +7,9 @@ model by what it computes (`ebmfast.recognise`), so the tutorial's classes run o
 `ebmfast.CNNModel`; `sampler.explain(x)` says what runs and why.
 
 Run: python examples/tutorial_switch.py [--batch 128] [--steps 60] [--rounds 5]
-Times: median of interleaved rounds, order rotated each round (tutorial loop, ebmfast on the tutorial's classes, ebmfast.CNNModel holding the
-same weights), after a warm-up; the warm-up (torch.compile) is reported separately.
+Times: median of interleaved rounds, the order rotated each round (tutorial loop, ebmfast on the tutorial's
+classes, ebmfast.CNNModel holding the same weights), after a warm-up; the warm-up (torch.compile) is reported
+separately.
 """
 
 import argparse
