@@ -41,6 +41,7 @@ from torch import nn
 from . import ops
 from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain, StepSettings
 from .energy_grad import compiled_energy_grad, eager_energy_grad
+from .recognise import structure_key
 from .reference import energy_scores, langevin_reference, sampling_mode
 from .validation import (
     capturing,
@@ -224,8 +225,9 @@ class LangevinSampler:
         return unsupported_reason(self.model, x, self.precision)
 
     def _choose(self, x: torch.Tensor) -> tuple[str, str]:
-        """(backend, why) for a call on ``x``; cached per shape, dtype, device and precision."""
-        key = (tuple(x.shape), x.dtype, x.device, self.precision)
+        """(backend, why) for a call on ``x``; cached per shape, dtype, device, precision and model structure (a model
+        changed after a first call is chosen for again)."""
+        key = (tuple(x.shape), x.dtype, x.device, self.precision, structure_key(self.model))
         if key in self._choices:
             return self._choices[key]
         base = self.resolve(x.device)

@@ -377,6 +377,17 @@ def test_a_model_changed_after_its_first_call_is_recaptured():
     assert_grad_parity(model, x, "after the changes")
 
 
+def test_the_sampler_chooses_again_for_a_changed_model(monkeypatch):
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    sampler = LangevinSampler(model, backend="triton")
+    x = torch.zeros(2, 4)
+    assert sampler.explain(x).endswith("-> 'triton' for x of shape (2, 4) on cpu: asked for")
+    model[2] = nn.GELU()  # not run by the kernels in this tree
+    with pytest.raises(ValueError, match="gelu"):
+        sampler.explain(x)
+
+
 def test_parameters_are_read_from_the_live_model():
     torch.manual_seed(7)
     model = TutorialCNN(4).eval()
