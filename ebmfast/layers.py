@@ -206,11 +206,9 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
         return f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return "x must be a batch tensor (N, C, H, W) or (N, D)"
-    if x.dtype != torch.float32:
-        return f"the chain state must be float32, got {x.dtype}"
-    for name, p in model.named_parameters():
-        if p.dtype != torch.float32:
-            return f"parameters must be float32, {name} is {p.dtype}"
+    reason = _tensor_reason(model, x)
+    if reason is not None:
+        return reason
     found = chain_for(model, x)
     if isinstance(found, str):
         return found
@@ -218,15 +216,24 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
 
 
 def _reason(chain: KernelChain, model: nn.Module, x: torch.Tensor) -> str | None:
+    reason = _tensor_reason(model, x)
+    if reason is not None:
+        return reason
+    if x.shape[0] * max(s.d_out for s in chain.specs[:-1]) >= 2**31 or x.numel() >= 2**31:
+        return "batch too large: more than 2**31 elements in one layer's activation"
+    return None
+
+
+def _tensor_reason(model: nn.Module, x: torch.Tensor) -> str | None:
+    # The model's own tensors, not the effective ones: reading a parametrized weight outside sampling mode would run
+    # its parametrization (spectral norm's power iteration updates buffers).
     if x.dtype != torch.float32:
         return f"the chain state must be float32, got {x.dtype}"
-    for name, t in chain.program.read(model).items():
-        if t.dtype != torch.float32:
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
             return f"parameters must be float32, {name} is {t.dtype}"
         if t.device != x.device:
             return f"x is on {x.device} but the model's parameters are on {t.device}"
-    if x.shape[0] * max(s.d_out for s in chain.specs[:-1]) >= 2**31 or x.numel() >= 2**31:
-        return "batch too large: more than 2**31 elements in one layer's activation"
     return None
 
 
