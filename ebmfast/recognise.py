@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import logging
 import time
+import warnings
 import weakref
 
 import torch
@@ -218,7 +219,8 @@ def _capture(model: nn.Module, x: torch.Tensor) -> Program | str:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        with sampling_mode(model), torch.enable_grad():
+        with sampling_mode(model), torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # export's advice is for export users; what matters comes back as a reason
             exported = torch.export.export(model, (probe,), strict=False)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -300,7 +302,8 @@ class _Reader:
                 return f"{owner}.{rest.split('.')[0]}"
         raise _Refused(
             f"{what} of {at.target}{_where(at)} is computed in the forward, not a parameter, buffer or parametrized "
-            "weight"
+            "weight (the hook-based torch.nn.utils.spectral_norm is such a case; torch.nn.utils.parametrizations."
+            "spectral_norm is read)"
         )
 
     def add(self, kind: str, shape: Shape, **fields: object) -> int:

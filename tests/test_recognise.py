@@ -295,8 +295,9 @@ class Detached(nn.Module):
         return self.l(x) + self.l(x.detach())  # no gradient through the second term: not the identity
 
 
-def conv_net(*mid, c=2, k=3, pad=0, mode="zeros", dil=1, hw=26):
+def conv_net(*mid, c=2, k=3, pad=0, mode="zeros", dil=1, hw=26, hook_sn=False):
     conv = nn.Conv2d(1, c, k, padding=pad, padding_mode=mode, dilation=dil)
+    conv = nn.utils.spectral_norm(conv) if hook_sn else conv
     return nn.Sequential(conv, *mid, nn.Flatten(), nn.Linear(c * hw * hw, 1))
 
 
@@ -309,6 +310,7 @@ REFUSED = [
     (lambda: nn.Sequential(nn.Linear(4, 2)), (4,), "one score per sample"),
     (lambda: conv_net(nn.AvgPool2d(2), nn.Tanh(), hw=13), (1, 28, 28), "avg_pool2d"),
     (lambda: conv_net(pad=1, mode="reflect", hw=28), (1, 28, 28), "pad"),
+    (lambda: conv_net(hook_sn=True), (1, 28, 28), "hook-based torch.nn.utils.spectral_norm"),
 ]  # fmt: skip
 
 
