@@ -311,6 +311,10 @@ class _Reader:
         self.shapes.append(shape)
         return len(self.raw)
 
+    def affine(self, n: torch.fx.Node, a: dict, src: int, shape: Shape, **fields: object) -> int:
+        weight, bias = self.source(a["weight"], "the weight", n), self.source(a["bias"], "the bias", n)
+        return self.add("affine", shape, src=src, weight=weight, bias=bias, where=_where(n), **fields)
+
     def val(self, n: object, at: torch.fx.Node) -> int:
         if not isinstance(n, torch.fx.Node) or n not in self.value:
             raise _Refused(f"{at.target}{_where(at)} combines the input with a tensor that does not depend on it")
@@ -366,30 +370,12 @@ class _Reader:
             if list(a["dilation"]) != [1, 1] or a["groups"] != 1:
                 raise _Refused(f"conv2d{_where(n)} with dilation {a['dilation']} / groups {a['groups']}: 1 only")
             w = _shape(a["weight"])
-            self.value[n] = self.add(
-                "affine",
-                ps,
-                src=src,
-                conv=True,
-                weight=self.source(a["weight"], "the weight", n),
-                bias=self.source(a["bias"], "the bias", n),
-                kernel=(w[2], w[3]),
-                stride=tuple(a["stride"]),
-                padding=tuple(a["padding"]),
-                where=_where(n),
-            )
+            geometry = dict(kernel=(w[2], w[3]), stride=tuple(a["stride"]), padding=tuple(a["padding"]))
+            self.value[n] = self.affine(n, a, src, ps, conv=True, **geometry)
         elif op == "linear":
             if len(self.shapes[src]) != 1:
                 raise _Refused(f"linear{_where(n)} on a {len(self.shapes[src]) + 1}-D tensor: (N, D) inputs only")
-            self.value[n] = self.add(
-                "affine",
-                ps,
-                src=src,
-                conv=False,
-                weight=self.source(a["weight"], "the weight", n),
-                bias=self.source(a["bias"], "the bias", n),
-                where=_where(n),
-            )
+            self.value[n] = self.affine(n, a, src, ps, conv=False)
         elif op == "batch_norm":
             if a["training"]:
                 raise _Refused(f"batch_norm{_where(n)} in training mode")
