@@ -2,17 +2,21 @@
 
 Two builders:
 - ``eager``: autograd (what the reference does).
-- ``compiled``: ``torch.compile`` of a gradient program. For models that are a plain chain of layers we know
-  (``CNNModel``, or an ``nn.Sequential`` of Conv2d / Linear / Flatten / Swish / SiLU / Tanh / Identity), the program
-  is the chain rule written out (forward keeping what the backward needs, then conv_transpose / matmul /
-  elementwise derivative back to the input); only the input gradient is formed, never weight gradients.
-  Any other ``nn.Module`` goes through ``torch.func.grad`` over ``functional_call``. Either way parameters are read
-  at call time, so in-place optimizer updates are seen; replacing a parameter tensor changes the cache key.
+- ``compiled``: ``torch.compile`` of a gradient program. For models ``ebmfast.recognise`` reads (convolutions, linear
+  layers, the activations of ``recognise.ACTIVATIONS``, reshapes, residual adds, with batch norm and average / global
+  mean pooling folded into the affine layers), the program is the chain rule written out (``program_energy_grad``:
+  forward keeping what the backward needs, then conv_transpose / matmul / elementwise derivative back to the input);
+  only the input gradient is formed, never weight gradients. One compiled program per recognised structure. Any other
+  model goes through ``torch.func.grad`` over ``functional_call``; ``recognise(model, x)`` (and
+  ``sampler.explain(x)``) says why. Either way parameters are read at call time, so in-place optimizer updates and
+  replaced parameters are seen.
   On CPU, 4-D inputs are run channels-last (oneDNN's strided conv_transpose is several times faster that way).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import weakref
 from collections.abc import Callable
 
@@ -20,13 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import CNNModel, Swish
+from .recognise import ACTIVATIONS, Act, Add, Affine, Program, Reshape, affine_tensors, recognise
 
-__all__ = ["eager_energy_grad", "compiled_energy_grad", "chain_layers", "chain_energy_grad"]
+__all__ = ["eager_energy_grad", "compiled_energy_grad", "program_energy_grad", "activation"]
 
 EnergyGrad = Callable[[torch.Tensor], torch.Tensor]
-
-_ELEMENTWISE = (Swish, nn.SiLU, nn.Tanh, nn.Identity)
 
 
 def eager_energy_grad(model: nn.Module) -> EnergyGrad:
@@ -35,74 +37,105 @@ def eager_energy_grad(model: nn.Module) -> EnergyGrad:
     return lambda x: energy_grad_reference(model, x)
 
 
-def chain_layers(model: nn.Module) -> list[nn.Module] | None:
-    """The layer list when ``model`` is a chain the hand-written gradient program supports, else None."""
-    if type(model) is CNNModel:
-        seq = model.cnn_layers
-    elif type(model) is nn.Sequential:
-        seq = model
-    else:
-        return None
-    layers = list(seq)
-    for layer in layers:
-        if isinstance(layer, nn.Conv2d):
-            if (
-                layer.groups != 1
-                or layer.dilation != (1, 1)
-                or layer.padding_mode != "zeros"
-                or isinstance(layer.padding, str)
-            ):
-                return None
-        elif isinstance(layer, nn.Flatten):
-            if layer.start_dim != 1 or layer.end_dim != -1:
-                return None
-        elif not isinstance(layer, (nn.Linear,) + _ELEMENTWISE):
-            return None
-    if not layers or not isinstance(layers[-1], nn.Linear) or layers[-1].out_features != 1:
-        return None  # the chain must end in one score per sample
-    return layers
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-def chain_energy_grad(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """grad_x sum(-f(x)) for a chain of supported layers, by the chain rule written out (no autograd)."""
-    saved = []
-    h = x
-    for layer in layers:
-        saved.append(h)
-        if isinstance(layer, nn.Conv2d):
-            h = F.conv2d(h, layer.weight, layer.bias, layer.stride, layer.padding)
-        elif isinstance(layer, nn.Linear):
-            h = F.linear(h, layer.weight, layer.bias)
-        elif isinstance(layer, nn.Flatten):
-            h = h.flatten(1)
-        elif isinstance(layer, (Swish, nn.SiLU)):
-            s = torch.sigmoid(h)
-            saved[-1] = (h, s)
-            h = h * s
-        elif isinstance(layer, nn.Tanh):
-            h = torch.tanh(h)
-            saved[-1] = h
-        # Identity: nothing
-    # f has shape (N, 1); d sum(-f) / d f = -1 for every sample.
-    gy = torch.full_like(h, -1.0)
-    for layer, a in zip(reversed(layers), reversed(saved)):
-        if isinstance(layer, nn.Conv2d):
-            # conv_transpose2d is the adjoint of conv2d; output_padding recovers sizes lost to the stride.
-            full = [
-                (gy.shape[d + 2] - 1) * layer.stride[d] - 2 * layer.padding[d] + layer.kernel_size[d] for d in (0, 1)
-            ]
-            out_pad = (a.shape[-2] - full[0], a.shape[-1] - full[1])
-            gy = F.conv_transpose2d(gy, layer.weight, None, layer.stride, layer.padding, output_padding=out_pad)
-        elif isinstance(layer, nn.Linear):
-            gy = gy @ layer.weight
-        elif isinstance(layer, nn.Flatten):
-            gy = gy.reshape(a.shape)
-        elif isinstance(layer, (Swish, nn.SiLU)):
-            pre, s = a
-            gy = gy * (s * (1.0 + pre * (1.0 - s)))  # d/dh [h sigmoid(h)]
-        elif isinstance(layer, nn.Tanh):
-            gy = gy * (1.0 - a * a)
-    return gy
+def activation(name: str, param: float, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(a), act'(a)) for an activation of ``recognise.ACTIVATIONS``."""
+    if name == "identity":
+        return a, torch.ones_like(a)
+    if name == "swish":
+        s = torch.sigmoid(a)
+        return a * s, s * (1.0 + a * (1.0 - s))
+    if name == "tanh":
+        y = torch.tanh(a)
+        return y, 1.0 - y * y
+    if name == "sigmoid":
+        y = torch.sigmoid(a)
+        return y, y * (1.0 - y)
+    if name == "relu":
+        pos = a > 0
+        return torch.relu(a), pos.to(a.dtype)
+    if name == "leaky_relu":
+        pos = a > 0
+        return F.leaky_relu(a, param), torch.where(pos, torch.ones_like(a), torch.full_like(a, param))
+    if name == "elu":
+        y = F.elu(a, param)
+        return y, torch.where(a > 0, torch.ones_like(a), y + param)
+    if name == "softplus":
+        ba = a * param
+        return F.softplus(a, param), torch.where(ba > 20.0, torch.ones_like(a), torch.sigmoid(ba))
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
+        return a * cdf, cdf + a * torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+    if name == "gelu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a * a * a))
+        y = 0.5 * a * (1.0 + t)
+        return y, 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * a * a)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def program_energy_grad(program: Program, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """grad_x sum(-f(x)) for a recognised ``Program`` (``ebmfast.recognise``) by the chain rule written out, no
+    autograd: a forward keeping what the backward needs, then conv_transpose / matmul / elementwise derivatives back
+    to the input, gradients of a value used twice (residual blocks) summed. ``tensors``: ``program.read(model)``."""
+    n = x.shape[0]
+    vals: list[torch.Tensor] = [x]
+    keep: list[object] = []
+    params = []
+    for node in program.nodes:
+        h = vals[node.a] if isinstance(node, Add) else vals[node.src]
+        if isinstance(node, Affine):
+            w, b = affine_tensors(node, tensors)
+            params.append(w)
+            if node.conv:
+                out = F.conv2d(h, w, b, node.stride, node.padding)
+            else:
+                out = F.linear(h.reshape(n, -1), w, b)
+            keep.append(None)
+        elif isinstance(node, Act):
+            out, d = activation(node.name, node.param, h)
+            keep.append(d)
+        elif isinstance(node, Reshape):
+            out = h.reshape(n, *node.shape)
+            keep.append(None)
+        else:
+            out = h + vals[node.b]
+            keep.append(None)
+        vals.append(out)
+    grads: list[torch.Tensor | None] = [None] * len(vals)
+    grads[-1] = torch.full_like(vals[-1], -1.0)  # d sum(-f) / d f = -1 for every sample
+    ws = iter(reversed(params))
+    for i in range(len(program.nodes) - 1, -1, -1):
+        node, gy = program.nodes[i], grads[i + 1]
+        if isinstance(node, Affine):
+            w = next(ws)
+            if gy is None:
+                continue
+            a = vals[node.src]
+            if node.conv:
+                # conv_transpose2d is the adjoint of conv2d; output_padding recovers sizes lost to the stride.
+                full = [(gy.shape[d + 2] - 1) * node.stride[d] - 2 * node.padding[d] + node.kernel[d] for d in (0, 1)]
+                out_pad = (a.shape[-2] - full[0], a.shape[-1] - full[1])
+                g = F.conv_transpose2d(gy, w, None, node.stride, node.padding, output_padding=out_pad)
+            else:
+                g = (gy.reshape(n, -1) @ w).reshape(a.shape)
+            _accumulate(grads, node.src, g)
+        elif gy is None:
+            continue
+        elif isinstance(node, Act):
+            _accumulate(grads, node.src, gy * keep[i])
+        elif isinstance(node, Reshape):
+            _accumulate(grads, node.src, gy.reshape(vals[node.src].shape))
+        else:
+            _accumulate(grads, node.a, gy)
+            _accumulate(grads, node.b, gy)
+    g0 = grads[0]
+    return torch.zeros_like(x) if g0 is None else g0
+
+
+def _accumulate(grads: list, v: int, g: torch.Tensor) -> None:
+    grads[v] = g if grads[v] is None else grads[v] + g
 
 
 def _func_energy_grad(model_ref: weakref.ref[nn.Module]) -> Callable:
@@ -137,21 +170,23 @@ def compiled_energy_grad(
 
 
 def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs: dict) -> EnergyGrad:
-    layers = chain_layers(model)
-    if layers is not None:
-        program = torch.compile(lambda x: chain_energy_grad(layers, x), **compile_kwargs)
+    model_ref = weakref.ref(model)
+    programs: dict[Program, Callable] = {}  # one compiled chain program per recognised structure
+    generic: list[Callable] = []
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return program(x)
-    else:
-        model_ref = weakref.ref(model)
-        gfn = torch.compile(_func_energy_grad(model_ref), **compile_kwargs)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            owner = model_ref()
-            params = {k: v.detach() for k, v in owner.named_parameters()}
-            buffers = dict(owner.named_buffers())
-            return gfn(params, buffers, x)
+    def run(x: torch.Tensor) -> torch.Tensor:
+        owner = model_ref()
+        found = recognise(owner, x)
+        if isinstance(found, Program):
+            fn = programs.get(found)
+            if fn is None:
+                fn = programs[found] = torch.compile(functools.partial(program_energy_grad, found), **compile_kwargs)
+            return fn(found.read(owner), x)
+        if not generic:
+            generic.append(torch.compile(_func_energy_grad(model_ref), **compile_kwargs))
+        params = {k: v.detach() for k, v in owner.named_parameters()}
+        buffers = dict(owner.named_buffers())
+        return generic[0](params, buffers, x)
 
     def energy_grad(x: torch.Tensor) -> torch.Tensor:
         cl = channels_last if channels_last is not None else (x.device.type == "cpu")
@@ -160,5 +195,4 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
             return g.contiguous()
         return run(x)
 
-    energy_grad.uses_chain_program = layers is not None  # type: ignore[attr-defined]
     return energy_grad

@@ -10,7 +10,8 @@ Everything reads its inputs from device memory at replay time:
 - parameters are read from their storage, so in-place optimizer updates (``opt.step()``) are seen by the next replay.
 
 Re-capture happens on any change of what a graph bakes in: batch shape, dtype, device, step count, precision, the
-model object, or the identity/shape/storage of any parameter or buffer (e.g. ``load_state_dict`` with
+model object, its structure (``recognise.structure_key``: submodules, their hyperparameters), or the
+identity/shape/storage of any parameter or buffer (e.g. ``load_state_dict`` with
 ``assign=True`` or a ``module.weight = nn.Parameter(...)``): they are all part of the cache key. Sampler
 hyper-parameters (step size, clip, noise, clamp) are part of the key too.
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from .chain import Chain
 from .reference import StepSettings
+from .recognise import structure_key
 
 __all__ = ["GraphCache", "capture_stream"]
 
@@ -69,7 +71,8 @@ class GraphCache:
             (name, t.data_ptr(), tuple(t.shape), t.dtype)
             for name, t in list(model.named_parameters()) + list(model.named_buffers())
         )
-        return (backend, tuple(x.shape), x.dtype, x.device, steps, id(model), tensors, settings, precision)
+        structure = structure_key(model)  # submodules replaced or added, hyperparameters such as slopes changed
+        return (backend, tuple(x.shape), x.dtype, x.device, steps, id(model), tensors, settings, precision, structure)
 
     def run(
         self,

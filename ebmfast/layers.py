@@ -1,6 +1,12 @@
 """The layer program: a chain model's energy gradient and Langevin step on our own Triton kernels
 (``kernels/layers.py``), for the sampler's ``"triton"`` backend.
 
+Which models: whatever ``ebmfast.recognise`` reads (by what the forward computes, not by class) that
+``kernel_chain`` can lower to the kernels: a plain Conv2d / Linear chain with one activation of
+``KERNEL_ACTIVATIONS`` between two layers, ending in Linear(k, 1); batch norm and pooling arrive folded into the
+affine layers' weights (computed at each call). ``ACT_CODES`` maps activation names to the kernels' codes;
+``KERNEL_ACTIVATIONS`` / ``KERNEL_RESIDUAL`` say what the kernels in this tree run (the one place to widen).
+
     program = layer_program(model, precision="fp32")        # cached per (model, precision)
     reason = unsupported_reason(model, x)                    # None, or why these kernels cannot run it
     g = program.energy_grad(x)                               # grad_x sum(-f(x)), no update
@@ -12,8 +18,9 @@ update being the epilogue of the last one. Parameters are read from the model at
 updates are seen; a replaced parameter is used from the next call on). Scratch buffers (one per layer, fp32, the
 layer's output per sample) are allocated once per (input shape, dtype, device) on the first call with that shape
 (``program.prepare(x)`` does it ahead of a CUDA-graph capture) and kept until ``program.release()``; ``step_``
-itself allocates nothing, never synchronises with the host and launches a fixed sequence for a given shape, so it
-can be captured (a captured graph should hold ``program.scratch(x)``). Programs are cached per (model, precision)
+itself allocates nothing (but the folded weights of a model with batch norm or pooling), never synchronises with
+the host and launches a fixed sequence for a given shape, so it can be captured (a captured graph should hold
+``program.scratch(x)``). Programs are cached per (model, precision)
 by ``layer_program``, so samplers on one model share the scratch: replay their graphs on one stream.
 
 Runs on CUDA with Triton, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` with
@@ -22,206 +29,260 @@ Runs on CUDA with Triton, and on CPU tensors under the Triton interpreter (``TRI
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import weakref
 
 import torch
 from torch import nn
 
 from . import ops
-from .energy_grad import chain_layers
-from .kernels.geometry import (
-    ACT_NAMES,
-    ACT_NONE,
-    ACT_SWISH,
-    ACT_TANH,
-    HEAD_MAX_OUT,
-    PRECISIONS,
-    LayerSpec,
-    encode_geometry,
-)
-from .models import CNNModel, Swish
+from .kernels.geometry import PRECISIONS, LayerSpec, encode_geometry, launches_per_step
+from .recognise import Act, Add, Affine, Program, Reshape, affine_tensors, recognise
 
-__all__ = ["LayerProgram", "layer_program", "unsupported_reason", "plan_layers"]
+__all__ = [
+    "LayerProgram",
+    "layer_program",
+    "unsupported_reason",
+    "plan_layers",
+    "kernel_chain",
+    "ACT_CODES",
+    "KERNEL_ACTIVATIONS",
+    "KERNEL_RESIDUAL",
+]
 
-_ACTS = ((Swish, ACT_SWISH), (nn.SiLU, ACT_SWISH), (nn.Tanh, ACT_TANH))
-
-
-def _act_code(layer: nn.Module) -> int | None:
-    for cls, code in _ACTS:
-        if isinstance(layer, cls):
-            return code
-    return None
-
-
-def _chain(model: nn.Module) -> list[nn.Module] | str:
-    layers = chain_layers(model)
-    if layers is None:
-        return (
-            f"{type(model).__name__} is not a supported layer chain (CNNModel, or nn.Sequential of Conv2d "
-            "(groups 1, dilation 1, zero padding) / Linear / Flatten / Swish / SiLU / Tanh / Identity ending in "
-            "Linear(k, 1))"
-        )
-    return layers
+# The kernels' activation codes (kernels/geometry.py) by the names ``ebmfast.recognise`` gives activations.
+ACT_CODES = {
+    "identity": 0,
+    "swish": 1,
+    "tanh": 2,
+    "relu": 3,
+    "leaky_relu": 4,
+    "elu": 5,
+    "softplus": 6,
+    "gelu": 7,
+    "gelu_tanh": 8,
+    "sigmoid": 9,
+}
+# What the kernels in this tree run: the ONE place to widen when the kernels gain activations or the residual add
+# (``KERNEL_RESIDUAL = True`` once ``LayerSpec`` has the ``res_src`` field: kernel_chain then fills it).
+KERNEL_ACTIVATIONS = frozenset({"identity", "swish", "tanh"})
+KERNEL_RESIDUAL = False
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(LayerSpec)}
 
 
-def _structure(layers: list[nn.Module]) -> tuple[list[nn.Module], list[int]] | str:
-    """The affine layers (Conv2d / Linear, final Linear(k, 1) last) and the activation code after each, or the reason
-    the chain is not one these kernels run. Shape-independent checks only."""
-    affine: list[nn.Module] = []
-    acts: list[int] = []
-    pending: int | None = None
-    for layer in layers:
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            if affine:
-                acts.append(ACT_NONE if pending is None else pending)
-            pending = None
-            affine.append(layer)
-        elif isinstance(layer, (nn.Flatten, nn.Identity)):
+@dataclasses.dataclass(frozen=True)
+class KernelChain:
+    """A recognised program as the kernels run it: its affine layers in order, one ``LayerSpec`` each, and the
+    residual sources."""
+
+    program: Program
+    affine: tuple[Affine, ...]
+    specs: tuple[LayerSpec, ...]
+    residual: tuple[int, ...]  # per layer k: j when the input of layer j is added to z_k (``LayerSpec.res_src``), or -1
+
+
+def _act_fields(prefix: str, act: tuple[str, float]) -> dict:
+    """A LayerSpec's activation fields for ``act`` = (name, parameter); the parameter travels as float32 bits in
+    ``<prefix>_act_param`` where the geometry has that field."""
+    fields = {f"{prefix}_act": ACT_CODES[act[0]]}
+    if f"{prefix}_act_param" in _SPEC_FIELDS:
+        from .kernels.geometry import float_bits
+
+        fields[f"{prefix}_act_param"] = float_bits(act[1]) if act[0] in ("leaky_relu", "elu", "softplus") else 0
+    return fields
+
+
+def _map_shape(program: Program, v: int) -> tuple[int, ...]:
+    """The per-sample map behind value ``v`` (reshapes looked through): what the kernels store."""
+    while v > 0 and isinstance(program.nodes[v - 1], Reshape):
+        v = program.nodes[v - 1].src
+    return program.shapes[v]
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_chain(program: Program) -> KernelChain | str:
+    """``program`` as a chain of the layer kernels, or the reason the kernels cannot run it: a plain chain of
+    Conv2d / Linear layers with at most one activation (of ``KERNEL_ACTIVATIONS``) between two of them, reshapes
+    only in front of a Linear or at the output, ending in Linear(k, 1); with ``KERNEL_RESIDUAL``, residual adds
+    z_k + h_j right after layer k of the input h_j of an earlier layer j (identity shortcuts)."""
+    affine: list[Affine] = []
+    acts: list[tuple[str, float]] = []
+    res: list[int] = []  # per affine layer k: j when the input of layer j is added to z_k, else -1
+    pending: tuple[str, float] | None = None
+    reshaped = False
+    for i, node in enumerate(program.nodes, start=1):
+        if isinstance(node, Add):
+            if not KERNEL_RESIDUAL:
+                return "a residual add (y = x + g(x)): the layer kernels in this tree have no residual add"
+            if not isinstance(program.nodes[i - 2], Affine) or i - 1 not in (node.a, node.b) or res[-1] >= 0:
+                return "a residual add must directly follow a Conv2d/Linear (before its activation), once"
+            skip = node.b if node.a == i - 1 else node.a
+            sources = [j for j, layer in enumerate(affine) if layer.src == skip]
+            if not sources:
+                return (
+                    "a residual add of a value that is not the input of an earlier Conv2d/Linear (a projection "
+                    "shortcut) is not run by the layer kernels"
+                )
+            res[-1] = sources[0]
             continue
-        else:
-            code = _act_code(layer)
+        if node.src != i - 1:
+            return f"value v{node.src} feeds more than one layer: the layer kernels run a plain chain"
+        if isinstance(node, Reshape):
+            reshaped = True
+        elif isinstance(node, Act):
             if not affine:
-                return f"an activation ({type(layer).__name__}) before the first Conv2d/Linear is not supported"
+                return f"an activation ({node.name}) before the first Conv2d/Linear is not supported"
             if pending is not None:
                 return (
-                    f"two activations in a row ({ACT_NAMES[pending]}, then {type(layer).__name__}) are not "
-                    "supported: the kernels fuse one activation between two layers"
+                    f"two activations in a row ({pending[0]}, then {node.name}) are not supported: the kernels fuse "
+                    "one activation between two layers"
                 )
-            pending = code
-    acts.append(ACT_NONE)  # nothing follows the final Linear(k, 1) (chain_layers ends there)
+            if node.name not in KERNEL_ACTIVATIONS:
+                return (
+                    f"the activation {node.name} is not run by the layer kernels in this tree (they run "
+                    f"{', '.join(sorted(KERNEL_ACTIVATIONS))})"
+                )
+            pending = (node.name, node.param)
+        else:
+            if affine:
+                acts.append(pending or ("identity", 0.0))
+            pending = None
+            if node.conv and reshaped:
+                return "a Conv2d after Flatten / a reshape (or on a 2-D input) is not supported"
+            if node.conv and len(node.in_shape) != 3:
+                return f"a Conv2d on a per-sample shape {node.in_shape} is not supported"
+            affine.append(node)
+            res.append(-1)
+            reshaped = False
+    if pending is not None:
+        return f"an activation ({pending[0]}) after the final Linear(k, 1) is not supported"
+    acts.append(("identity", 0.0))
+    if affine[-1].conv or affine[-1].out_shape != (1,):
+        return "the chain must end in a Linear(k, 1) (one score per sample)"
     if len(affine) < 2:
         return "the chain needs at least one Conv2d/Linear before the final Linear(k, 1)"
-    for layer in affine:
-        if layer.weight.dtype != torch.float32:
-            return f"parameters must be float32, {type(layer).__name__} has {layer.weight.dtype}"
-        if not layer.weight.is_contiguous():
-            return f"{type(layer).__name__}.weight must be contiguous (the kernels index it in torch's layout)"
-    return affine, acts
+    specs = []
+    for idx, node in enumerate(affine):
+        shape = _map_shape(program, node.src)
+        c, h, w = shape if len(shape) == 3 else (shape[0] if shape else 1, 1, 1)
+        if len(shape) not in (1, 3):
+            return f"inputs must be (N, C, H, W) or (N, D), got a per-sample shape {shape}"
+        common = dict(
+            **_act_fields("in", acts[idx - 1] if idx else ("identity", 0.0)),
+            **_act_fields("out", acts[idx]),
+            has_bias=int(node.bias is not None or node.bn is not None),
+            in_nchw=int(idx == 0),
+        )
+        if "res_src" in _SPEC_FIELDS:
+            common["res_src"] = res[idx]
+        if node.conv:
+            c_out, oh, ow = node.out_shape
+            (kh, kw), (sh, sw), (ph, pw) = node.kernel, node.stride, node.padding
+            specs.append(LayerSpec(0, c, h, w, c_out, oh, ow, kh, kw, sh, sw, ph, pw, **common))
+        else:
+            specs.append(LayerSpec(1, c, h, w, node.out_shape[0], 1, 1, h, w, 1, 1, 0, 0, **common))
+    return KernelChain(program, tuple(affine), tuple(specs), tuple(res))
 
 
-def _fixed_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    return tuple(model.input_shape) if type(model) is CNNModel else None
+def chain_for(model: nn.Module, x: torch.Tensor) -> KernelChain | str:
+    """The kernel chain of ``model`` on inputs like ``x`` (recognised by ``ebmfast.recognise``), or why not."""
+    found = recognise(model, x)
+    return found if isinstance(found, str) else kernel_chain(found)
 
 
 def plan_layers(model: nn.Module, sample_shape: tuple[int, ...]) -> list[LayerSpec] | str:
     """The layer specs for inputs of shape (N, *sample_shape), or the reason they cannot run."""
-    layers = _chain(model)
-    if isinstance(layers, str):
-        return layers
-    return _plan(layers, tuple(int(v) for v in sample_shape), _fixed_input_shape(model))
-
-
-def _plan(
-    layers: list[nn.Module], sample_shape: tuple[int, ...], fixed: tuple[int, ...] | None
-) -> list[LayerSpec] | str:
-    found = _structure(layers)
-    if isinstance(found, str):
-        return found
-    _, acts = found
-    if fixed is not None and sample_shape != fixed:
-        return f"CNNModel takes inputs (N, {', '.join(map(str, fixed))}), got (N, {sample_shape})"
-    if len(sample_shape) == 3:
-        shape: tuple[int, ...] = sample_shape  # (C, H, W) map
-    elif len(sample_shape) == 1:
-        shape = (sample_shape[0], 1, 1)
-    else:
-        return f"inputs must be (N, C, H, W) or (N, D), got {len(sample_shape) + 1}-D (N, {sample_shape})"
-    flat = len(sample_shape) == 1
-    specs: list[LayerSpec] = []
-    idx = 0
-    for layer in layers:
-        if isinstance(layer, nn.Flatten):
-            flat = True
-            continue
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            continue
-        c, h, w = shape
-        in_act = acts[idx - 1] if idx else ACT_NONE
-        out_act = acts[idx]
-        common = dict(in_act=in_act, out_act=out_act, has_bias=int(layer.bias is not None), in_nchw=int(idx == 0))
-        if isinstance(layer, nn.Conv2d):
-            if flat:
-                return "a Conv2d after Flatten (or on a 2-D input) is not supported"
-            if layer.in_channels != c:
-                return f"Conv2d expects {layer.in_channels} input channels, the activation has {c}"
-            (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-            oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-            if oh < 1 or ow < 1:
-                return f"Conv2d {kh}x{kw} (padding {ph}x{pw}) does not fit a {h}x{w} input"
-            spec = LayerSpec(0, c, h, w, layer.out_channels, oh, ow, kh, kw, sh, sw, ph, pw, **common)
-            shape = (layer.out_channels, oh, ow)
-        else:
-            if not flat and (h, w) != (1, 1):
-                return f"a Linear on a 4-D activation {(c, h, w)} is not supported (insert nn.Flatten())"
-            if layer.in_features != c * h * w:
-                return f"Linear expects {layer.in_features} input features, the activation has {c * h * w}"
-            spec = LayerSpec(1, c, h, w, layer.out_features, 1, 1, h, w, 1, 1, 0, 0, **common)
-            shape = (layer.out_features, 1, 1)
-        specs.append(spec)
-        idx += 1
-    return specs
+    p = next(iter(model.parameters()), None)
+    probe = torch.zeros((2, *(int(v) for v in sample_shape)), device=p.device if p is not None else "cpu")
+    found = chain_for(model, probe)
+    return found if isinstance(found, str) else list(found.specs)
 
 
 def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> str | None:
-    """Why ``model`` on inputs like ``x`` cannot run on the layer kernels (None if it can): not a chain, an unsupported
-    layer or arrangement, shapes, dtypes, devices, or no Triton / no CUDA (outside the CPU interpreter)."""
+    """Why ``model`` on inputs like ``x`` cannot run on the layer kernels (None if it can): not recognised, not a chain
+    the kernels run, shapes, dtypes, devices, or no Triton / no CUDA (outside the CPU interpreter)."""
     if precision not in PRECISIONS:
         return f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return "x must be a batch tensor (N, C, H, W) or (N, D)"
-    layers = _chain(model)
-    if isinstance(layers, str):
-        return layers
-    return _reason(layers, _fixed_input_shape(model), x) or ops.layer_kernels_unavailable_reason(x.device)
+    reason = _tensor_reason(model, x)
+    if reason is not None:
+        return reason
+    found = chain_for(model, x)
+    if isinstance(found, str):
+        return found
+    return _reason(found, model, x) or ops.layer_kernels_unavailable_reason(x.device)
 
 
-def _reason(layers: list[nn.Module], fixed: tuple[int, ...] | None, x: torch.Tensor) -> str | None:
-    if x.dtype != torch.float32:
-        return f"the chain state must be float32, got {x.dtype}"
-    specs = _plan(layers, tuple(x.shape[1:]), fixed)
-    if isinstance(specs, str):
-        return specs
-    for layer in layers:
-        for p in layer.parameters():
-            if p.device != x.device:
-                return f"x is on {x.device} but the model's parameters are on {p.device}"
-    if x.shape[0] * max(s.d_out for s in specs[:-1]) >= 2**31 or x.numel() >= 2**31:
+def _reason(chain: KernelChain, model: nn.Module, x: torch.Tensor) -> str | None:
+    reason = _tensor_reason(model, x)
+    if reason is not None:
+        return reason
+    if x.shape[0] * max(s.d_out for s in chain.specs[:-1]) >= 2**31 or x.numel() >= 2**31:
         return "batch too large: more than 2**31 elements in one layer's activation"
     return None
 
 
-class _Plan:
-    """Geometry and scratch for one (input shape, dtype, device)."""
+def _tensor_reason(model: nn.Module, x: torch.Tensor) -> str | None:
+    # The model's own tensors, not the effective ones: reading a parametrized weight outside sampling mode would run
+    # its parametrization (spectral norm's power iteration updates buffers).
+    if x.dtype != torch.float32:
+        return f"the chain state must be float32, got {x.dtype}"
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            return f"parameters must be float32, {name} is {t.dtype}"
+        if t.device != x.device:
+            return f"x is on {x.device} but the model's parameters are on {t.device}"
+    return None
 
-    def __init__(self, specs: list[LayerSpec], x: torch.Tensor) -> None:
-        self.specs = specs
-        self.geometry = encode_geometry(specs)
+
+class _Plan:
+    """Geometry and scratch for one (recognised chain, input shape, dtype, device)."""
+
+    def __init__(self, chain: KernelChain, x: torch.Tensor) -> None:
+        self.chain = chain
+        self.specs = list(chain.specs)
+        self.geometry = encode_geometry(self.specs)
         batch = x.shape[0]
-        self.scratch = [torch.empty(batch * s.d_out, dtype=torch.float32, device=x.device) for s in specs[:-1]]
+        self.scratch = [torch.empty(batch * s.d_out, dtype=torch.float32, device=x.device) for s in self.specs[:-1]]
 
 
 class KernelProgram:
-    """What the kernel programs (``LayerProgram`` here, ``ebmfast.persistent.PersistentProgram``) share: the model's
-    chain checked once, its affine layers, the precision, the per-shape plans, and the parameters read at each call.
+    """What the kernel programs (``LayerProgram`` here, ``ebmfast.persistent.PersistentProgram``) share: the model
+    (held weakly by the cached programs, so the cache stays weak), the precision, the per-shape plans, and the
+    parameters read at each call. The model is recognised per call (``ebmfast.recognise``: cached, re-captured
+    when its structure changes).
     Subclasses set ``WHAT`` (for messages) and build their own plans (``_plan``)."""
 
     WHAT = "the layer kernels"
 
-    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+    def __init__(self, model: nn.Module, precision: str = "fp32", *, weak: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        layers = _chain(model)
-        found = _structure(layers) if not isinstance(layers, str) else layers
-        if isinstance(found, str):
-            raise ValueError(f"{self.WHAT} cannot run this model: {found}")
-        self._layers = layers  # the model's own submodules (no reference to the model: the cache stays weak)
-        self._fixed = _fixed_input_shape(model)
-        self._affine = found[0]
+        # ``weak``: the per-model caches hold their programs as values of a weak-keyed dict, which must not keep
+        # their own key alive; a program made directly keeps its model.
+        self._model = weakref.ref(model) if weak else (lambda: model)
         self.precision = precision
         self._prec = PRECISIONS[precision]
         self._plans: dict = {}
+        self._last: KernelChain | None = None
+        shape = getattr(model, "input_shape", None)
+        if shape is not None:  # a model that states its input shape is checked now
+            p = next(iter(model.parameters()), None)
+            self._chain(torch.zeros((2, *shape), device=p.device if p is not None else "cpu"))
 
-    def _plan(self, x: torch.Tensor) -> _Plan:
+    def _chain(self, x: torch.Tensor) -> KernelChain:
+        model = self._model()
+        if model is None:
+            raise RuntimeError(f"{self.WHAT}: the model of this program no longer exists")
+        found = chain_for(model, x)
+        if isinstance(found, str):
+            raise ValueError(f"{self.WHAT} cannot run this model on x {tuple(x.shape)}: {found}")
+        self._last = found
+        return found
+
+    def _plan(self, x: torch.Tensor) -> object:
         raise NotImplementedError
 
     def specs(self, x: torch.Tensor) -> list[LayerSpec]:
@@ -232,14 +293,15 @@ class KernelProgram:
         behind a captured graph's back). Graphs captured before must hold ``scratch(x)`` themselves."""
         self._plans.clear()
 
-    def _params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _params(self, chain: KernelChain) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The effective weights and biases (pooling and batch norm folded), read from the live model now:
+        replaced parameters and in-place updates are both seen."""
+        tensors = chain.program.read(self._model())
         weights, biases = [], []
-        for layer in self._affine:  # read now: replaced parameters and in-place updates are both seen
-            w = layer.weight.detach()
-            if not w.is_contiguous():
-                raise ValueError(f"{type(layer).__name__}.weight must be contiguous for {self.WHAT}")
+        for node in chain.affine:
+            w, b = affine_tensors(node, tensors)
             weights.append(w)
-            biases.append(layer.bias.detach() if layer.bias is not None else w)  # stand-in, never read
+            biases.append(b if b is not None else w)  # stand-in, never read
         return weights, biases
 
 
@@ -248,25 +310,27 @@ class LayerProgram(KernelProgram):
 
     @property
     def launches_per_step(self) -> int:
-        """Kernel launches of one ``step_`` (or ``energy_grad``): forward and input gradient of every layer before
-        the final Linear(k, 1) (which needs neither), one fewer when the layer before it is a Linear with at most
-        ``HEAD_MAX_OUT`` outputs (the fused head). Seed CNN: 4 convs x 2 + 1 = 9. Same as
-        ``kernels.geometry.launches_per_step(specs)``."""
-        head = self._affine[-2]
-        fused = isinstance(head, nn.Linear) and head.out_features <= HEAD_MAX_OUT
-        return 2 * (len(self._affine) - 1) - int(fused)
+        """Kernel launches of one ``step_`` (or ``energy_grad``) of the chain last planned (or, for a model with an
+        ``input_shape``, checked at construction): forward and input gradient of every layer before the final
+        Linear(k, 1) (which needs neither), one fewer when the layer before it is a Linear with at most
+        ``HEAD_MAX_OUT`` outputs (the fused head). Seed CNN: 4 convs x 2 + 1 = 9 (``kernels.geometry.
+        launches_per_step``)."""
+        if self._last is None:
+            raise ValueError("launches_per_step needs a planned input shape: call prepare(x) first")
+        return launches_per_step(self._last.specs)
 
     def _plan(self, x: torch.Tensor) -> _Plan:
-        key = (tuple(x.shape), x.dtype, x.device)
+        chain = self._chain(x)
+        key = (chain.program, tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None:
-            reason = _reason(self._layers, self._fixed, x)
+            reason = _reason(chain, self._model(), x)
             if reason is not None:
                 raise ValueError(f"the layer kernels cannot run this model on x {tuple(x.shape)}: {reason}")
             reason = ops.layer_kernels_unavailable_reason(x.device)
             if reason is not None:
                 raise RuntimeError(reason)
-            plan = self._plans[key] = _Plan(_plan(self._layers, tuple(x.shape[1:]), self._fixed), x)
+            plan = self._plans[key] = _Plan(chain, x)
         return plan
 
     def prepare(self, x: torch.Tensor) -> None:
@@ -283,7 +347,7 @@ class LayerProgram(KernelProgram):
         if not x.is_contiguous():
             raise ValueError("x must be contiguous (NCHW or (N, D))")
         plan = self._plan(x)
-        weights, biases = self._params()
+        weights, biases = self._params(plan.chain)
         return torch.ops.ebmfast.layers_energy_grad(x, weights, biases, plan.scratch, plan.geometry, self._prec)
 
     def step_(
@@ -309,7 +373,7 @@ class LayerProgram(KernelProgram):
             raise ValueError("LayerProgram.step_ forms the gradient itself: pass g=None")
         ops._check_step_args(x, None, z, rng)
         plan = self._plan(x)
-        weights, biases = self._params()
+        weights, biases = self._params(plan.chain)
         torch.ops.ebmfast.layers_step_(
             x,
             z if add_noise else None,
@@ -356,5 +420,5 @@ def layer_program(model: nn.Module, precision: str = "fp32") -> LayerProgram:
     """The (cached) layer program of ``model`` in ``precision``: every sampler on one model shares its scratch."""
     per_model = _PROGRAMS.setdefault(model, {})
     if precision not in per_model:
-        per_model[precision] = LayerProgram(model, precision)
+        per_model[precision] = LayerProgram(model, precision, weak=True)
     return per_model[precision]

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import ops
 from .kernels.geometry import LayerSpec, encode_geometry
-from .layers import KernelProgram, _chain, _fixed_input_shape, _plan, _reason
+from .layers import KernelChain, KernelProgram, _reason, chain_for
 from .layers import unsupported_reason as _layers_reason
 
 if TYPE_CHECKING:
@@ -63,16 +63,16 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
     reason = _layers_reason(model, x, precision)
     if reason is not None:
         return reason
-    specs = _plan(_chain(model), tuple(x.shape[1:]), _fixed_input_shape(model))
-    return _scratch_reason(specs) or ops.persistent_unavailable_reason(x.device)
+    return _scratch_reason(list(chain_for(model, x).specs)) or ops.persistent_unavailable_reason(x.device)
 
 
 class _Plan:
     """Geometry, launch settings and scratch for one (input shape, dtype, device)."""
 
-    def __init__(self, specs: list[LayerSpec], x: torch.Tensor, settings: ChainSettings) -> None:
+    def __init__(self, chain: KernelChain, x: torch.Tensor, settings: ChainSettings) -> None:
         kernels = _kernels()
-        self.specs = specs
+        self.chain = chain
+        self.specs = specs = list(chain.specs)
         self.geometry = encode_geometry(specs)
         self.settings = settings
         self.settings_list = settings.encode()
@@ -86,18 +86,19 @@ class PersistentProgram(KernelProgram):
     WHAT = "the persistent kernel"
     launches_per_chain = 1  # head noise, K steps and every layer inside one launch
 
-    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
-        super().__init__(model, precision)
+    def __init__(self, model: nn.Module, precision: str = "fp32", *, weak: bool = False) -> None:
+        super().__init__(model, precision, weak=weak)
         self.first_call_s: dict = {}  # (shape, noise supplied, trajectory) -> wall seconds of the first launch call
 
     def _plan(self, x: torch.Tensor, settings: ChainSettings | None = None) -> _Plan:
-        key = (tuple(x.shape), x.dtype, x.device)
+        chain = self._chain(x)
+        key = (chain.program, tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None or (settings is not None and settings != plan.settings):
-            reason = _reason(self._layers, self._fixed, x)
+            reason = _reason(chain, self._model(), x)
             if reason is not None:
                 raise ValueError(f"the persistent kernel cannot run this model on x {tuple(x.shape)}: {reason}")
-            specs = _plan(self._layers, tuple(x.shape[1:]), self._fixed)
+            specs = list(chain.specs)
             reason = _scratch_reason(specs)
             if reason is not None:
                 raise ValueError(f"the persistent kernel cannot run this model on x {tuple(x.shape)}: {reason}")
@@ -107,7 +108,7 @@ class PersistentProgram(KernelProgram):
             if settings is None:
                 sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else None
                 settings = _kernels().chain_settings(specs, x.shape[0], sm_count=sms)
-            plan = self._plans[key] = _Plan(specs, x, settings)
+            plan = self._plans[key] = _Plan(chain, x, settings)
         return plan
 
     def prepare(self, x: torch.Tensor, settings: ChainSettings | None = None) -> None:
@@ -157,7 +158,7 @@ class PersistentProgram(KernelProgram):
                     f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
                 )
         plan = self._plan(x)
-        weights, biases = self._params()
+        weights, biases = self._params(plan.chain)
         key = (tuple(x.shape), noise is not None, trajectory is not None)
         first = key not in self.first_call_s
         t0 = time.perf_counter()
@@ -192,5 +193,5 @@ def persistent_program(model: nn.Module, precision: str = "fp32") -> PersistentP
     scratch."""
     per_model = _PROGRAMS.setdefault(model, {})
     if precision not in per_model:
-        per_model[precision] = PersistentProgram(model, precision)
+        per_model[precision] = PersistentProgram(model, precision, weak=True)
     return per_model[precision]

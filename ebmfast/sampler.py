@@ -8,15 +8,17 @@ Backends (``backend=``):
   noise launch + K gradients + K fused updates.
 - ``graph`` (CUDA only): the whole ``fused`` chain captured once in a CUDA graph and replayed (``ebmfast.graph``).
 - ``triton``: the energy gradient on our own Triton layer kernels (``ebmfast.layers``), the update being the epilogue
-  of the last launch; on CUDA the K-step chain is captured in a CUDA graph like ``graph``. For models that are a
-  plain layer chain (``ebmfast.layers.unsupported_reason`` says why another is not); runs on CPU only under the
-  Triton interpreter (how the tests run it).
+  of the last launch; on CUDA the K-step chain is captured in a CUDA graph like ``graph``. For models that
+  ``ebmfast.recognise`` reads as a plain layer chain of what the kernels run, whatever their classes are called
+  (``ebmfast.layers.unsupported_reason`` says why another is not); runs on CPU only under the Triton interpreter
+  (how the tests run it).
 - ``persistent``: the whole K-step chain in one persistent Triton kernel (``ebmfast.persistent``): each program
   owns a block of samples for all K steps, built from the same layer device functions; same models as ``triton``
   (plus a per-sample scratch budget). Captured in a CUDA graph on CUDA as well.
 - ``auto``: on CUDA the fastest measured of ``graph`` and the kernel backends the model supports
   (``ebmfast.autotune``; ``graph`` where nothing was measured, ``compiled`` when Triton is missing); ``compiled`` on
-  CPU (the fastest measured there). ``sampler.explain(x)`` says what runs and why.
+  CPU (the fastest measured there). ``sampler.explain(x)`` says what runs and why, and for the compiled gradient
+  whether the chain program runs the model (or why not).
 
 Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a pure function of the sampler's seed,
 a device-side counter and the element index (Philox in the kernel on CUDA; a seeded CPU generator on CPU); each call
@@ -47,6 +49,7 @@ from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain
 from .energy_grad import compiled_energy_grad, eager_energy_grad
 from .errors import StopRequested
 from .opdef import HAS_TRITON, triton_unavailable_reason
+from .recognise import structure_key
 from .reference import SEED_STEP, StepSettings, energy_scores, langevin_reference, sampling_mode
 from .validation import (
     capturing,
@@ -70,11 +73,10 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "eager", "compiled", "fused", "graph", "triton", "persistent")
-KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for plain layer chains only
+KERNEL_BACKENDS = ("triton", "persistent")  # backends on our own layer kernels: for recognised layer chains only
 # the sampler's precision modes (what ``precision=`` accepts); the layer kernels encode them as numbers in
 # kernels/geometry.py's PRECISIONS
 PRECISION_MODES = ("fp32", "tf32", "bf16")
-PRECISIONS = PRECISION_MODES  # compatibility: the name the command-line modules still import
 CHUNK_STEPS = 1000  # a chain longer than this looks at stop_check between chunks of this many steps
 
 
@@ -267,8 +269,9 @@ class LangevinSampler:
         return unsupported_reason(self.model, x, self.precision)
 
     def _choose(self, x: torch.Tensor) -> tuple[str, str]:
-        """(backend, why) for a call on ``x``; cached per shape, dtype, device and precision."""
-        key = (tuple(x.shape), x.dtype, x.device, self.precision)
+        """(backend, why) for a call on ``x``; cached per shape, dtype, device, precision and model structure (a model
+        changed after a first call is chosen for again)."""
+        key = (tuple(x.shape), x.dtype, x.device, self.precision, structure_key(self.model))
         if key in self._choices:
             return self._choices[key]
         base = self.resolve(x.device)
@@ -307,7 +310,16 @@ class LangevinSampler:
     def explain(self, x: torch.Tensor) -> str:
         """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons)."""
         backend, why = self._choose(x)
-        return f"backend={self.backend!r} -> {backend!r} for x of shape {tuple(x.shape)} on {x.device}: {why}"
+        text = f"backend={self.backend!r} -> {backend!r} for x of shape {tuple(x.shape)} on {x.device}: {why}"
+        if backend in ("compiled", "fused", "graph"):
+            from .recognise import recognise
+
+            found = recognise(self.model, x)
+            if isinstance(found, str):
+                text += f"; gradient: torch.func (the chain program does not run this model: {found})"
+            else:
+                text += f"; gradient: the chain program of {found.describe()}"
+        return text
 
     def _energy_grad(self, device: torch.device, backend: str = "compiled") -> Callable[[torch.Tensor], torch.Tensor]:
         """The gradient function for ``backend`` (eager autograd or compiled), in the sampler's precision."""
@@ -335,11 +347,13 @@ class LangevinSampler:
         return bf16_grad
 
     def _check_model_output(self, x: torch.Tensor) -> None:
-        key = (id(self.model), tuple(x.shape[1:]), x.dtype, x.device)
+        # Two samples where the batch has them: a model ending in ``.squeeze()`` returns (N,) for a batch but a
+        # 0-d score for one sample.
+        key = (id(self.model), min(x.shape[0], 2), tuple(x.shape[1:]), x.dtype, x.device)
         if key in self._checked:
             return
         with torch.no_grad(), sampling_mode(self.model):
-            energy_scores(self.model, x[:1])
+            energy_scores(self.model, x[:2])
         self._checked.add(key)
 
     def sample(

@@ -40,7 +40,7 @@ from conftest import assert_close_verbose
 from torch import nn
 
 from ebmfast import CNNModel, LangevinSampler, Swish, langevin_reference, ops
-from ebmfast.energy_grad import chain_energy_grad, chain_layers
+from ebmfast.energy_grad import program_energy_grad
 from ebmfast.kernels.geometry import (
     ACT_ELU,
     ACT_GELU,
@@ -61,6 +61,7 @@ from ebmfast.kernels.geometry import (
     residual_reason,
 )
 from ebmfast.layers import LayerProgram, layer_program, plan_layers, unsupported_reason
+from ebmfast.recognise import recognise
 from ebmfast.reference import energy_grad_reference, sampling_mode
 
 # The whole file is a kernel sweep under the Triton interpreter (minutes on 2 cores): marked slow, so that
@@ -610,6 +611,12 @@ def seed_cnns():
     return {"random": random, "trained": trained}
 
 
+def chain_rule(model, x):
+    """The chain program's gradient (ebmfast.energy_grad, uncompiled) of the recognised model."""
+    program = recognise(model, x)
+    return program_energy_grad(program, program.read(model), x)
+
+
 def frozen(model, device):
     model = model.to(device).eval()
     for p in model.parameters():
@@ -620,12 +627,12 @@ def frozen(model, device):
 def check_energy_grad(model, x, what, precision="fp32", atol=None):
     program = LayerProgram(model, precision)
     got = program.energy_grad(x)
-    want = chain_energy_grad(chain_layers(model), x)
+    want = chain_rule(model, x)
     with sampling_mode(model):
         ref = energy_grad_reference(model, x)
-        exact = chain_energy_grad(chain_layers(copy.deepcopy(model).double()), x.double())
+        exact = chain_rule(copy.deepcopy(model).double(), x.double())
     atol = CHAIN_ATOL[x.device.type] * 1e-2 if atol is None else atol  # gradients are ~1e-4: relative ~1e-3 max
-    assert_close_verbose(got, want, atol=atol, what=f"{what} vs chain_energy_grad")
+    assert_close_verbose(got, want, atol=atol, what=f"{what} vs the chain program")
     assert_close_verbose(got, ref, atol=atol, what=f"{what} vs energy_grad_reference")
     return (got.double() - exact).abs().max().item(), exact.abs().max().item()
 
@@ -672,7 +679,7 @@ def program_calls(model, x, mode, **kw):
     """Run one gradient (MODE_GRAD, returns g) or step (MODE_STEP on x) with explicit launch options."""
     program = LayerProgram(model)
     plan = program._plan(x)
-    w, b = program._params()
+    w, b = program._params(plan.chain)
     g = torch.full_like(x, float("nan")) if mode == L.MODE_GRAD else None
     L.run_calls(L.step_calls(plan.specs, x, w, b, plan.scratch, 0, mode, g=g, **kw))
     return g
@@ -776,7 +783,7 @@ def test_whole_program_with_compiled_settings(device, arch):
     model = frozen(model(), device)
     x = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(14)) * 2 - 1).to(device)
     g = program_calls(model, x, L.MODE_GRAD, interpreted=False)
-    assert_close_verbose(g, chain_energy_grad(chain_layers(model), x), atol=1e-7, what=f"{arch} compiled settings")
+    assert_close_verbose(g, chain_rule(model, x), atol=1e-7, what=f"{arch} compiled settings")
 
 
 def run_chain(model, x, steps, device, seed=11, noise=None):
@@ -895,9 +902,9 @@ def test_in_place_weight_updates_are_seen(device):
             p.mul_(1.5).add_(0.01)
     after = program.energy_grad(x)
     assert (after - before).abs().max() > 1e-4
-    assert_close_verbose(after, chain_energy_grad(chain_layers(model), x), atol=1e-7, what="after in-place update")
+    assert_close_verbose(after, chain_rule(model, x), atol=1e-7, what="after in-place update")
     model[0].weight = nn.Parameter(model[0].weight.detach() * -1.0, requires_grad=False)  # replaced: read per call
-    assert_close_verbose(program.energy_grad(x), chain_energy_grad(chain_layers(model), x), atol=1e-7, what="replaced")
+    assert_close_verbose(program.energy_grad(x), chain_rule(model, x), atol=1e-7, what="replaced")
 
 
 # ------------------------------------------------------------------------------------------------ API and checks
@@ -911,7 +918,11 @@ def test_launches_per_step_on_the_seed_cnn():
         calls = L.step_calls(specs, meta, w, w, w[:-1], 0, L.MODE_STEP, rng=w[0], add_noise=True, fuse_head=fuse)
         assert len(calls) == launches
     assert [c.kernel.__name__ for c in calls[-6:]] == ["layer_fwd_kernel"] + ["layer_dgrad_kernel"] * 5
-    assert LayerProgram(mlp1_chain()).launches_per_step == 1  # one hidden layer: the whole step is the head
+    program = LayerProgram(mlp1_chain())
+    with pytest.raises(ValueError, match="prepare"):
+        program.launches_per_step  # noqa: B018 - no input shape known yet
+    program._chain(torch.zeros(2, 3, 5, 7))  # recognised for that shape (no scratch: no kernels needed)
+    assert program.launches_per_step == 1  # one hidden layer: the whole step is the head
 
 
 def test_geometry_round_trip():
@@ -945,7 +956,7 @@ REASONS = [
     (
         lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
         (1, 28, 28),
-        "not a supported layer chain",
+        "the activation relu is not run by the layer kernels",
     ),
     (
         lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
@@ -957,28 +968,32 @@ REASONS = [
         (1, 28, 28),
         "two activations in a row",
     ),
-    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(26, 1)), (1, 28, 28), "Linear on a 4-D activation"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(26, 1)), (1, 28, 28), "linear in 1 (Linear) on a 4-D tensor"),
     (lambda: nn.Sequential(nn.Tanh(), nn.Flatten(), nn.Linear(784, 1)), (1, 28, 28), "before the first"),
     (lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 1)), (1, 28, 28), "at least one Conv2d/Linear"),
     (
         lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Conv2d(8, 1, 1), nn.Flatten(), nn.Linear(1, 1)),
         (1, 28, 28),
-        "Conv2d after Flatten",
+        "Expected 3D (unbatched) or 4D (batched) input to conv2d",
     ),
     (
         lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
         (1, 28, 28),
-        "expects 3 input channels",
+        "to have 3 channels, but got 1",
     ),
-    (lambda: nn.Sequential(nn.Conv2d(1, 4, 9), nn.Flatten(), nn.Linear(4, 1)), (1, 5, 5), "does not fit"),
-    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (1, 3, 3), "Linear on a 4-D activation"),
-    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (3, 10), "inputs must be"),
-    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "expects 5 input features"),
-    (lambda: CNNModel(), (1, 32, 32), "CNNModel takes inputs"),
+    (
+        lambda: nn.Sequential(nn.Conv2d(1, 4, 9), nn.Flatten(), nn.Linear(4, 1)),
+        (1, 5, 5),
+        "Kernel size can't be greater than actual input size",
+    ),
+    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (1, 3, 3), "could not be captured"),
+    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1)), (3, 10), "linear in 0 (Linear) on a 3-D tensor"),
+    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "could not be captured"),
+    (lambda: CNNModel(), (1, 32, 32), "CNNModel expects images of shape (N, 1, 28, 28)"),
     (
         lambda: nn.Sequential(nn.Conv2d(1, 2, 3, groups=1, dilation=2), nn.Flatten(), nn.Linear(2 * 24 * 24, 1)),
         (1, 28, 28),
-        "not a supported layer chain",
+        "dilation [2, 2]",
     ),
 ]
 
@@ -1002,8 +1017,8 @@ def test_unsupported_dtype_device_and_precision(monkeypatch):
             LayerProgram(CNNModel()).energy_grad(torch.zeros(2, 1, 28, 28))
         monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
         assert unsupported_reason(CNNModel(), torch.zeros(2, 1, 28, 28)) is None
-    with pytest.raises(ValueError, match="not a supported layer chain"):
-        LayerProgram(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()))
+    with pytest.raises(ValueError, match="one score per sample"):
+        LayerProgram(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU())).prepare(torch.zeros(2, 1, 5, 5))
 
 
 def test_step_argument_checks(device):
@@ -1044,7 +1059,7 @@ def test_opcheck_layer_ops(device):
     program = LayerProgram(model)
     x = torch.rand(3, 23, device=device)
     plan = program._plan(x)
-    w, b = program._params()
+    w, b = program._params(plan.chain)
     rng = torch.tensor([3, 5], dtype=torch.int64, device=device)
     torch.library.opcheck(
         torch.ops.ebmfast.layers_step_.default,

@@ -411,9 +411,9 @@ def test_generated_source_is_cached_by_content(tmp_path, monkeypatch):
 
 REASONS = [
     (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)), (1, 28, 28),
-     "not a supported layer chain"),
-    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "expects 5 input features"),
-    (lambda: CNNModel(), (1, 32, 32), "CNNModel takes inputs"),
+     "the activation relu is not run by the layer kernels"),
+    (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "could not be captured"),
+    (lambda: CNNModel(), (1, 32, 32), "CNNModel expects images"),
     (lambda: nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(64 * 40 * 40, 1)),
      (3, 40, 40), "KiB of scratch"),
 ]  # fmt: skip
@@ -433,8 +433,10 @@ def test_supported_and_device_reasons(device, monkeypatch):
     assert "precision" in unsupported_reason(model, x, precision="fp16")
     with pytest.raises(ValueError, match="KiB of scratch"):
         PersistentProgram(REASONS[-1][0]().to(device)).prepare(torch.zeros(2, 3, 40, 40, device=device))
-    with pytest.raises(ValueError, match="not a supported layer chain"):
-        PersistentProgram(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()))
+    with pytest.raises(ValueError, match="one score per sample"):
+        PersistentProgram(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()).to(device)).prepare(
+            torch.zeros(2, 1, 5, 5, device=device)
+        )
     if not CUDA:  # CPU tensors run only under the interpreter with EBMFAST_TRITON_ON_CPU=1
         monkeypatch.delenv("EBMFAST_TRITON_ON_CPU")
         assert "TRITON_INTERPRET" in unsupported_reason(model, x)
@@ -465,7 +467,7 @@ def test_opcheck(device):
     program = PersistentProgram(model)
     program.prepare(x)
     plan = program._plan(x)
-    w, b = program._params()
+    w, b = program._params(plan.chain)
     rng = torch.tensor([3, 5], dtype=torch.int64, device=device)
     traj = torch.zeros(2, *x.shape, device=device)
     torch.library.opcheck(

@@ -307,7 +307,7 @@ def test_models_returning_n_by_1_scores_run_on_every_backend(make, backend):
 
 def test_models_returning_other_shapes_are_refused_with_the_shape():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"shape \(N,\) or \(N, 1\).*\(1, 3\)"):
+    with pytest.raises(ValueError, match=r"shape \(N,\) or \(N, 1\).*\(2, 3\)"):
         LangevinSampler(model, steps=1, backend="eager").sample(torch.zeros(2, 4))
 
 
