@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .chain import Chain
-from .reference import StepSettings
 from .recognise import structure_key
+from .reference import StepSettings
 
 __all__ = ["GraphCache", "capture_stream"]
 
