@@ -410,8 +410,8 @@ def test_generated_source_is_cached_by_content(tmp_path, monkeypatch):
 
 
 REASONS = [
-    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)), (1, 28, 28),
-     "the activation relu is not run by the layer kernels"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softplus(threshold=10), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
+     (1, 28, 28), "softplus in 1 (Softplus) with threshold 10"),
     (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "could not be captured"),
     (lambda: CNNModel(), (1, 32, 32), "CNNModel expects images"),
     (lambda: nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(64 * 40 * 40, 1)),

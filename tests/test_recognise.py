@@ -8,6 +8,8 @@ through the reference loop; the compiled and kernel backends run in the slow tes
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,11 +322,11 @@ def test_refused_forms_name_the_op(make, shape, match):
     assert isinstance(reason, str) and match in reason, reason
 
 
-def test_kernel_reasons_for_what_the_kernels_in_this_tree_lack(monkeypatch):
+def test_kernel_reasons_for_what_the_kernels_lack(monkeypatch):
     monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
-    assert "leaky_relu" in unsupported_reason(ShortRunNet(), images(2, 16))
-    assert "residual add" in unsupported_reason(ResNet(), images(2, 8))
+    assert unsupported_reason(ShortRunNet(), images(2, 16)) is None  # its final 4x4 conv runs as a dense layer
     assert unsupported_reason(TutorialCNN(), images(2)) is None
+    assert "more than one layer" in unsupported_reason(ResNet(), images(2, 8))  # block2's projection shortcut
 
 
 class PlainResidual(nn.Module):
@@ -343,15 +345,47 @@ class PlainResidual(nn.Module):
         return self.head(h.flatten(1))
 
 
-def test_residual_adds_lower_to_the_kernels_residual_source(monkeypatch):
-    program = recognise(PlainResidual(), images(2, 8))
-    assert "residual add" in layers.kernel_chain(program)
-    monkeypatch.setattr(layers, "KERNEL_RESIDUAL", True)  # as once the kernels run it
-    chain = layers.kernel_chain.__wrapped__(program)
+class StemResidual(nn.Module):
+    """A residual add from the chain state x (the first conv's input): a shape the kernels refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x + self.b(torch.tanh(self.a(x)))).flatten(1))
+
+
+def test_residual_adds_lower_to_the_kernels_residual_source():
+    chain = layers.kernel_chain(recognise(PlainResidual(), images(2, 8)))
     assert chain.residual == (-1, -1, 1, -1)  # z of layer 2 (conv b) gets the input of layer 1 (conv a)
+    assert [s.res_src for s in chain.specs] == [-1, -1, 1, -1]
     projected = nn.Sequential(ResBlock(1, 4, nn.SiLU()), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
-    reason = layers.kernel_chain.__wrapped__(recognise(projected, images(2, 4)))
+    reason = layers.kernel_chain(recognise(projected, images(2, 4)))
     assert isinstance(reason, str) and "more than one layer" in reason, reason  # the shortcut's 1x1 conv
+
+
+def test_a_residual_shape_the_kernels_refuse_is_a_reason_not_an_error(monkeypatch):
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    x = images(2, 8)
+    reason = unsupported_reason(StemResidual(), x)  # kernels.geometry.residual_reason, before any launch
+    assert "residual add from the chain state x" in reason, reason
+    with pytest.raises(ValueError, match="backend='triton' cannot run this model.*residual add from the chain state"):
+        LangevinSampler(StemResidual(), backend="triton").explain(x)
+
+
+@pytest.mark.parametrize(
+    "act, code, value",
+    [(nn.LeakyReLU(0.2), 4, 0.2), (nn.ELU(0.7), 5, 0.7), (nn.Softplus(beta=1.3), 6, 1.3), (nn.Tanh(), 2, 0.0)],
+    ids=["leaky_relu", "elu", "softplus", "tanh"],
+)
+def test_activation_parameters_reach_the_kernels_as_float32_bits(act, code, value):
+    chain = layers.kernel_chain(recognise(nn.Sequential(nn.Linear(4, 3), act, nn.Linear(3, 1)), torch.zeros(2, 4)))
+    first, last = chain.specs
+    bits = struct.unpack("<i", struct.pack("<f", value))[0]  # the float32 pattern, written here independently
+    assert (first.out_act, first.out_act_param) == (code, bits) and (last.in_act, last.in_act_param) == (code, bits)
+    assert first.out_act_value == torch.tensor(value, dtype=torch.float32).item()
 
 
 def test_explain_and_the_kernel_error_give_the_reason(monkeypatch):
@@ -385,8 +419,8 @@ def test_the_sampler_chooses_again_for_a_changed_model(monkeypatch):
     sampler = LangevinSampler(model, backend="triton")
     x = torch.zeros(2, 4)
     assert sampler.explain(x).endswith("-> 'triton' for x of shape (2, 4) on cpu: asked for")
-    model[2] = nn.GELU()  # not run by the kernels in this tree
-    with pytest.raises(ValueError, match="gelu"):
+    model[2] = nn.Sequential(nn.Tanh(), nn.GELU())  # two activations in a row: not run by the kernels
+    with pytest.raises(ValueError, match="two activations in a row"):
         sampler.explain(x)
 
 
