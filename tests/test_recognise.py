@@ -8,6 +8,7 @@ through the reference loop; the compiled and kernel backends run in the slow tes
 
 from __future__ import annotations
 
+import copy
 import struct
 
 import pytest
@@ -19,6 +20,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ebmfast import LangevinSampler, langevin_reference, layers
 from ebmfast.energy_grad import program_energy_grad
+from ebmfast.kernels.geometry import encode_geometry
 from ebmfast.layers import unsupported_reason
 from ebmfast.models import CNNModel
 from ebmfast.recognise import Act, Add, Affine, Program, capture_seconds, recognise
@@ -443,23 +445,128 @@ def test_capture_cost_is_recorded():
     assert len(capture_seconds()) == before + 1 and capture_seconds()[-1] > 0
 
 
-# ------------------------------------------------------------------------------------------- fast backends (slow)
+# ------------------------------------------------------------------------------------------- drop-in models, kernels
+class PooledResNet(nn.Module):
+    """A small residual net as users write one: AvgPool2d before a conv, an identity-shortcut residual block, a global
+    mean before the Linear."""
+
+    def __init__(self, act=None):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.block = ResBlock(6, 6, act or nn.SiLU())
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = F.silu(self.conv(self.pool(F.silu(self.stem(x)))))
+        return self.head(self.block(h).mean(dim=(2, 3)))
+
+
+# (model, image size, steps). Float32 trajectories on CPU: the kernels sum in another order than torch, so states
+# differ by rounding (measured below 1e-6 here, also after 20 steps of each net); the sampler's tolerance 1e-5
+# (tests/test_sampler.py) leaves room. LeakyReLU's kinks could flip a unit's branch under another summation order
+# (an O(step_size * slope gap) jump), so the short-run net runs few steps; the smooth nets run more.
+DROPIN = {
+    "tutorial": (lambda: TutorialCNN(8), 28, 10),
+    "short-run leaky_relu": (ShortRunNet, 16, 4),
+    "residual pooled": (PooledResNet, 8, 20),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["triton", "persistent"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_tutorial_model_on_the_kernel_backends(monkeypatch, backend, batch):
+@pytest.mark.parametrize("name", list(DROPIN))
+def test_dropin_models_on_the_kernel_backends(monkeypatch, name, backend, batch):
+    """The tutorial model, a short-run-MCMC net and a pooled residual net run on the kernels (no fallback: the
+    backend asked for is the one used) with the reference's trajectory under the same noise."""
     monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    make, size, steps = DROPIN[name]
     torch.manual_seed(8)
-    model = TutorialCNN(8)
-    model.cnn_layers.insert(1, randomise_bn(nn.BatchNorm2d(4)))  # folded into the first conv
-    x = images(batch)
-    sampler = LangevinSampler(model, steps=4, backend=backend, seed=9)
+    model = make()
+    x = images(batch, size)
+    sampler = LangevinSampler(model, steps=steps, backend=backend, seed=9)
+    if isinstance(model, ShortRunNet) and batch == 1:  # .squeeze() drops a batch of one: refused, with the reason
+        with pytest.raises(ValueError, match=r"squeeze in the model \(ShortRunNet\) changes the batch dimension"):
+            sampler.explain(x)
+        return
+    assert f"-> {backend!r}" in sampler.explain(x)
     noise = sampler.noise_stream(x)
     got = sampler.sample(x)
     assert sampler.last_backend == backend
-    assert_close_verbose(got, langevin_reference(model, x, 4, noise=noise), atol=1e-5, what=backend)
+    assert_close_verbose(got, langevin_reference(model, x, steps, noise=noise), atol=1e-5, what=f"{name} {backend}")
 
 
+@pytest.mark.slow
+def test_tutorial_model_with_batch_norm_on_the_layer_kernels(monkeypatch):
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    torch.manual_seed(8)
+    model = TutorialCNN(4)
+    model.cnn_layers.insert(1, randomise_bn(nn.BatchNorm2d(2)))  # folded into the first conv
+    x = images(3)
+    sampler = LangevinSampler(model, steps=2, backend="triton", seed=9)
+    noise = sampler.noise_stream(x)
+    got = sampler.sample(x)
+    assert sampler.last_backend == "triton"
+    assert_close_verbose(got, langevin_reference(model, x, 2, noise=noise), atol=1e-5, what="batch norm folded")
+
+
+def kernel_grad_parity(model: nn.Module, x: torch.Tensor, what: str) -> None:
+    """The layer kernels' float32 gradient against autograd's float64 one: float32 rounding of sums of up to a few
+    hundred terms, relative 1e-5 of the gradient's largest entry."""
+    model = model.eval()
+    want = energy_grad_reference(copy.deepcopy(model).double(), x.double())
+    got = layers.layer_program(model).energy_grad(x)
+    assert_close_verbose(got.double(), want, atol=1e-5 * want.abs().max().item(), what=what)
+
+
+def one_step_parity(model: nn.Module, x: torch.Tensor, backend: str, what: str) -> None:
+    """One sampler step on ``backend`` against the reference step with the same noise (no clip reached: the step
+    is the gradient's)."""
+    sampler = LangevinSampler(model, steps=1, backend=backend, seed=16, grad_clip=1e9)
+    noise = sampler.noise_stream(x)
+    got = sampler.sample(x)
+    assert sampler.last_backend == backend
+    want = langevin_reference(model, x, 1, noise=noise, grad_clip=1e9)
+    assert_close_verbose(got, want, atol=1e-5, what=f"{what} {backend}")
+
+
+@pytest.mark.parametrize("act, name", ACTS, ids=[a[1] for a in ACTS])
+def test_every_activation_one_step_on_the_kernels(monkeypatch, act, name):
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, 2, 1), act, nn.Flatten(), nn.Linear(3 * 4 * 4, 4), act, nn.Linear(4, 1))
+    x = images(5, 7) * 3  # both sides of every kink, and softplus beyond its threshold
+    kernel_grad_parity(model, x, name)
+    for backend in ("triton", "persistent"):
+        one_step_parity(model, x, backend, name)
+
+
+@pytest.mark.parametrize("act", [nn.Tanh(), nn.GELU(), nn.ELU(0.7)], ids=["tanh", "gelu", "elu"])
+def test_residual_dag_one_step_on_the_kernels(monkeypatch, act):
+    monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
+    torch.manual_seed(2)
+    model, x = PooledResNet(act), images(3, 8)
+    kernel_grad_parity(model, x, f"residual {act}")
+    for backend in ("triton", "persistent"):
+        one_step_parity(model, x, backend, f"residual {act}")
+
+
+@pytest.mark.slow
+def test_dropin_models_compile_for_hopper():
+    """The layer kernels of the three drop-in models (batch 3, fp32) compile for sm_90 without a GPU
+    (tests/test_layers.py's compile job: a subprocess without the interpreter)."""
+    from test_layers import compile_job
+
+    chains = []
+    for make, size, _ in DROPIN.values():
+        shape = (1, size, size)
+        chains.append([encode_geometry(layers.plan_layers(make(), shape)), shape, [3]])
+    print(f"HOPPER COMPILE drop-in {compile_job({'chains': chains, 'layers': encode_geometry([]), 'precisions': [0]})}")
+
+
+# ------------------------------------------------------------------------------------------- fast backends (slow)
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
