@@ -11,8 +11,7 @@ the affine layers' weights (computed at each call). ``ACT_CODES`` maps activatio
     program = layer_program(model, precision="fp32")        # cached per (model, precision)
     reason = unsupported_reason(model, x)                    # None, or why these kernels cannot run it
     g = program.energy_grad(x)                               # grad_x sum(-f(x)), no update
-    program.step_(x, None, rng, noise_index=k + 1, add_noise=True, step_size=10.0, grad_clip=0.03,
-                  noise_std=0.005, lo=-1.0, hi=1.0)           # == ops.fused_step_(x, grad(x), rng, ...)
+    program.step_(x, None, rng, SEED_STEP, noise_index=k + 1, add_noise=True)  # == langevin.step_(x, grad(x), ...)
 
 A step is ``program.launches_per_step`` kernel launches (two per Conv2d/Linear before the final Linear(k, 1)), the
 update being the epilogue of the last one. Parameters are read from the model at every call (in-place optimizer
@@ -47,6 +46,7 @@ from .kernels.geometry import (
     residual_reason,
 )
 from .recognise import Act, Add, Affine, Program, Reshape, affine_tensors, recognise
+from .reference import StepSettings
 
 __all__ = [
     "LayerProgram",
@@ -54,6 +54,8 @@ __all__ = [
     "unsupported_reason",
     "plan_layers",
     "kernel_chain",
+    "chain_for",
+    "run_reason",
     "ACT_CODES",
     "KERNEL_ACTIVATIONS",
     "KERNEL_RESIDUAL",
@@ -229,10 +231,12 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
     found = chain_for(model, x)
     if isinstance(found, str):
         return found
-    return _reason(found, model, x) or ops.layer_kernels_unavailable_reason(x.device)
+    return run_reason(found, model, x) or ops.layer_kernels_unavailable_reason(x.device)
 
 
-def _reason(chain: KernelChain, model: nn.Module, x: torch.Tensor) -> str | None:
+def run_reason(chain: KernelChain, model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the kernels cannot run ``chain`` (recognised from ``model``) on ``x`` now: dtypes, devices, a batch beyond
+    32-bit indexing (None if they can). Shared by the layer and persistent programs' plans."""
     reason = _tensor_reason(model, x)
     if reason is not None:
         return reason
@@ -341,7 +345,7 @@ class LayerProgram(KernelProgram):
         key = (chain.program, tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None:
-            reason = _reason(chain, self._model(), x)
+            reason = run_reason(chain, self._model(), x)
             if reason is not None:
                 raise ValueError(f"the layer kernels cannot run this model on x {tuple(x.shape)}: {reason}")
             reason = ops.layer_kernels_unavailable_reason(x.device)
@@ -372,25 +376,22 @@ class LayerProgram(KernelProgram):
         x: torch.Tensor,
         g: None,
         rng: torch.Tensor,
+        settings: StepSettings,
         *,
         noise_index: int,
         add_noise: bool,
         z: torch.Tensor | None = None,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
     ) -> None:
         """One step tail in place on ``x``: x <- clamp(x - step_size * clamp(grad(x), +-grad_clip), lo, hi), then
         (``add_noise``) x <- clamp(x + noise_std * z, lo, hi) with ``z`` given or drawn from the stream at
-        ``rng[1] + noise_index``. Same as ``ops.fused_step_(x, grad(x), rng, ...)``; ``g`` must be None (the
-        gradient is formed inside the kernels; the argument keeps ``fused_step_``'s call shape)."""
+        ``rng[1] + noise_index``. Same as ``langevin.step_(x, grad(x), rng, settings, ...)``; ``g`` must be None (the
+        gradient is formed inside the kernels; the argument keeps ``langevin.step_``'s call shape)."""
         if g is not None:
             raise ValueError("LayerProgram.step_ forms the gradient itself: pass g=None")
-        ops._check_step_args(x, None, z, rng)
+        ops.check_step_args(x, None, z, rng)
         plan = self._plan(x)
         weights, biases = self._params(plan.chain)
+        s = settings  # the op's schema takes the settings as plain floats
         torch.ops.ebmfast.layers_step_(
             x,
             z if add_noise else None,
@@ -400,34 +401,14 @@ class LayerProgram(KernelProgram):
             plan.scratch,
             plan.geometry,
             self._prec,
-            float(step_size),
-            float(grad_clip),
-            float(noise_std),
-            float(lo),
-            float(hi),
+            float(s.step_size),
+            float(s.grad_clip),
+            float(s.noise_std),
+            float(s.lo),
+            float(s.hi),
             int(noise_index),
             bool(add_noise),
         )
-
-    def chain_(
-        self,
-        x: torch.Tensor,
-        rng: torch.Tensor,
-        steps: int,
-        *,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """A whole K-step chain on ``x`` in place: ``ebmfast.chain.run_chain_`` with this program's steps; draws
-        k = 0 .. steps-1 at ``rng[1] + k`` (or ``noise[k]``). Does not advance ``rng``. Returns ``x``."""
-        from .chain import LayerStepper, StepSettings, run_chain_
-
-        settings = StepSettings(step_size, grad_clip, noise_std, lo, hi)
-        return run_chain_(x, steps, rng, LayerStepper(self, settings), noise)[0]
 
 
 _PROGRAMS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
