@@ -4,9 +4,10 @@
 Which models: whatever ``ebmfast.recognise`` reads (by what the forward computes, not by class) that
 ``kernel_chain`` can lower to the kernels: a Conv2d / Linear chain with one activation of ``KERNEL_ACTIVATIONS``
 between two layers (parameters of LeakyReLU / ELU / Softplus as float32 bits), identity-shortcut residual adds
-(``kernels.geometry.residual_reason`` says which), ending in Linear(k, 1); batch norm and pooling arrive folded into
-the affine layers' weights (computed at each call). ``ACT_CODES`` maps activation names to the kernels' codes;
-``KERNEL_ACTIVATIONS`` / ``KERNEL_RESIDUAL`` say what the kernels in this tree run (the one place to widen).
+(``kernels.geometry.residual_reason`` says which), ending in Linear(k, 1) (or a Conv2d to one channel whose unpadded
+kernel covers its input); batch norm and pooling arrive folded into the affine layers' weights (computed at each
+call). ``ACT_CODES`` maps activation names to the kernels' codes; ``KERNEL_ACTIVATIONS`` / ``KERNEL_RESIDUAL`` say
+what the kernels in this tree run (the one place to narrow or widen).
 
     program = layer_program(model, precision="fp32")        # cached per (model, precision)
     reason = unsupported_reason(model, x)                    # None, or why these kernels cannot run it
@@ -118,10 +119,10 @@ def _as_dense(node: Affine) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def kernel_chain(program: Program) -> KernelChain | str:
-    """``program`` as a chain of the layer kernels, or the reason the kernels cannot run it: a plain chain of
-    Conv2d / Linear layers with at most one activation (of ``KERNEL_ACTIVATIONS``) between two of them, reshapes
-    only in front of a Linear or at the output, ending in Linear(k, 1); with ``KERNEL_RESIDUAL``, residual adds
-    z_k + h_j right after layer k of the input h_j of an earlier layer j (identity shortcuts) where
+    """``program`` as a chain of the layer kernels, or the reason the kernels cannot run it: a chain of Conv2d /
+    Linear layers with at most one activation (of ``KERNEL_ACTIVATIONS``) between two of them, reshapes only in front
+    of a Linear or at the output, ending in Linear(k, 1) (or its conv form, ``_as_dense``); with ``KERNEL_RESIDUAL``,
+    residual adds z_k + h_j right after layer k of the input h_j of an earlier layer j (identity shortcuts) where
     ``kernels.geometry.residual_reason`` accepts them (otherwise its reason is returned: never an error at launch)."""
     affine: list[Affine] = []
     acts: list[tuple[str, float]] = []
