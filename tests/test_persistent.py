@@ -569,6 +569,13 @@ def test_hopper_compile(tmp_path):
         jobs.append([encode_geometry(specs), shape, 128, 0, "stream"])
     else:  # CI: the seed CNN in fp32 (1-sample and 4-sample blocks) and tf32
         jobs = jobs[:3]
+    rows = compile_rows(jobs, tmp_path)
+    assert rows[2]["tc"] in ("wgmma", "mma")
+
+
+def compile_rows(jobs: list, tmp_path) -> list[dict]:
+    """Run ``_COMPILE_SCRIPT`` on ``jobs`` in a subprocess without the interpreter and an empty Triton cache; checks
+    and prints its rows (fp32 on FMAs, a barrier between every two phases)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), EBMFAST_KERNEL_CACHE=str(tmp_path / "gen"))
     res = subprocess.run(
@@ -579,8 +586,21 @@ def test_hopper_compile(tmp_path):
     for row in rows:
         print(f"HOPPER COMPILE persistent {json.dumps(row)}")
     assert len(rows) == len(jobs)
-    assert all(r["tc"] == "fma" for r in rows if r["prec"] == 0) and rows[2]["tc"] in ("wgmma", "mma")
+    assert all(r["tc"] == "fma" for r in rows if r["prec"] == 0)
     assert all(r["barriers"] >= r["layers"] for r in rows)  # a barrier between every two phases (and more)
+    return rows
+
+
+def test_hopper_compile_dropin_models(tmp_path):
+    """The persistent kernels of tests/test_recognise.py's drop-in models (tutorial, short-run, pooled residual;
+    batch 3, fp32) compile for sm_90 without a GPU."""
+    from test_recognise import DROPIN
+
+    jobs = []
+    for make, size, _ in DROPIN.values():
+        shape = (1, size, size)
+        jobs.append([encode_geometry(plan_layers(make(), shape)), shape, 3, 0, "stream"])
+    compile_rows(jobs, tmp_path)
 
 
 def test_programs_are_cached_per_model_and_precision():
