@@ -315,6 +315,7 @@ REFUSED = [
     (lambda: conv_net(nn.AvgPool2d(2), nn.Tanh(), hw=13), (1, 28, 28), "avg_pool2d"),
     (lambda: conv_net(pad=1, mode="reflect", hw=28), (1, 28, 28), "pad"),
     (lambda: conv_net(hook_sn=True), (1, 28, 28), "hook-based torch.nn.utils.spectral_norm"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.Softplus(threshold=10), nn.Linear(3, 1)), (4,), "threshold 10"),
 ]  # fmt: skip
 
 
