@@ -5,7 +5,7 @@ compiled gradient + fused update (the ``fused`` backend's step), CUDA only (pyte
     pytest bench/bench_layers.py --benchmark-only --bench-device cuda [--bench-batch 128 16384]
 
 Paths, each timed per step with CUDA events (``extra_info``):
-- ``compiled+fused``: ``compiled_energy_grad(model)(x)`` then ``ops.fused_step_`` (two torch ops, cuDNN inside);
+- ``compiled+fused``: ``compiled_energy_grad(model)(x)`` then ``langevin.step_`` (two torch ops, cuDNN inside);
 - ``layers``: ``LayerProgram.step_`` (the layer kernels, update fused into the last launch);
 - ``*-graph``: 60 such steps captured in one CUDA graph, replay time / 60 (launch overhead gone, as in the
   sampler's graph backends).
@@ -21,16 +21,16 @@ import statistics
 import pytest
 import torch
 
-from ebmfast import ops
+from ebmfast import langevin
 from ebmfast.benchmark.flops import flops_per_sample_step
 from ebmfast.benchmark.timing import time_call, wall_call
 from ebmfast.energy_grad import compiled_energy_grad
 from ebmfast.layers import layer_program, unsupported_reason
-from ebmfast.reference import sampling_mode
+from ebmfast.reference import SEED_STEP, sampling_mode
 from ebmfast.sampler import precision_context
 
 GRAPH_STEPS = 60
-STEP = dict(step_size=10.0, grad_clip=0.03, noise_std=0.005, lo=-1.0, hi=1.0)
+STEP = SEED_STEP  # the seed's step settings
 
 
 def _batches(config):
@@ -46,12 +46,12 @@ def _step_fn(path, model, x, rng, precision):
     if path.startswith("layers"):
         program = layer_program(model, precision)
         program.prepare(x)
-        return lambda k: program.step_(x, None, rng, noise_index=k + 1, add_noise=True, **STEP), program
+        return lambda k: program.step_(x, None, rng, STEP, noise_index=k + 1, add_noise=True), program
     grad = compiled_energy_grad(model, dynamic=False)
 
     def step(k):
         g = grad(x)
-        ops.fused_step_(x, g, rng, noise_index=k + 1, add_noise=True, **STEP)
+        langevin.step_(x, g, rng, STEP, noise_index=k + 1, add_noise=True)
 
     return step, None
 

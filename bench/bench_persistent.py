@@ -27,13 +27,14 @@ import torch
 
 from ebmfast.benchmark.flops import flops_per_sample_step
 from ebmfast.benchmark.timing import time_call, wall_call
+from ebmfast.chain import LayerStepper, run_chain_
 from ebmfast.layers import layer_program
 from ebmfast.persistent import PersistentProgram, unsupported_reason
-from ebmfast.reference import sampling_mode
+from ebmfast.reference import SEED_STEP, sampling_mode
 from ebmfast.sampler import precision_context
 
 STEPS = 60
-STEP = dict(step_size=10.0, grad_clip=0.03, noise_std=0.005, lo=-1.0, hi=1.0)
+STEP = SEED_STEP  # the seed's step settings
 SWEEP = os.environ.get("EBMFAST_BENCH_PERSISTENT_SWEEP") == "1"
 
 
@@ -53,15 +54,16 @@ def _chain_fn(path, model, x, rng, precision, settings=None):
         program.prepare(x, settings)
 
         def chain():
-            program.chain_(x, rng, STEPS, **STEP)
+            program.chain_(x, rng, STEPS, STEP)
             rng[1] += STEPS
 
         return chain, program
     program = layer_program(model, precision)
     program.prepare(x)
+    stepper = LayerStepper(program, STEP)
 
     def chain():
-        program.chain_(x, rng, STEPS, **STEP)
+        run_chain_(x, STEPS, rng, stepper)
         rng[1] += STEPS
 
     return chain, program

@@ -87,7 +87,7 @@ class LayerStepper(_NoiseHead):
     def tail_(
         self, x: torch.Tensor, rng: torch.Tensor, noise_index: int, add_noise: bool, z: torch.Tensor | None
     ) -> None:
-        self.program.step_(x, None, rng, noise_index=noise_index, add_noise=add_noise, z=z, **self.settings.as_kwargs())
+        self.program.step_(x, None, rng, self.settings, noise_index=noise_index, add_noise=add_noise, z=z)
 
 
 @torch.no_grad()
@@ -158,7 +158,7 @@ class PersistentChain:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         traj = torch.empty((steps, *x.shape), dtype=x.dtype, device=x.device) if return_trajectory else None
         noise = None if noise is None else noise.contiguous()
-        self.program.chain_(x, rng, steps, noise=noise, trajectory=traj, **self.settings.as_kwargs())
+        self.program.chain_(x, rng, steps, self.settings, noise=noise, trajectory=traj)
         return x, traj
 
 

@@ -2,16 +2,17 @@
 (``kernels/layers.py``), for the sampler's ``"triton"`` backend.
 
 Which models: whatever ``ebmfast.recognise`` reads (by what the forward computes, not by class) that
-``kernel_chain`` can lower to the kernels: a plain Conv2d / Linear chain with one activation of
-``KERNEL_ACTIVATIONS`` between two layers, ending in Linear(k, 1); batch norm and pooling arrive folded into the
-affine layers' weights (computed at each call). ``ACT_CODES`` maps activation names to the kernels' codes;
-``KERNEL_ACTIVATIONS`` / ``KERNEL_RESIDUAL`` say what the kernels in this tree run (the one place to widen).
+``kernel_chain`` can lower to the kernels: a Conv2d / Linear chain with one activation of ``KERNEL_ACTIVATIONS``
+between two layers (parameters of LeakyReLU / ELU / Softplus as float32 bits), identity-shortcut residual adds
+(``kernels.geometry.residual_reason`` says which), ending in Linear(k, 1) (or a Conv2d to one channel whose unpadded
+kernel covers its input); batch norm and pooling arrive folded into the affine layers' weights (computed at each
+call). ``ACT_CODES`` maps activation names to the kernels' codes; ``KERNEL_ACTIVATIONS`` / ``KERNEL_RESIDUAL`` say
+what the kernels in this tree run (the one place to narrow or widen).
 
     program = layer_program(model, precision="fp32")        # cached per (model, precision)
     reason = unsupported_reason(model, x)                    # None, or why these kernels cannot run it
     g = program.energy_grad(x)                               # grad_x sum(-f(x)), no update
-    program.step_(x, None, rng, noise_index=k + 1, add_noise=True, step_size=10.0, grad_clip=0.03,
-                  noise_std=0.005, lo=-1.0, hi=1.0)           # == ops.fused_step_(x, grad(x), rng, ...)
+    program.step_(x, None, rng, SEED_STEP, noise_index=k + 1, add_noise=True)  # == langevin.step_(x, grad(x), ...)
 
 A step is ``program.launches_per_step`` kernel launches (two per Conv2d/Linear before the final Linear(k, 1)), the
 update being the epilogue of the last one. Parameters are read from the model at every call (in-place optimizer
@@ -37,8 +38,16 @@ import torch
 from torch import nn
 
 from . import ops
-from .kernels.geometry import PRECISIONS, LayerSpec, encode_geometry, launches_per_step
+from .kernels.geometry import (
+    PRECISIONS,
+    LayerSpec,
+    encode_geometry,
+    float_bits,
+    launches_per_step,
+    residual_reason,
+)
 from .recognise import Act, Add, Affine, Program, Reshape, affine_tensors, recognise
+from .reference import StepSettings
 
 __all__ = [
     "LayerProgram",
@@ -46,6 +55,8 @@ __all__ = [
     "unsupported_reason",
     "plan_layers",
     "kernel_chain",
+    "chain_for",
+    "run_reason",
     "ACT_CODES",
     "KERNEL_ACTIVATIONS",
     "KERNEL_RESIDUAL",
@@ -64,11 +75,12 @@ ACT_CODES = {
     "gelu_tanh": 8,
     "sigmoid": 9,
 }
-# What the kernels in this tree run: the ONE place to widen when the kernels gain activations or the residual add
-# (``KERNEL_RESIDUAL = True`` once ``LayerSpec`` has the ``res_src`` field: kernel_chain then fills it).
-KERNEL_ACTIVATIONS = frozenset({"identity", "swish", "tanh"})
-KERNEL_RESIDUAL = False
-_SPEC_FIELDS = {f.name for f in dataclasses.fields(LayerSpec)}
+# What the kernels in this tree run: the ONE place to narrow or widen (every activation of ``ACT_CODES``; residual
+# adds, within what ``kernels.geometry.residual_reason`` accepts).
+KERNEL_ACTIVATIONS = frozenset(ACT_CODES)
+KERNEL_RESIDUAL = True
+# Activations with a parameter (``recognise``'s ``Act.param``), carried as float32 bits in ``*_act_param``.
+_PARAM_ACTIVATIONS = frozenset({"leaky_relu", "elu", "softplus"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +96,9 @@ class KernelChain:
 
 def _act_fields(prefix: str, act: tuple[str, float]) -> dict:
     """A LayerSpec's activation fields for ``act`` = (name, parameter); the parameter travels as float32 bits in
-    ``<prefix>_act_param`` where the geometry has that field."""
-    fields = {f"{prefix}_act": ACT_CODES[act[0]]}
-    if f"{prefix}_act_param" in _SPEC_FIELDS:
-        from .kernels.geometry import float_bits
-
-        fields[f"{prefix}_act_param"] = float_bits(act[1]) if act[0] in ("leaky_relu", "elu", "softplus") else 0
-    return fields
+    ``<prefix>_act_param`` (0 for activations without one)."""
+    param = float_bits(act[1]) if act[0] in _PARAM_ACTIVATIONS else 0
+    return {f"{prefix}_act": ACT_CODES[act[0]], f"{prefix}_act_param": param}
 
 
 def _map_shape(program: Program, v: int) -> tuple[int, ...]:
@@ -100,12 +108,22 @@ def _map_shape(program: Program, v: int) -> tuple[int, ...]:
     return program.shapes[v]
 
 
+def _as_dense(node: Affine) -> bool:
+    """Whether ``node`` runs as a dense layer: a Linear, or a Conv2d whose unpadded kernel covers its whole input map
+    (one output position; its (O, C, kh, kw) weight is a Linear's (O, C*H*W) in NCHW flatten order, e.g. the 4x4
+    conv to one channel that ends the short-run-MCMC nets)."""
+    if not node.conv:
+        return True
+    return node.padding == (0, 0) and node.kernel == tuple(node.in_shape[1:]) and node.out_shape[1:] == (1, 1)
+
+
 @functools.lru_cache(maxsize=256)
 def kernel_chain(program: Program) -> KernelChain | str:
-    """``program`` as a chain of the layer kernels, or the reason the kernels cannot run it: a plain chain of
-    Conv2d / Linear layers with at most one activation (of ``KERNEL_ACTIVATIONS``) between two of them, reshapes
-    only in front of a Linear or at the output, ending in Linear(k, 1); with ``KERNEL_RESIDUAL``, residual adds
-    z_k + h_j right after layer k of the input h_j of an earlier layer j (identity shortcuts)."""
+    """``program`` as a chain of the layer kernels, or the reason the kernels cannot run it: a chain of Conv2d /
+    Linear layers with at most one activation (of ``KERNEL_ACTIVATIONS``) between two of them, reshapes only in front
+    of a Linear or at the output, ending in Linear(k, 1) (or its conv form, ``_as_dense``); with ``KERNEL_RESIDUAL``,
+    residual adds z_k + h_j right after layer k of the input h_j of an earlier layer j (identity shortcuts) where
+    ``kernels.geometry.residual_reason`` accepts them (otherwise its reason is returned: never an error at launch)."""
     affine: list[Affine] = []
     acts: list[tuple[str, float]] = []
     res: list[int] = []  # per affine layer k: j when the input of layer j is added to z_k, else -1
@@ -158,7 +176,7 @@ def kernel_chain(program: Program) -> KernelChain | str:
     if pending is not None:
         return f"an activation ({pending[0]}) after the final Linear(k, 1) is not supported"
     acts.append(("identity", 0.0))
-    if affine[-1].conv or affine[-1].out_shape != (1,):
+    if not (_as_dense(affine[-1]) and affine[-1].out_shape[0] == 1):
         return "the chain must end in a Linear(k, 1) (one score per sample)"
     if len(affine) < 2:
         return "the chain needs at least one Conv2d/Linear before the final Linear(k, 1)"
@@ -173,15 +191,17 @@ def kernel_chain(program: Program) -> KernelChain | str:
             **_act_fields("out", acts[idx]),
             has_bias=int(node.bias is not None or node.bn is not None),
             in_nchw=int(idx == 0),
+            res_src=res[idx],
         )
-        if "res_src" in _SPEC_FIELDS:
-            common["res_src"] = res[idx]
-        if node.conv:
+        if node.conv and not _as_dense(node):
             c_out, oh, ow = node.out_shape
             (kh, kw), (sh, sw), (ph, pw) = node.kernel, node.stride, node.padding
             specs.append(LayerSpec(0, c, h, w, c_out, oh, ow, kh, kw, sh, sw, ph, pw, **common))
         else:
             specs.append(LayerSpec(1, c, h, w, node.out_shape[0], 1, 1, h, w, 1, 1, 0, 0, **common))
+    reason = residual_reason(specs)
+    if reason is not None:
+        return f"a residual add the layer kernels do not run: {reason}"
     return KernelChain(program, tuple(affine), tuple(specs), tuple(res))
 
 
@@ -212,10 +232,12 @@ def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32
     found = chain_for(model, x)
     if isinstance(found, str):
         return found
-    return _reason(found, model, x) or ops.layer_kernels_unavailable_reason(x.device)
+    return run_reason(found, model, x) or ops.layer_kernels_unavailable_reason(x.device)
 
 
-def _reason(chain: KernelChain, model: nn.Module, x: torch.Tensor) -> str | None:
+def run_reason(chain: KernelChain, model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the kernels cannot run ``chain`` (recognised from ``model``) on ``x`` now: dtypes, devices, a batch beyond
+    32-bit indexing (None if they can). Shared by the layer and persistent programs' plans."""
     reason = _tensor_reason(model, x)
     if reason is not None:
         return reason
@@ -324,7 +346,7 @@ class LayerProgram(KernelProgram):
         key = (chain.program, tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None:
-            reason = _reason(chain, self._model(), x)
+            reason = run_reason(chain, self._model(), x)
             if reason is not None:
                 raise ValueError(f"the layer kernels cannot run this model on x {tuple(x.shape)}: {reason}")
             reason = ops.layer_kernels_unavailable_reason(x.device)
@@ -355,25 +377,22 @@ class LayerProgram(KernelProgram):
         x: torch.Tensor,
         g: None,
         rng: torch.Tensor,
+        settings: StepSettings,
         *,
         noise_index: int,
         add_noise: bool,
         z: torch.Tensor | None = None,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
     ) -> None:
         """One step tail in place on ``x``: x <- clamp(x - step_size * clamp(grad(x), +-grad_clip), lo, hi), then
         (``add_noise``) x <- clamp(x + noise_std * z, lo, hi) with ``z`` given or drawn from the stream at
-        ``rng[1] + noise_index``. Same as ``ops.fused_step_(x, grad(x), rng, ...)``; ``g`` must be None (the
-        gradient is formed inside the kernels; the argument keeps ``fused_step_``'s call shape)."""
+        ``rng[1] + noise_index``. Same as ``langevin.step_(x, grad(x), rng, settings, ...)``; ``g`` must be None (the
+        gradient is formed inside the kernels; the argument keeps ``langevin.step_``'s call shape)."""
         if g is not None:
             raise ValueError("LayerProgram.step_ forms the gradient itself: pass g=None")
-        ops._check_step_args(x, None, z, rng)
+        ops.check_step_args(x, None, z, rng)
         plan = self._plan(x)
         weights, biases = self._params(plan.chain)
+        s = settings  # the op's schema takes the settings as plain floats
         torch.ops.ebmfast.layers_step_(
             x,
             z if add_noise else None,
@@ -383,34 +402,14 @@ class LayerProgram(KernelProgram):
             plan.scratch,
             plan.geometry,
             self._prec,
-            float(step_size),
-            float(grad_clip),
-            float(noise_std),
-            float(lo),
-            float(hi),
+            float(s.step_size),
+            float(s.grad_clip),
+            float(s.noise_std),
+            float(s.lo),
+            float(s.hi),
             int(noise_index),
             bool(add_noise),
         )
-
-    def chain_(
-        self,
-        x: torch.Tensor,
-        rng: torch.Tensor,
-        steps: int,
-        *,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """A whole K-step chain on ``x`` in place: ``ebmfast.chain.run_chain_`` with this program's steps; draws
-        k = 0 .. steps-1 at ``rng[1] + k`` (or ``noise[k]``). Does not advance ``rng``. Returns ``x``."""
-        from .chain import LayerStepper, StepSettings, run_chain_
-
-        settings = StepSettings(step_size, grad_clip, noise_std, lo, hi)
-        return run_chain_(x, steps, rng, LayerStepper(self, settings), noise)[0]
 
 
 _PROGRAMS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()

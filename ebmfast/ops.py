@@ -4,8 +4,8 @@
 
 The fused Langevin update ops live in ``ebmfast.langevin``, the replay-buffer ops in ``ebmfast.buffer``, and how
 every op is defined (``triton_op`` or ``custom_op``, Triton present or not) in ``ebmfast.opdef``. The names below
-``# compatibility`` keep the current callers of the layer and persistent programs working; new code imports them
-from their own modules.
+``# compatibility`` keep the benchmarks' current calls working (bench/bench_buffer.py); new code imports them from
+their own modules.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from . import langevin
 from .buffer import fused_replay_available
 from .opdef import USES_TRITON_OP, define_op, load_kernels, triton_on_cpu, triton_unavailable_reason, wrap
-from .reference import StepSettings
 
 __all__ = [
     "layers_step_",
@@ -32,37 +31,20 @@ __all__ = [
 
 check_step_args = langevin.check_step_args
 
-# compatibility: names that layers.py, persistent.py and their tests and benchmarks still reach through ``ops``
-_check_step_args = check_step_args
-_kernels = langevin.kernels
+# compatibility: names the benchmarks still reach through ``ops``
 __all__ += ["fused_replay_available"]
-
-
-def fused_step_(
-    x: torch.Tensor,
-    g: torch.Tensor | None,
-    rng: torch.Tensor,
-    *,
-    noise_index: int,
-    add_noise: bool,
-    z: torch.Tensor | None = None,
-    **settings: float,
-) -> None:
-    """``langevin.step_`` with the ``StepSettings`` fields as keywords (the form ``layers.py``'s callers use)."""
-    langevin.step_(x, g, rng, StepSettings(**settings), noise_index=noise_index, add_noise=add_noise, z=z)
 
 
 # ================================================================================ layer program (kernels/layers.py)
 # ``ebmfast::layers_step_(x, z, rng, weights, biases, scratch, geometry, precision, step_size, grad_clip, noise_std,
 # lo, hi, noise_index, add_noise)``: one Langevin step tail of a chain model on x in place, the energy gradient formed
-# by the layer kernels and the update fused into the last of them (= fused_step_(x, grad(x), rng, ...)).
+# by the layer kernels and the update fused into the last of them (= langevin.step_(x, grad(x), rng, ...)).
 # ``ebmfast::layers_energy_grad(x, weights, biases, scratch, geometry, precision) -> g``: the gradient alone.
 # ``weights``/``biases``: one per Conv2d/Linear, the final Linear(k, 1) last (a bias entry is read only where the
 # geometry says the layer has one); ``scratch``: the plan's buffers (mutated); ``geometry``: kernels/geometry.py's
 # int encoding; ``precision``: 0 fp32, 1 tf32, 2 bf16. Built and called by ``ebmfast.layers.LayerProgram``.
 # CUDA with Triton, or CPU tensors under the interpreter with EBMFAST_TRITON_ON_CPU=1; elsewhere a clear error.
 layer_kernels = load_kernels("layers")  # None without Triton
-_layer_kernels = layer_kernels  # compatibility
 
 
 def layer_kernels_unavailable_reason(device: torch.device | str) -> str | None:
@@ -145,7 +127,6 @@ if not USES_TRITON_OP:
 # Built and called by ``ebmfast.persistent.PersistentProgram``. CUDA with Triton, or CPU tensors under the interpreter
 # with EBMFAST_TRITON_ON_CPU=1; elsewhere a clear error (the same conditions as the layer kernels).
 persistent_kernels = load_kernels("persistent")  # None without Triton
-_persistent_kernels = persistent_kernels  # compatibility
 
 
 def persistent_unavailable_reason(device: torch.device | str) -> str | None:

@@ -3,7 +3,7 @@
 
     program = persistent_program(model, precision="fp32")   # cached per (model, precision)
     reason = unsupported_reason(model, x)                    # None, or why the persistent kernel cannot run it
-    program.chain_(x, rng, steps, step_size=10.0, grad_clip=0.03, noise_std=0.005, lo=-1.0, hi=1.0)
+    program.chain_(x, rng, steps, SEED_STEP)                 # an ebmfast.reference.StepSettings
     rng[1] += steps                                          # the caller advances the stream, as for every backend
 
 ``chain_`` runs on contiguous ``x`` in place exactly what ``ebmfast.chain.run_chain_`` runs with the layer program's
@@ -25,7 +25,6 @@ Runs on CUDA with Triton, and on CPU tensors under the Triton interpreter (``TRI
 
 from __future__ import annotations
 
-import time
 import weakref
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -35,8 +34,9 @@ from torch import nn
 
 from . import ops
 from .kernels.geometry import LayerSpec, encode_geometry
-from .layers import KernelChain, KernelProgram, _reason, chain_for
+from .layers import KernelChain, KernelProgram, chain_for, run_reason
 from .layers import unsupported_reason as _layers_reason
+from .reference import StepSettings
 
 if TYPE_CHECKING:
     from .kernels.persistent import ChainSettings
@@ -45,15 +45,15 @@ __all__ = ["PersistentProgram", "persistent_program", "unsupported_reason"]
 
 
 def _kernels() -> ModuleType:
-    if ops._persistent_kernels is None:
+    if ops.persistent_kernels is None:
         raise RuntimeError(ops.persistent_unavailable_reason("cpu") or "kernels/persistent.py is unavailable")
-    return ops._persistent_kernels
+    return ops.persistent_kernels
 
 
 def _scratch_reason(specs: list[LayerSpec]) -> str | None:
-    if ops._persistent_kernels is None:
+    if ops.persistent_kernels is None:
         return None  # the device check says why nothing runs
-    return ops._persistent_kernels.scratch_reason(specs)
+    return ops.persistent_kernels.scratch_reason(specs)
 
 
 def unsupported_reason(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> str | None:
@@ -86,16 +86,12 @@ class PersistentProgram(KernelProgram):
     WHAT = "the persistent kernel"
     launches_per_chain = 1  # head noise, K steps and every layer inside one launch
 
-    def __init__(self, model: nn.Module, precision: str = "fp32", *, weak: bool = False) -> None:
-        super().__init__(model, precision, weak=weak)
-        self.first_call_s: dict = {}  # (shape, noise supplied, trajectory) -> wall seconds of the first launch call
-
     def _plan(self, x: torch.Tensor, settings: ChainSettings | None = None) -> _Plan:
         chain = self._chain(x)
         key = (chain.program, tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is None or (settings is not None and settings != plan.settings):
-            reason = _reason(chain, self._model(), x)
+            reason = run_reason(chain, self._model(), x)
             if reason is not None:
                 raise ValueError(f"the persistent kernel cannot run this model on x {tuple(x.shape)}: {reason}")
             specs = list(chain.specs)
@@ -130,14 +126,10 @@ class PersistentProgram(KernelProgram):
         x: torch.Tensor,
         rng: torch.Tensor,
         steps: int,
+        settings: StepSettings,
         *,
         noise: torch.Tensor | None = None,
         trajectory: torch.Tensor | None = None,
-        step_size: float,
-        grad_clip: float,
-        noise_std: float,
-        lo: float,
-        hi: float,
     ) -> torch.Tensor:
         """A whole K-step chain on ``x`` in place, in one launch: draw 0, then ``steps`` fused steps (draws at
         ``rng[1] + j``, or ``noise[j]``, j < steps). ``trajectory``: a contiguous fp32 (steps, *x.shape) tensor that
@@ -145,7 +137,7 @@ class PersistentProgram(KernelProgram):
         steps = int(steps)
         if steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps}")
-        ops._check_step_args(x, None, None, rng)
+        ops.check_step_args(x, None, None, rng)
         for name, t in (("noise", noise), ("trajectory", trajectory)):
             if t is not None and (
                 tuple(t.shape) != (steps, *x.shape)
@@ -159,9 +151,7 @@ class PersistentProgram(KernelProgram):
                 )
         plan = self._plan(x)
         weights, biases = self._params(plan.chain)
-        key = (tuple(x.shape), noise is not None, trajectory is not None)
-        first = key not in self.first_call_s
-        t0 = time.perf_counter()
+        s = settings  # the op's schema takes the settings as plain floats
         torch.ops.ebmfast.persistent_chain_(
             x,
             noise,
@@ -174,14 +164,12 @@ class PersistentProgram(KernelProgram):
             self._prec,
             plan.settings_list,
             steps,
-            float(step_size),
-            float(grad_clip),
-            float(noise_std),
-            float(lo),
-            float(hi),
+            float(s.step_size),
+            float(s.grad_clip),
+            float(s.noise_std),
+            float(s.lo),
+            float(s.hi),
         )
-        if first:  # the launch call itself: source generation + Triton compilation (no device wait)
-            self.first_call_s[key] = time.perf_counter() - t0
         return x
 
 

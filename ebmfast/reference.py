@@ -48,11 +48,6 @@ class StepSettings:
     def clamp(self) -> tuple[float, float]:
         return (self.lo, self.hi)
 
-    def as_kwargs(self) -> dict[str, float]:
-        return dict(
-            step_size=self.step_size, grad_clip=self.grad_clip, noise_std=self.noise_std, lo=self.lo, hi=self.hi
-        )
-
     def sampler_kwargs(self) -> dict[str, object]:
         """The same settings as ``LangevinSampler`` / ``langevin_reference`` take them (``clamp`` a pair)."""
         return dict(step_size=self.step_size, noise_std=self.noise_std, grad_clip=self.grad_clip, clamp=self.clamp)

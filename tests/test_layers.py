@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from conftest import assert_close_verbose
 from torch import nn
 
-from ebmfast import CNNModel, LangevinSampler, Swish, langevin_reference, ops
+from ebmfast import CNNModel, LangevinSampler, Swish, langevin, langevin_reference, ops
+from ebmfast.chain import LayerStepper, run_chain_
 from ebmfast.energy_grad import program_energy_grad
 from ebmfast.kernels.geometry import (
     ACT_ELU,
@@ -62,13 +63,13 @@ from ebmfast.kernels.geometry import (
 )
 from ebmfast.layers import LayerProgram, layer_program, plan_layers, unsupported_reason
 from ebmfast.recognise import recognise
-from ebmfast.reference import energy_grad_reference, sampling_mode
+from ebmfast.reference import StepSettings, energy_grad_reference, sampling_mode
 
 # The whole file is a kernel sweep under the Triton interpreter (minutes on 2 cores): marked slow, so that
 # `pytest -m "not slow"` stays quick; tests/test_sampler_kernels.py covers the kernels end to end there.
-pytestmark = [pytest.mark.skipif(ops._layer_kernels is None, reason="Triton is not installed"), pytest.mark.slow]
+pytestmark = [pytest.mark.skipif(ops.layer_kernels is None, reason="Triton is not installed"), pytest.mark.slow]
 
-if ops._layer_kernels is not None:
+if ops.layer_kernels is not None:
     from ebmfast.kernels import layers as L
 
 CUDA = torch.cuda.is_available()
@@ -80,6 +81,7 @@ EPS32 = 2.0**-23
 CHAIN_ATOL = {"cpu": 1e-5, "cuda": 1e-4}
 S, C, SIGMA, LO, HI = 10.0, 0.03, 0.005, -1.0, 1.0
 STEP = dict(step_size=S, grad_clip=C, noise_std=SIGMA, lo=LO, hi=HI)
+SETTINGS = StepSettings(**STEP)
 
 
 @pytest.fixture
@@ -794,7 +796,7 @@ def run_chain(model, x, steps, device, seed=11, noise=None):
     rng = sampler.rng_state(x.device)
     program = layer_program(model)
     with sampling_mode(model):
-        got = program.chain_(x.clone(), rng, steps, noise=noise, **STEP)
+        got = run_chain_(x.clone(), steps, rng, LayerStepper(program, SETTINGS), noise)[0]
     want = langevin_reference(
         model, x, steps, noise=z, **{k: STEP[k] for k in ("step_size", "grad_clip")}, noise_std=SIGMA, clamp=(LO, HI)
     )
@@ -838,12 +840,12 @@ def test_supplied_noise_and_second_chain(device):
     rng = torch.tensor([5, 0], dtype=torch.int64, device=device)
     y = x.clone()
     _, want_traj = langevin_reference(model, x, steps, noise=noise, return_trajectory=True, clamp=(LO, HI))
-    ops.fused_step_(y, None, rng, noise_index=0, add_noise=True, z=noise[0], **STEP)
+    langevin.step_(y, None, rng, SETTINGS, noise_index=0, add_noise=True, z=noise[0])
     for k in range(steps):
-        program.step_(y, None, rng, noise_index=k + 1, add_noise=False, **STEP)
+        program.step_(y, None, rng, SETTINGS, noise_index=k + 1, add_noise=False)
         assert_close_verbose(y, want_traj[k], atol=CHAIN_ATOL[device], what=f"trajectory step {k}")
         if k < steps - 1:
-            ops.fused_step_(y, None, rng, noise_index=k + 1, add_noise=True, z=noise[k + 1], **STEP)
+            langevin.step_(y, None, rng, SETTINGS, noise_index=k + 1, add_noise=True, z=noise[k + 1])
 
 
 @pytest.mark.device
@@ -856,17 +858,17 @@ def test_one_launch_chain_trajectory_parity(device):
 
 
 @pytest.mark.device
-def test_step_equals_fused_step_of_the_gradient(device, seed_cnns):
-    """step_ == ops.fused_step_(x, grad(x), ...) for generated noise, with values at the clamp bounds."""
+def test_step_equals_langevin_step_of_the_gradient(device, seed_cnns):
+    """step_ == langevin.step_(x, grad(x), ...) for generated noise, with values at the clamp bounds."""
     model = frozen(copy.deepcopy(seed_cnns["trained"]), device)
     gen = torch.Generator().manual_seed(8)
     x = ((torch.rand(3, 1, 28, 28, generator=gen) * 2.4 - 1.2).clamp(-1, 1)).to(device)
     rng = torch.tensor([987654321, 1 << 33], dtype=torch.int64, device=device)
     got = x.clone()
-    layer_program(model).step_(got, None, rng, noise_index=5, add_noise=True, **STEP)
+    layer_program(model).step_(got, None, rng, SETTINGS, noise_index=5, add_noise=True)
     want = x.clone()
-    ops.fused_step_(want, energy_grad_reference(model, x), rng, noise_index=5, add_noise=True, **STEP)
-    assert_close_verbose(got, want, atol=1e-6, what="step_ vs fused_step_")
+    langevin.step_(want, energy_grad_reference(model, x), rng, SETTINGS, noise_index=5, add_noise=True)
+    assert_close_verbose(got, want, atol=1e-6, what="step_ vs langevin.step_")
 
 
 @pytest.mark.device
@@ -883,10 +885,10 @@ def test_nan_propagates_through_the_update(device, poison):
             model[2].weight[3, 5] = float("nan")
     rng = torch.tensor([11, 2], dtype=torch.int64, device=device)
     got = x.clone()
-    layer_program(model).step_(got, None, rng, noise_index=1, add_noise=True, **STEP)
+    layer_program(model).step_(got, None, rng, SETTINGS, noise_index=1, add_noise=True)
     want = x.clone()
     with sampling_mode(model):
-        ops.fused_step_(want, energy_grad_reference(model, x), rng, noise_index=1, add_noise=True, **STEP)
+        langevin.step_(want, energy_grad_reference(model, x), rng, SETTINGS, noise_index=1, add_noise=True)
     assert want.isnan().any(dim=1).tolist() == ([False, True, False] if poison == "x" else [True] * 3)
     assert_close_verbose(got, want, atol=1e-6, what=f"NaN {poison}")
 
@@ -954,9 +956,9 @@ def test_tile_settings_respect_the_gpu_rules():
 
 REASONS = [
     (
-        lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
+        lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softplus(threshold=10), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
         (1, 28, 28),
-        "the activation relu is not run by the layer kernels",
+        "softplus in 1 (Softplus) with threshold 10",
     ),
     (
         lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
@@ -1027,13 +1029,13 @@ def test_step_argument_checks(device):
     x = torch.zeros(2, 23, device=device)
     rng = torch.zeros(2, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="g=None"):
-        program.step_(x, x, rng, noise_index=0, add_noise=False, **STEP)
+        program.step_(x, x, rng, SETTINGS, noise_index=0, add_noise=False)
     with pytest.raises(ValueError, match="rng must be an int64"):
-        program.step_(x, None, rng.float(), noise_index=0, add_noise=False, **STEP)
+        program.step_(x, None, rng.float(), SETTINGS, noise_index=0, add_noise=False)
     with pytest.raises(ValueError, match="z must be a contiguous tensor shaped like x"):
-        program.step_(x, None, rng, noise_index=0, add_noise=True, z=torch.zeros(3, 23, device=device), **STEP)
+        program.step_(x, None, rng, SETTINGS, noise_index=0, add_noise=True, z=torch.zeros(3, 23, device=device))
     with pytest.raises(ValueError, match="cannot run this model on x"):
-        program.step_(torch.zeros(2, 24, device=device), None, rng, noise_index=0, add_noise=False, **STEP)
+        program.step_(torch.zeros(2, 24, device=device), None, rng, SETTINGS, noise_index=0, add_noise=False)
 
 
 def test_scratch_is_allocated_once_per_shape(device):
@@ -1043,7 +1045,7 @@ def test_scratch_is_allocated_once_per_shape(device):
     program.prepare(x)
     before = [t.data_ptr() for t in program._plan(x).scratch]
     rng = torch.zeros(2, dtype=torch.int64, device=device)
-    program.step_(x, None, rng, noise_index=1, add_noise=True, **STEP)
+    program.step_(x, None, rng, SETTINGS, noise_index=1, add_noise=True)
     assert [t.data_ptr() for t in program._plan(x).scratch] == before
     assert len(program._plans) == 1
     program.energy_grad(torch.rand(5, 23, device=device))

@@ -42,18 +42,18 @@ from test_layers import (
 )
 from torch import nn
 
-from ebmfast import CNNModel, LangevinSampler, langevin_reference, ops
+from ebmfast import CNNModel, LangevinSampler, langevin, langevin_reference, ops
 from ebmfast.kernels.geometry import ACT_NAMES, ACT_SIGMOID, encode_geometry
 from ebmfast.layers import plan_layers
 from ebmfast.persistent import PersistentProgram, persistent_program, unsupported_reason
-from ebmfast.reference import sampling_mode
+from ebmfast.reference import StepSettings, sampling_mode
 from ebmfast.sampler import precision_context
 
 # The whole file is a kernel sweep under the Triton interpreter (minutes on 2 cores): marked slow, so that
 # `pytest -m "not slow"` stays quick; tests/test_sampler_kernels.py covers the kernels end to end there.
-pytestmark = [pytest.mark.skipif(ops._persistent_kernels is None, reason="Triton is not installed"), pytest.mark.slow]
+pytestmark = [pytest.mark.skipif(ops.persistent_kernels is None, reason="Triton is not installed"), pytest.mark.slow]
 
-if ops._persistent_kernels is not None:
+if ops.persistent_kernels is not None:
     from ebmfast.kernels import persistent as P
 
 CUDA = torch.cuda.is_available()
@@ -64,6 +64,7 @@ if not CUDA:
 CHAIN_ATOL = {"cpu": 1e-5, "cuda": 1e-4}
 S, C, SIGMA, LO, HI = 10.0, 0.03, 0.005, -1.0, 1.0
 STEP = dict(step_size=S, grad_clip=C, noise_std=SIGMA, lo=LO, hi=HI)
+SETTINGS = StepSettings(**STEP)
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def run(model, x, steps, *, seed=11, noise=None, trajectory=False, settings=None
     traj = torch.full((steps, *x.shape), float("nan"), device=x.device) if trajectory else None
     got = x.clone()
     with sampling_mode(model):
-        program.chain_(got, rng, steps, noise=noise, trajectory=traj, **STEP)
+        program.chain_(got, rng, steps, SETTINGS, noise=noise, trajectory=traj)
     assert torch.equal(rng.cpu(), torch.tensor([seed, 0]))  # the kernel never advances the counter
     res = reference(model, x, steps, z, return_trajectory=trajectory)
     want, want_traj = res if trajectory else (res, None)
@@ -267,7 +268,7 @@ def test_nan_propagates(device, arch):
     x.view(3, -1)[1, 2] = float("nan")
     got = x.clone()
     with sampling_mode(model):
-        PersistentProgram(model).chain_(got, torch.tensor([seed, 0], dtype=torch.int64, device=device), steps, **STEP)
+        PersistentProgram(model).chain_(got, torch.tensor([seed, 0], dtype=torch.int64, device=device), steps, SETTINGS)
     assert got.view(3, -1).isnan().all(dim=1).tolist() == [False, True, False]
     keep = [0, 2]  # the reference refuses non-finite input: the other samples' chains, fed the same draws
     want = reference(model, x[keep], steps, z[:, keep])
@@ -287,13 +288,13 @@ def test_new_noise_each_call_and_seeded_reproducibility(device):
     outs = []
     for _ in range(2):
         z = sampler.noise_stream(x)
-        got = program.chain_(x.clone(), rng, steps, **STEP)
+        got = program.chain_(x.clone(), rng, steps, SETTINGS)
         assert_close_verbose(got, reference(model, x, steps, z), atol=CHAIN_ATOL[device], what="call")
         rng[1] += steps
         outs.append(got)
     assert (outs[0] - outs[1]).abs().max() > 1e-4  # new draws
     again = LangevinSampler(model, steps=steps, seed=5).rng_state(x.device)
-    assert torch.equal(program.chain_(x.clone(), again, steps, **STEP), outs[0])
+    assert torch.equal(program.chain_(x.clone(), again, steps, SETTINGS), outs[0])
 
 
 @pytest.mark.device
@@ -319,8 +320,8 @@ def test_reduced_precision_deviation(device, precision):
     bounded by 1e-2 after 2 steps (under the interpreter tf32 is exact fp32)."""
     model, x = make("second", device, 2, seed=62)
     rng = torch.tensor([3, 0], dtype=torch.int64, device=device)
-    ref = PersistentProgram(model, "fp32").chain_(x.clone(), rng, 2, **STEP)
-    got = PersistentProgram(model, precision).chain_(x.clone(), rng, 2, **STEP)
+    ref = PersistentProgram(model, "fp32").chain_(x.clone(), rng, 2, SETTINGS)
+    got = PersistentProgram(model, precision).chain_(x.clone(), rng, 2, SETTINGS)
     dev = (got - ref).abs()
     print(f"PRECISION persistent {precision} vs fp32 (second chain, b2, 2 steps): max {dev.max().item():.2e}, "
           f"mean {dev.mean().item():.2e}")  # fmt: skip
@@ -341,14 +342,13 @@ def test_one_launch_per_chain(device, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the persistent chain launched another kernel")
 
-    monkeypatch.setattr(ops._kernels, "launch_langevin_step", forbidden)
-    monkeypatch.setattr(ops._kernels, "launch_normal", forbidden)
-    monkeypatch.setattr(ops._layer_kernels, "run_calls", forbidden)
+    monkeypatch.setattr(langevin.kernels, "launch_langevin_step", forbidden)
+    monkeypatch.setattr(langevin.kernels, "launch_normal", forbidden)
+    monkeypatch.setattr(ops.layer_kernels, "run_calls", forbidden)
     program = PersistentProgram(model)
     rng = torch.zeros(2, dtype=torch.int64, device=device)
-    program.chain_(x, rng, 5, **STEP)
+    program.chain_(x, rng, 5, SETTINGS)
     assert launches == [1] and program.launches_per_chain == 1
-    assert list(program.first_call_s) == [((3, 23), False, False)]  # the first launch's wall time (compilation)
     assert PersistentProgram(CNNModel()).launches_per_chain == 1
 
 
@@ -361,9 +361,9 @@ def test_scratch_is_allocated_once_per_shape(device):
     specs, settings = program.specs(x), program.settings(x)
     assert scratch.numel() == settings.programs * P.scratch_layout(specs, settings.block)[1]
     rng = torch.zeros(2, dtype=torch.int64, device=device)
-    program.chain_(x, rng, 2, **STEP)
+    program.chain_(x, rng, 2, SETTINGS)
     assert program.scratch(x)[0].data_ptr() == scratch.data_ptr() and len(program._plans) == 1
-    program.chain_(torch.rand(5, 23, device=device), rng, 1, **STEP)
+    program.chain_(torch.rand(5, 23, device=device), rng, 1, SETTINGS)
     assert len(program._plans) == 2
     program.release()
     assert not program._plans
@@ -410,8 +410,8 @@ def test_generated_source_is_cached_by_content(tmp_path, monkeypatch):
 
 
 REASONS = [
-    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)), (1, 28, 28),
-     "the activation relu is not run by the layer kernels"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softplus(threshold=10), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
+     (1, 28, 28), "softplus in 1 (Softplus) with threshold 10"),
     (lambda: nn.Sequential(nn.Linear(10, 4), nn.Linear(5, 1)), (10,), "could not be captured"),
     (lambda: CNNModel(), (1, 32, 32), "CNNModel expects images"),
     (lambda: nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(64 * 40 * 40, 1)),
@@ -449,17 +449,17 @@ def test_argument_checks(device):
     program = PersistentProgram(model)
     rng = torch.zeros(2, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="steps must be a positive"):
-        program.chain_(x, rng, 0, **STEP)
+        program.chain_(x, rng, 0, SETTINGS)
     with pytest.raises(ValueError, match="rng must be an int64"):
-        program.chain_(x, rng.float(), 1, **STEP)
+        program.chain_(x, rng.float(), 1, SETTINGS)
     with pytest.raises(ValueError, match=r"noise must be a contiguous float32 tensor of shape \(steps, \*x.shape\)"):
-        program.chain_(x, rng, 2, noise=torch.zeros(1, *x.shape, device=device), **STEP)
+        program.chain_(x, rng, 2, SETTINGS, noise=torch.zeros(1, *x.shape, device=device))
     with pytest.raises(ValueError, match="trajectory must be"):
-        program.chain_(x, rng, 2, trajectory=torch.zeros(2, *x.shape, device=device, dtype=torch.float64), **STEP)
+        program.chain_(x, rng, 2, SETTINGS, trajectory=torch.zeros(2, *x.shape, device=device, dtype=torch.float64))
     with pytest.raises(ValueError, match="x must be contiguous"):
-        program.chain_(torch.zeros(23, 2, device=device).t(), rng, 1, **STEP)
+        program.chain_(torch.zeros(23, 2, device=device).t(), rng, 1, SETTINGS)
     with pytest.raises(ValueError, match="cannot run this model on x"):
-        program.chain_(torch.zeros(2, 24, device=device), rng, 1, **STEP)
+        program.chain_(torch.zeros(2, 24, device=device), rng, 1, SETTINGS)
 
 
 def test_opcheck(device):
@@ -492,12 +492,12 @@ def test_graph_capture_and_replay():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), sampling_mode(model):
-        program.chain_(state, rng, steps, **STEP)  # compile outside the capture
+        program.chain_(state, rng, steps, SETTINGS)  # compile outside the capture
     torch.cuda.current_stream().wait_stream(side)
     rng[1] = 0
     graph = torch.cuda.CUDAGraph()
     with sampling_mode(model), torch.cuda.graph(graph):
-        program.chain_(state, rng, steps, **STEP)
+        program.chain_(state, rng, steps, SETTINGS)
         rng[1] += steps
     for _ in range(2):
         z = sampler.noise_stream(x)
@@ -569,6 +569,13 @@ def test_hopper_compile(tmp_path):
         jobs.append([encode_geometry(specs), shape, 128, 0, "stream"])
     else:  # CI: the seed CNN in fp32 (1-sample and 4-sample blocks) and tf32
         jobs = jobs[:3]
+    rows = compile_rows(jobs, tmp_path)
+    assert rows[2]["tc"] in ("wgmma", "mma")
+
+
+def compile_rows(jobs: list, tmp_path) -> list[dict]:
+    """Run ``_COMPILE_SCRIPT`` on ``jobs`` in a subprocess without the interpreter and an empty Triton cache; checks
+    and prints its rows (fp32 on FMAs, a barrier between every two phases)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), EBMFAST_KERNEL_CACHE=str(tmp_path / "gen"))
     res = subprocess.run(
@@ -579,8 +586,21 @@ def test_hopper_compile(tmp_path):
     for row in rows:
         print(f"HOPPER COMPILE persistent {json.dumps(row)}")
     assert len(rows) == len(jobs)
-    assert all(r["tc"] == "fma" for r in rows if r["prec"] == 0) and rows[2]["tc"] in ("wgmma", "mma")
+    assert all(r["tc"] == "fma" for r in rows if r["prec"] == 0)
     assert all(r["barriers"] >= r["layers"] for r in rows)  # a barrier between every two phases (and more)
+    return rows
+
+
+def test_hopper_compile_dropin_models(tmp_path):
+    """The persistent kernels of tests/test_recognise.py's drop-in models (tutorial, short-run, pooled residual;
+    batch 3, fp32) compile for sm_90 without a GPU."""
+    from test_recognise import DROPIN
+
+    jobs = []
+    for make, size, _ in DROPIN.values():
+        shape = (1, size, size)
+        jobs.append([encode_geometry(plan_layers(make(), shape)), shape, 3, 0, "stream"])
+    compile_rows(jobs, tmp_path)
 
 
 def test_programs_are_cached_per_model_and_precision():
