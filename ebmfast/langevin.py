@@ -72,8 +72,12 @@ def _require_triton(device: torch.device | str) -> None:
         )
 
 
-@define_op("ebmfast::langevin_step_", mutates_args={"x"})
-def langevin_step_(
+def _torch_on_cpu(device: torch.device) -> bool:
+    """Whether an op runs its plain torch code: CPU tensors, unless the Triton kernels run there (``triton_on_cpu``)."""
+    return device.type == "cpu" and not triton_on_cpu()
+
+
+def _langevin_step_(
     x: torch.Tensor,
     g: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation; Optional works on every torch)
     z: Optional[torch.Tensor],  # noqa: UP045
@@ -86,36 +90,11 @@ def langevin_step_(
     noise_index: int,
     add_noise: bool,
 ) -> None:
-    _require_triton(x.device)
-    kernels.launch_langevin_step(
-        x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise, wrap=wrap
-    )
-
-
-@define_op("ebmfast::langevin_normal", mutates_args={})
-def langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
-    out = torch.empty(numel, dtype=torch.float32, device=rng.device)
-    _require_triton(rng.device)
-    kernels.launch_normal(out, rng, noise_index, wrap=wrap)
-    return out
-
-
-@langevin_step_.register_kernel("cpu")
-def _(
-    x: torch.Tensor,
-    g: torch.Tensor | None,
-    z: torch.Tensor | None,
-    rng: torch.Tensor,
-    step_size: float,
-    grad_clip: float,
-    noise_std: float,
-    lo: float,
-    hi: float,
-    noise_index: int,
-    add_noise: bool,
-) -> None:
-    if triton_on_cpu():
-        kernels.launch_langevin_step(x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise)
+    if not _torch_on_cpu(x.device):
+        _require_triton(x.device)
+        kernels.launch_langevin_step(
+            x, g, z, rng, step_size, grad_clip, noise_std, lo, hi, noise_index, add_noise, wrap=wrap
+        )
         return
     # Same arithmetic, in the same order, as the reference: x + (-s * g) then clamp; x + sigma * z then clamp.
     with torch.no_grad():
@@ -127,13 +106,21 @@ def _(
             x.add_(noise_std * z).clamp_(lo, hi)
 
 
-@langevin_normal.register_kernel("cpu")
-def _(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
-    if triton_on_cpu():
-        out = torch.empty(numel, dtype=torch.float32)
-        kernels.launch_normal(out, rng, noise_index)
-        return out
-    return cpu_normal(rng, (numel,), noise_index)
+def _langevin_normal(rng: torch.Tensor, numel: int, noise_index: int) -> torch.Tensor:
+    if _torch_on_cpu(rng.device):
+        return cpu_normal(rng, (numel,), noise_index)
+    out = torch.empty(numel, dtype=torch.float32, device=rng.device)
+    _require_triton(rng.device)
+    kernels.launch_normal(out, rng, noise_index, wrap=wrap)
+    return out
+
+
+# One function per op, for every device: the op's body and, registered again, its CPU kernel (a ``triton_op`` body
+# is what torch.compile traces; the CPU kernel keeps eager CPU calls on the same function either way).
+langevin_step_ = define_op("ebmfast::langevin_step_", mutates_args={"x"})(_langevin_step_)
+langevin_normal = define_op("ebmfast::langevin_normal", mutates_args={})(_langevin_normal)
+langevin_step_.register_kernel("cpu")(_langevin_step_)
+langevin_normal.register_kernel("cpu")(_langevin_normal)
 
 
 if not USES_TRITON_OP:  # triton_op derives fake implementations itself; custom_op needs them spelled out
@@ -164,11 +151,7 @@ def step_(
         g,
         z,
         rng,
-        float(settings.step_size),
-        float(settings.grad_clip),
-        float(settings.noise_std),
-        float(settings.lo),
-        float(settings.hi),
+        *settings.op_args(),
         int(noise_index),
         bool(add_noise),
     )

@@ -326,6 +326,13 @@ class KernelProgram:
             biases.append(b if b is not None else w)  # stand-in, never read
         return weights, biases
 
+    def _op_args(self, x: torch.Tensor) -> tuple[object, tuple]:
+        """The plan for ``x`` and the program's part of every kernel op's arguments, in the order their schemas
+        take it: ``(weights, biases, scratch, geometry, precision)``."""
+        plan = self._plan(x)
+        weights, biases = self._params(plan.chain)
+        return plan, (weights, biases, plan.scratch, plan.geometry, self._prec)
+
 
 class LayerProgram(KernelProgram):
     """One model's energy gradient on the layer kernels, in one precision ("fp32", "tf32" or "bf16")."""
@@ -368,9 +375,8 @@ class LayerProgram(KernelProgram):
         """g = grad_x sum(-f(x)), shaped like x (contiguous)."""
         if not x.is_contiguous():
             raise ValueError("x must be contiguous (NCHW or (N, D))")
-        plan = self._plan(x)
-        weights, biases = self._params(plan.chain)
-        return torch.ops.ebmfast.layers_energy_grad(x, weights, biases, plan.scratch, plan.geometry, self._prec)
+        _, args = self._op_args(x)
+        return torch.ops.ebmfast.layers_energy_grad(x, *args)
 
     def step_(
         self,
@@ -390,23 +396,13 @@ class LayerProgram(KernelProgram):
         if g is not None:
             raise ValueError("LayerProgram.step_ forms the gradient itself: pass g=None")
         ops.check_step_args(x, None, z, rng)
-        plan = self._plan(x)
-        weights, biases = self._params(plan.chain)
-        s = settings  # the op's schema takes the settings as plain floats
+        _, args = self._op_args(x)
         torch.ops.ebmfast.layers_step_(
             x,
             z if add_noise else None,
             rng,
-            weights,
-            biases,
-            plan.scratch,
-            plan.geometry,
-            self._prec,
-            float(s.step_size),
-            float(s.grad_clip),
-            float(s.noise_std),
-            float(s.lo),
-            float(s.hi),
+            *args,
+            *settings.op_args(),
             int(noise_index),
             bool(add_noise),
         )

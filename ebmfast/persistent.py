@@ -149,26 +149,16 @@ class PersistentProgram(KernelProgram):
                     f"{name} must be a contiguous float32 tensor of shape (steps, *x.shape) = {(steps, *x.shape)} on "
                     f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
                 )
-        plan = self._plan(x)
-        weights, biases = self._params(plan.chain)
-        s = settings  # the op's schema takes the settings as plain floats
+        plan, args = self._op_args(x)
         torch.ops.ebmfast.persistent_chain_(
             x,
             noise,
             trajectory,
             rng,
-            weights,
-            biases,
-            plan.scratch,
-            plan.geometry,
-            self._prec,
+            *args,
             plan.settings_list,
             steps,
-            float(s.step_size),
-            float(s.grad_clip),
-            float(s.noise_std),
-            float(s.lo),
-            float(s.hi),
+            *settings.op_args(),
         )
         return x
 

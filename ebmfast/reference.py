@@ -52,6 +52,11 @@ class StepSettings:
         """The same settings as ``LangevinSampler`` / ``langevin_reference`` take them (``clamp`` a pair)."""
         return dict(step_size=self.step_size, noise_std=self.noise_std, grad_clip=self.grad_clip, clamp=self.clamp)
 
+    def op_args(self) -> tuple[float, float, float, float, float]:
+        """``(step_size, grad_clip, noise_std, lo, hi)`` as plain floats, in the order every step op's schema takes
+        them (``langevin_step_``, ``layers_step_``, ``persistent_chain_``): the one place they become floats."""
+        return (float(self.step_size), float(self.grad_clip), float(self.noise_std), float(self.lo), float(self.hi))
+
 
 SEED_STEP = StepSettings()  # the seed's recipe: every default step size, noise, clip and clamp is read from here
 

@@ -25,6 +25,8 @@ __all__ = [
     "launch_normal",
     "block_settings",
     "clamp_nan",
+    "grad_step",
+    "noise_step",
 ]
 
 
@@ -51,6 +53,40 @@ def _philox_normal(seed, counter, offs):
 
 
 @triton.jit
+def grad_step(x, g, step_size, grad_clip, lo, hi):
+    """The update's gradient half on fp32 values: clamp(x - step_size * clamp(g, +-grad_clip), lo, hi)."""
+    g = clamp_nan(g, -grad_clip, grad_clip)
+    x = x - step_size * g
+    return clamp_nan(x, lo, hi)
+
+
+@triton.jit
+def noise_step(
+    x,  # fp32 state values
+    Z,  # pointer to supplied standard-normal noise (read at Z + addr if NOISE_FROM_INPUT)
+    RNG,  # pointer to int64[2] (philox seed, stream counter)
+    addr,  # element indices relative to Z
+    noise_addr,  # int64 Philox element indices of the same elements in the whole chain state
+    mask,  # elements in range
+    noise_index,  # draw number: the stream counter used is RNG[1] + noise_index
+    noise_std,  # standard deviation of the noise (fp32)
+    lo,  # lower clamp bound (fp32)
+    hi,  # upper clamp bound (fp32)
+    NOISE_FROM_INPUT: tl.constexpr,  # z from Z instead of the stream
+):
+    """The update's noise half on fp32 values, every kernel's one copy: clamp(x + noise_std * z, lo, hi) with z
+    supplied or the stream's draw."""
+    if NOISE_FROM_INPUT:
+        z = tl.load(Z + addr, mask=mask, other=0.0).to(tl.float32)
+    else:
+        seed = tl.load(RNG)
+        counter = tl.load(RNG + 1) + noise_index
+        z = _philox_normal(seed, counter, noise_addr)
+    x = x + noise_std * z
+    return clamp_nan(x, lo, hi)
+
+
+@triton.jit
 def langevin_step_kernel(
     X,  # pointer to the chain state x, n_elements values, updated in place
     G,  # pointer to the energy gradient g = grad_x sum(-f(x)), same layout as X (read only if HAS_GRAD)
@@ -74,18 +110,9 @@ def langevin_step_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD:
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        g = clamp_nan(g, -grad_clip, grad_clip)
-        x = x - step_size * g
-        x = clamp_nan(x, lo, hi)
+        x = grad_step(x, g, step_size, grad_clip, lo, hi)
     if ADD_NOISE:
-        if NOISE_FROM_INPUT:
-            z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            seed = tl.load(RNG)
-            counter = tl.load(RNG + 1) + noise_index
-            z = _philox_normal(seed, counter, offs)
-        x = x + noise_std * z
-        x = clamp_nan(x, lo, hi)
+        x = noise_step(x, Z, RNG, offs, offs, mask, noise_index, noise_std, lo, hi, NOISE_FROM_INPUT)
     tl.store(X + offs, x.to(X.dtype.element_ty), mask=mask)
 
 

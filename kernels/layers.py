@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from .geometry import ACT_NONE, LayerSpec, cdiv, decode_geometry, fused_head, residual_reason, residual_sources
-from .langevin import _philox_normal, clamp_nan
+from .langevin import grad_step, noise_step
 
 __all__ = [
     "layer_fwd_kernel",
@@ -675,18 +675,9 @@ def langevin_epilogue(
     runs a block of samples with X advanced to the block passes the block's first element index as noise_offset
     (the per-layer kernels pass 0), so the noise stays the published stream."""
     x = tl.load(X + addr, mask=mask, other=0.0).to(tl.float32)
-    g = clamp_nan(g, -grad_clip, grad_clip)
-    x = x - step_size * g
-    x = clamp_nan(x, lo, hi)
+    x = grad_step(x, g, step_size, grad_clip, lo, hi)
     if ADD_NOISE:
-        if NOISE_FROM_INPUT:
-            z = tl.load(Z + addr, mask=mask, other=0.0).to(tl.float32)
-        else:
-            seed = tl.load(RNG)
-            counter = tl.load(RNG + 1) + noise_index
-            z = _philox_normal(seed, counter, addr + noise_offset)
-        x = x + noise_std * z
-        x = clamp_nan(x, lo, hi)
+        x = noise_step(x, Z, RNG, addr, addr + noise_offset, mask, noise_index, noise_std, lo, hi, NOISE_FROM_INPUT)
     tl.store(X + addr, x.to(X.dtype.element_ty), mask=mask)
 
 

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from .geometry import LayerSpec, cdiv, fused_head, residual_reason, residual_sources
-from .langevin import _philox_normal, clamp_nan
+from .langevin import noise_step
 from .layers import _INTERPRETED, KernelCall, TileSettings, _pow2, gemm_shape, tile_settings
 
 __all__ = [
@@ -114,14 +114,8 @@ def block_noise(
         offs = e0 + tl.arange(0, EB)
         mask = offs < n_elements
         x = tl.load(XB + offs, mask=mask, other=0.0).to(tl.float32)
-        if NOISE_FROM_INPUT:
-            z = tl.load(ZB + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            seed = tl.load(RNG)
-            counter = tl.load(RNG + 1) + noise_index
-            z = _philox_normal(seed, counter, offs.to(tl.int64) + noise_offset)
-        x = x + noise_std * z
-        x = clamp_nan(x, lo, hi)
+        noise_addr = offs.to(tl.int64) + noise_offset
+        x = noise_step(x, ZB, RNG, offs, noise_addr, mask, noise_index, noise_std, lo, hi, NOISE_FROM_INPUT)
         tl.store(XB + offs, x.to(XB.dtype.element_ty), mask=mask)
 
 

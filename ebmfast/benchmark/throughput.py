@@ -31,8 +31,8 @@ from ..sampler import BACKENDS, LangevinSampler, resolve_backend
 from .flops import flops_per_sample_step
 from .timing import (
     Memory,
+    TimedRow,
     progress_bar,
-    quantile,
     record_failure,
     rotations,
     telemetry_for,
@@ -74,19 +74,9 @@ def available_backends(device: torch.device, requested=None) -> tuple[list[str],
 
 
 @dataclass
-class SamplerResult:
-    backend: str
-    batch: int
-    steps: int
-    device: str
-    timer: str  # "cuda-events" or "perf_counter"
-    times_s: list = field(default_factory=list)  # steady-state seconds per call (one per round)
+class SamplerResult(TimedRow):
     first_call_s: float | None = None  # compile / capture + one chain, wall clock with device sync
-    median_s: float | None = None
-    q20_s: float | None = None
-    q80_s: float | None = None
     sample_steps_per_s: float | None = None
-    ratio_to_eager: float | None = None
     ms_per_chain: float | None = None
     flop_per_sample_step: float | None = None
     tflops: float | None = None
@@ -95,16 +85,10 @@ class SamplerResult:
     peak_mem_mb: float | None = None  # CUDA: allocator peak in a steady call above the pre-sampler baseline
     first_call_mem_mb: float | None = None  # same, during the first call (compile / capture)
     mem_kind: str = ""
-    last_backend: str | None = None  # what the sampler reported it ran
-    skipped: str | None = None
-    telemetry: dict | None = None
 
     def finish(self, flop_per_sample_step: float | None, peak: dict | None) -> None:
-        if not self.times_s:
+        if not self.summarise():
             return
-        self.median_s = statistics.median(self.times_s)
-        self.q20_s = quantile(self.times_s, 0.2)
-        self.q80_s = quantile(self.times_s, 0.8)
         self.sample_steps_per_s = self.batch * self.steps / self.median_s
         self.ms_per_chain = self.median_s * 1e3
         if flop_per_sample_step:

@@ -12,6 +12,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "time_call",
     "wall_call",
     "quantile",
+    "TimedRow",
     "RssSampler",
     "Memory",
     "measure_matmul_peak",
@@ -69,6 +71,34 @@ def quantile(values: list[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+@dataclass
+class TimedRow:
+    """What every benchmark row holds: the cell (backend, batch, steps, device), how it was timed, the steady-state
+    seconds per call (one per round) and their summary (``summarise``), how it compares and what ran."""
+
+    backend: str
+    batch: int
+    steps: int
+    device: str
+    timer: str  # "cuda-events" or "perf_counter"
+    times_s: list = field(default_factory=list)  # steady-state seconds per call (one per round)
+    median_s: float | None = None
+    q20_s: float | None = None
+    q80_s: float | None = None
+    ratio_to_eager: float | None = None
+    last_backend: str | None = None  # what the sampler reported it ran
+    skipped: str | None = None
+    telemetry: dict | None = None
+
+    def summarise(self) -> bool:
+        """Median and 20/80 % quantiles of ``times_s``; False (nothing set) when no round was timed."""
+        if not self.times_s:
+            return False
+        self.median_s = statistics.median(self.times_s)
+        self.q20_s, self.q80_s = quantile(self.times_s, 0.2), quantile(self.times_s, 0.8)
+        return True
 
 
 class RssSampler:

@@ -28,7 +28,7 @@ from ..devices import resolve_device
 from ..sampler import LangevinSampler
 from ..training.config import TrainConfig
 from ..training.step import IterationRunner, build_optimizer
-from .timing import progress_bar, quantile, record_failure, rotations, telemetry_for, time_call, uniform, wall_call
+from .timing import TimedRow, progress_bar, record_failure, rotations, telemetry_for, time_call, uniform, wall_call
 
 __all__ = ["SEED_EPOCHS", "SEED_ITERS_PER_EPOCH", "ITERATION_GRAPH_ROW", "CDIteration", "TrainResult", "bench_train"]
 
@@ -122,23 +122,10 @@ def _no_fallback(message: str) -> None:
 
 
 @dataclass
-class TrainResult:
-    backend: str
-    batch: int
-    steps: int
-    device: str
-    timer: str
-    times_s: list = field(default_factory=list)
+class TrainResult(TimedRow):
     first_iter_s: float | None = None
-    median_s: float | None = None
-    q20_s: float | None = None
-    q80_s: float | None = None
     iters_per_s: float | None = None
-    ratio_to_eager: float | None = None
     projected_60_epochs_min: float | None = None  # SEED_EPOCHS x SEED_ITERS_PER_EPOCH iterations at median speed
-    last_backend: str | None = None
-    skipped: str | None = None
-    telemetry: dict | None = None
     sampler_backend: str | None = None  # the chain's backend (= backend, except for the cdgraph row: "graph")
     iteration_graph: bool = False  # the whole iteration replayed as one CUDA graph (CDGraph)
     chain_times_s: list = field(default_factory=list)  # the chain alone, same sampler, same rounds
@@ -146,10 +133,8 @@ class TrainResult:
     iter_over_chain: float | None = None  # median iteration time / median chain time
 
     def finish(self) -> None:
-        if not self.times_s:
+        if not self.summarise():
             return
-        self.median_s = statistics.median(self.times_s)
-        self.q20_s, self.q80_s = quantile(self.times_s, 0.2), quantile(self.times_s, 0.8)
         self.iters_per_s = 1.0 / self.median_s
         self.projected_60_epochs_min = SEED_EPOCHS * SEED_ITERS_PER_EPOCH * self.median_s / 60.0
         if self.chain_times_s:
