@@ -754,6 +754,7 @@ def test_opcheck_layer_ops(device):
 
 
 # ------------------------------------------------------------------------------------------------ sm_90 compile
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time
@@ -762,13 +763,16 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from ebmfast.kernels import layers as L
     from ebmfast.kernels.geometry import decode_geometry
 
+    sys.path.insert(0, sys.argv[2])  # bench/: the compile tooling
+    import kernel_compile as KC
+
     job = json.loads(sys.argv[1])
     meta = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)
     rng, one = meta(2, dtype=torch.int64), meta(1)
     calls = {}
 
     def add(call):
-        sig, cx = L.call_signature(call)
+        sig, cx = KC.call_signature(call)
         key = (call.kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(cx.items())), call.num_warps)
         calls.setdefault(key, call)
 
@@ -794,7 +798,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
             add(L.dgrad_call(spec, 17, one, one, one, mode, prec, interpreted=False))
     t0, counts = time.time(), {"fma": 0, "mma": 0, "wgmma": 0}
     for key, call in calls.items():
-        k = L.compile_call(call, capability=90)
+        k = KC.compile_call(call, capability=90)
         assert k.asm.get("cubin"), key
         ptx = k.asm["ptx"]
         tc = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
@@ -843,7 +847,11 @@ def test_hopper_compile():
     }
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(job)], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(job), BENCH_DIR],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     print(f"HOPPER COMPILE {res.stdout.strip()}")
