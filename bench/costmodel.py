@@ -482,6 +482,20 @@ def flops_per_step(specs, batch: int) -> float:
     return 2.0 * batch * sum(s.flops_per_sample() for s in specs)
 
 
+def resources(backend: str, batch: int, precision: int = 0, capability: int = 90, hidden: int = 32,
+              python: str | None = None) -> list[dict]:  # fmt: skip
+    """The compile report alone (no counting run) of every launch of one step: registers, spills, stack, shared
+    memory, per launch, with the Triton that compiled it (e.g. a spill check with several Triton versions)."""
+    specs, shape = seed_specs(hidden)
+    calls = backend_launches(backend, specs, shape, batch, precision, "meta", steps=1)
+    compiled = kernel_compile.run_jobs([kernel_compile.compile_job(c, capability) for c in calls], python)
+    return [
+        {"launch": _label(c, i), "grid": list(c.grid), "num_warps": c.num_warps, "shared": comp["shared"],
+         "triton": comp["triton"], **{k: v for k, v in comp["ptxas"].items() if k != "ptxas"}}
+        for i, (c, comp) in enumerate(zip(calls, compiled))
+    ]  # fmt: skip
+
+
 def predict(backend: str, batch: int, precision: int = 0, capability: int = 90, hidden: int = 32,
             python: str | None = None, only: list[int] | None = None) -> dict:  # fmt: skip
     """Every launch (or those numbered in ``only``) of one step of ``backend`` at ``batch``: compile report, dynamic
@@ -620,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=None, help="the interpreter whose Triton compiles (default: this one)")
     ap.add_argument("--measured", default=None, help="bench/profile_step.py's JSON of a GPU run (side by side)")
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--resources-only", action="store_true", help="registers / spills / shared memory only")
     ap.add_argument("--count-lines", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.count_lines:  # the interpreter worker
@@ -632,6 +647,14 @@ def main(argv: list[str] | None = None) -> int:
     for cap in args.capability:
         for backend in args.backends:
             for batch in args.batch:
+                if args.resources_only:
+                    rows = resources(backend, batch, args.precision, cap, args.hidden_features, args.python)
+                    docs.append({"backend": backend, "batch": batch, "capability": cap, "launches": rows})
+                    for r in rows:
+                        print(f"{backend} b{batch} sm_{cap} Triton {r['triton']} {r['launch']:34} warps "
+                              f"{r['num_warps']} regs {r['registers']:>3} spill {r['spill_stores']}/"
+                              f"{r['spill_loads']} B stack {r['stack']} shared {r['shared']}", flush=True)  # fmt: skip
+                    continue
                 doc = predict(backend, batch, args.precision, cap, args.hidden_features, args.python)
                 doc["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
                 doc["compiled_on"] = f"{platform.machine()} {platform.node()} (no GPU)"
