@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 
-__all__ = ["Telemetry", "device_info", "nvml_available"]
+__all__ = ["Telemetry", "device_info"]
 
 METRICS = ("sm_clock_mhz", "power_w", "memory_used_mib", "temperature_c")
 
@@ -35,17 +35,6 @@ def _load_nvml():
 
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def nvml_available() -> bool:
-    nvml, _ = _load_nvml()
-    if nvml is None:
-        return False
-    try:
-        nvml.nvmlShutdown()
-    except Exception:
-        pass
-    return True
 
 
 def _nvml_index(device_index: int) -> int:
