@@ -6,6 +6,7 @@
 #     bash bench/device_check.sh OUTDIR                              # call 1: parity, benchmarks, GPU tests (~300 s)
 #     EBMFAST_CHECK_CALL=2 bash bench/device_check.sh OUTDIR         # call 2: the seed's training length (~370 s)
 #     bash bench/device_check.sh OUTDIR --cpu-smoke                  # here: the same stages, tiny sizes, on CPU
+#                                                                    (budgets x3: the kernels run interpreted)
 #
 # Environment: EBMFAST_CHECK_CALL (1 or 2), EBMFAST_CHECK_TOTAL_S (the call's time budget: 290 s for call 1, 360 s
 # for call 2), EBMFAST_CHECK_STAGES (the stages to run after env and install, in the order below; default: the call's
@@ -23,7 +24,7 @@
 # Time plan of call 1 (290 s; each stage gets a hard `timeout` of at most what is left, and a stage that would get
 # less than it needs is skipped and recorded as such). The compile caches start empty, so every first launch of a
 # specialisation compiles (Triton ~1-2 s per kernel, a few per backend and batch; inductor for graph 30-60 s):
-#   env       <= 20 s   versions, nvidia-smi query (read-only queries: no settings are changed)
+#   env       <= 30 s   versions, nvidia-smi query (read-only queries: no settings are changed)
 #   install   <= 40 s   pip install --no-deps --no-build-isolation --no-index --use-pep517 -e .
 #   parity    <= 90 s   FIRST: the seed CNN's 60-step chains of triton and persistent against the reference on CUDA
 #                       (and the 60-step chains of the small chains); cold compiles of both backends included
@@ -60,6 +61,9 @@ case "$CALL" in
   2) DEFAULT_TOTAL=360; DEFAULT_STAGES="train_long" ;;
   *) echo "EBMFAST_CHECK_CALL: expected 1 or 2, got '$CALL'" >&2; exit 2 ;;
 esac
+if [ "$SMOKE" = 1 ]; then
+  DEFAULT_TOTAL=$(( 3 * DEFAULT_TOTAL ))
+fi
 TOTAL_S=${EBMFAST_CHECK_TOTAL_S:-$DEFAULT_TOTAL}
 START=$SECONDS
 : > "$OUT/stages.tsv"
@@ -86,6 +90,9 @@ wanted() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 stage() {
   local name=$1 max=$2 need=$3
   shift 3
+  if [ "$SMOKE" = 1 ]; then
+    max=$(( 3 * max ))  # the CPU smoke runs our kernels under the interpreter, on a machine that may be shared
+  fi
   if [ "$name" != env ] && [ "$name" != install ] && ! wanted "$name"; then
     return 0  # not this call's stage
   fi
@@ -190,7 +197,7 @@ EOF
 }
 export -f env_info
 export PY
-stage env 20 5 bash -c env_info
+stage env 30 5 bash -c env_info
 grep -E '^(torch|triton|gpu|cuda available|name, driver|NVIDIA)' "$OUT/env.log" | sed 's/^/  /'
 
 # ------------------------------------------------------------------------------------------------ install

@@ -195,16 +195,20 @@ def run_job(job: dict) -> dict:
 
 
 def run_jobs(jobs: list[dict], python: str | None = None, timeout: float = 1800) -> list[dict]:
-    """Compile jobs in a fresh process of ``python`` (default: this interpreter), with TRITON_INTERPRET unset."""
+    """Compile jobs in a fresh process of ``python`` (default: this interpreter), with TRITON_INTERPRET unset and an
+    empty Triton cache: a cached binary of the same source compiled from another checkout would carry that
+    checkout's file paths in its line information."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
-    res = subprocess.run(
-        [python or sys.executable, str(Path(__file__).resolve())],
-        input=json.dumps(jobs),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    with tempfile.TemporaryDirectory(prefix="ebmfast-compile-") as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        res = subprocess.run(
+            [python or sys.executable, str(Path(__file__).resolve())],
+            input=json.dumps(jobs),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
     if res.returncode != 0:
         raise RuntimeError(f"compile worker ({python or sys.executable}) failed: {res.stderr.strip()[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

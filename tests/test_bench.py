@@ -371,7 +371,7 @@ def test_device_check_cpu_smoke_runs_every_stage(tmp_path):
             capture_output=True,
             text=True,
             env={**os.environ, "EBMFAST_CHECK_CALL": call, "EBMFAST_CHECK_STAGES": extra},
-            timeout=600,
+            timeout=1500,
         )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         stages.update(dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines()))
