@@ -127,7 +127,6 @@ printf 'compile_cache\tcold\t%s\n' "$CACHE_DIR" > "$OUT/check_info.tsv"
 printf 'call\t%s\n' "$CALL" >> "$OUT/check_info.tsv"
 
 # GPU test selection: the plugin bench/gpu_test_selection.py drops the cases parametrized for the CPU (CI's job).
-export PYTHONPATH="$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}"
 PYTEST_ARGS=(-q -rs -p no:cacheprovider -p gpu_test_selection -o junit_logging=system-out)
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then
   PYTEST_ARGS+=(--timeout 120)  # one hung test cannot eat a stage
@@ -233,11 +232,15 @@ if ! "$PY" -c "import ebmfast.kernels.langevin" > "$OUT/import.log" 2>&1; then
   "$PY" -c "import ebmfast.kernels.langevin" >> "$OUT/import.log" 2>&1 || echo "[install] still not importable"
 fi
 
+# The GPU plugin's folder on pytest's path alone, set after the install (which may have set PYTHONPATH for wheels).
+PYTEST_ENV=()
+[ "$SMOKE" = 1 ] || PYTEST_ENV=(env "PYTHONPATH=$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}")
+
 # ------------------------------------------------------------------------------------------------ parity (first)
 # The seed CNN's 60-step chains of triton (tests/test_layers.py) and persistent (tests/test_persistent.py), and both
 # through the sampler with the trajectory and supplied noise (tests/test_sampler_kernels.py), against the reference
 # on CUDA, slow cases included: a backend that fails here is not timed as if it were right, and not trained on.
-STAGE_SIGNAL=INT stage parity 90 30 "${KERNEL_ENV[@]}" "$PY" -m pytest -m "cuda or device" "${PARITY_TESTS[@]}" \
+STAGE_SIGNAL=INT stage parity 90 30 "${KERNEL_ENV[@]}" "${PYTEST_ENV[@]}" "$PY" -m pytest -m "cuda or device" "${PARITY_TESTS[@]}" \
   -k "$PARITY_K" "${PYTEST_ARGS[@]}" --junitxml "$OUT/parity.xml"
 
 # ------------------------------------------------------------------------------------------------ ebmfast bench
@@ -255,7 +258,7 @@ stage bench_cli 110 50 "${KERNEL_ENV[@]}" "${BENCH_CMD[@]}" --device "$DEVICE" "
   --time-budget-s "$CLI_CELLS_S" --json "$OUT/bench.json" --csv "$OUT/bench_history.csv" --no-progress
 
 # ------------------------------------------------------------------------------------------------ CUDA tests
-STAGE_SIGNAL=INT stage cuda_tests 90 30 "$PY" -m pytest -m "(cuda or device) and not slow" tests/ "${TESTS_K[@]}" \
+STAGE_SIGNAL=INT stage cuda_tests 90 30 "${PYTEST_ENV[@]}" "$PY" -m pytest -m "(cuda or device) and not slow" tests/ "${TESTS_K[@]}" \
   "${PARALLEL[@]}" "${PYTEST_ARGS[@]}" --junitxml "$OUT/cuda_tests.xml"
 
 # call 1's choice for call 2: the fastest backend at batch 128 that passed parity (graph when nothing else did)
@@ -368,12 +371,12 @@ else
   PROFILE_S=$(min 90 $(( $(left) - 20 )))
   stage profile 90 40 "$PY" bench/profile_step.py --time-budget-s $(( PROFILE_S - 25 )) --json "$OUT/profile.json"
 fi
-STAGE_SIGNAL=INT stage precision_tests 45 20 "$PY" -m pytest -m "(cuda or device) and slow" tests/ \
+STAGE_SIGNAL=INT stage precision_tests 45 20 "${PYTEST_ENV[@]}" "$PY" -m pytest -m "(cuda or device) and slow" tests/ \
   -k "$PRECISION_K" "${PYTEST_ARGS[@]}" --junitxml "$OUT/precision_tests.xml"
 stage pytest_bench 60 45 "${KERNEL_ENV[@]}" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
   --bench-device "$DEVICE" "${PB_MATRIX[@]}" --benchmark-json "$OUT/pytest_benchmark.json" \
   --benchmark-columns median,iqr,rounds
-STAGE_SIGNAL=INT stage kernel_sweep 600 40 "$PY" -m pytest -m "(cuda or device) and slow" tests/test_layers.py \
+STAGE_SIGNAL=INT stage kernel_sweep 600 40 "${PYTEST_ENV[@]}" "$PY" -m pytest -m "(cuda or device) and slow" tests/test_layers.py \
   tests/test_persistent.py "${SWEEP_K[@]}" "${PARALLEL[@]}" "${PYTEST_ARGS[@]}" --junitxml "$OUT/kernel_sweep.xml"
 
 # ------------------------------------------------------------------------------------------------ report
