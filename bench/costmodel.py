@@ -21,7 +21,8 @@ How it counts, per launch of a backend's step (``kernels.layers.step_calls`` for
    counts as often as its innermost loop (or its function's entries) iterates, or as often as its own source line
    ran when that line lies inside that loop and ran less (a runtime ``if``). The interpreter runs the first two
    programs along grid axis 0 (row tiles, whose trip counts do not depend on the row) and every program along the
-   others; the persistent kernel runs program 0 with 1 and 2 steps, and a step is the difference.
+   others; the persistent kernel runs one block of samples with 1 and 2 steps, a block-step is the difference, and
+   each program runs its share of the batch's blocks.
    Not modelled: partial unrolling by the compiler (none seen in Triton's output), the software pipeliner's peeled
    iterations (counted as loop iterations), instruction latency, memory stalls.
 4. Arithmetic, per launch and per step: warp-instructions (per program x warps x programs), FFMA and MMA
@@ -121,7 +122,9 @@ _FUNC = re.compile(r"^\s*\.text\.([\w$]+):\s*$")
 
 def parse_sass(text: str) -> tuple[list[Instr], dict[str, int], dict[str, str]]:
     """Instructions (with function, source file and line), label addresses and each label's function, from
-    ``nvdisasm -c -g`` output."""
+    ``nvdisasm -c -g`` output. A function starts at a ``.text.NAME`` section or at a label that a ``CALL`` targets
+    (Triton's ``noinline`` functions share their kernel's section)."""
+    called = set(re.findall(r"CALL\.[\w.]*\s+`\(([^)]+)\)", text))
     instrs: list[Instr] = []
     labels: dict[str, int] = {}
     label_fn: dict[str, str] = {}
@@ -139,6 +142,8 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int], dict[str, str]]:
             continue
         m = _LABEL.match(raw.strip()) if not raw.startswith("\t.") else None
         if m and "/*" not in raw:
+            if m.group(1) in called:
+                func = m.group(1)
             pending.append(m.group(1))
             continue
         m = _INSTR.match(raw)
@@ -156,6 +161,15 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int], dict[str, str]]:
         tgt = re.search(r"`\(([^)]+)\)", body)
         instrs.append(Instr(addr, func, file, line, op, body, tgt.group(1) if tgt else None))
     return instrs, labels, label_fn
+
+
+def python_name(sass_function: str) -> str:
+    """The Python name of a Triton function from its SASS label: ``$kernel$module_$__name__Pfp32_i32...`` (a
+    ``noinline`` function, mangled with its argument types) -> ``_name``; a plain name stays as it is."""
+    tail = sass_function.rsplit("$", 1)[-1]
+    if tail.startswith("__"):
+        tail = tail[1:]
+    return tail.split("__", 1)[0] if "__" in tail[1:] else tail
 
 
 @dataclasses.dataclass
@@ -237,25 +251,25 @@ class SourceLoops:
 
 
 # ----------------------------------------------------------------------------------------------- dynamic counts
-def dynamic_counts(sass: str, line_counts: dict[tuple[str, int], float], sources: SourceLoops | None = None) -> dict:
+def dynamic_counts(
+    sass: str, line_counts: dict[tuple[str, str, int], float], sources: SourceLoops | None = None
+) -> dict:
     """Per program: executions of each instruction, from the SASS and the per-program source line counts
-    (``{(realpath, line): runs}``). Returns {"instructions", "ffma", "mma", "bytes", "loops": [...]} where each loop
-    has its body's static size, its iterations, its FFMA/MMA share and its source position."""
+    ``{(context, realpath, line): runs}``, where the context is the Python name of the function the kernel called
+    (empty for the kernel itself). A context that names a SASS function (a ``noinline`` callee) counts for that
+    function, shared among its copies (specialisations) by their entries; every other context was inlined and counts
+    for the kernel. Returns {"instructions", "ffma", "mma", "bytes", "loops": [...]} where each loop has its body's
+    static size, its iterations, its FFMA/MMA share and its source position."""
     sources = sources or SourceLoops()
     instrs, labels, label_fn = parse_sass(sass)
     loops = find_loops(instrs, labels)
-
-    def runs(path, line) -> float:
-        return float(line_counts.get((path, line), 0.0))
-
-    trips: dict[int, float] = {}
-    spans: dict[int, tuple[str, int, int] | None] = {}
-    for i, lp in enumerate(loops):
-        src = sources.loop_at(lp.file, lp.line)
-        spans[i] = (lp.file, src[0], src[2]) if src else None
-        trips[i] = runs(lp.file, src[1]) if src else 0.0
-    # function entries: the kernel (the function without callers) once; a callee once per executed CALL to it
     funcs = list(dict.fromkeys(ins.function for ins in instrs))
+    contexts = {ctx for ctx, _, _ in line_counts}
+    ctx_of = {f: python_name(f) if i and python_name(f) in contexts else "" for i, f in enumerate(funcs)}
+    merged: dict[tuple[str, str, int], float] = collections.defaultdict(float)
+    callee_contexts = {ctx_of[f] for f in funcs[1:]} - {""}
+    for (ctx, path, line), n in line_counts.items():
+        merged[(ctx if ctx in callee_contexts else "", path, line)] += n
     calls: dict[str, list[Instr]] = collections.defaultdict(list)
     for ins in instrs:
         if ins.opcode.startswith("CALL") and ins.target in label_fn:
@@ -263,15 +277,36 @@ def dynamic_counts(sass: str, line_counts: dict[tuple[str, int], float], sources
     entries: dict[str, float] = {}
     count: dict[int, float] = {}
 
-    def instr_count(idx: int, ins: Instr) -> float:
+    def share(fn: str) -> float:
+        """This copy's part of its context's counts: its entries over those of every copy of the context."""
+        if fn == funcs[0] or not ctx_of[fn]:
+            return 1.0
+        total = sum(entries_of(g) for g in funcs if ctx_of[g] == ctx_of[fn])
+        return entries_of(fn) / total if total else 0.0
+
+    def runs(fn: str, path, line) -> float:
+        return merged.get((ctx_of[fn], path, line), 0.0) * share(fn)
+
+    trips: dict[int, float] = {}
+    spans: dict[int, tuple[str, int, int] | None] = {}
+
+    def loop_trips(j: int) -> float:
+        if j not in trips:
+            lp = loops[j]
+            src = sources.loop_at(lp.file, lp.line)
+            spans[j] = (lp.file, src[0], src[2]) if src else None
+            trips[j] = runs(lp.function, lp.file, src[1]) if src else 0.0
+        return trips[j]
+
+    def instr_count(ins: Instr) -> float:
         lp = innermost(loops, ins)
         if lp is not None:
             j = loops.index(lp)
-            base, span = trips[j], spans[j]
+            base, span = loop_trips(j), spans[j]
         else:
             base, span = entries_of(ins.function), None
         if span is not None and ins.file == span[0] and ins.line is not None and span[1] < ins.line <= span[2]:
-            own = runs(ins.file, ins.line)
+            own = runs(ins.function, ins.file, ins.line)
             if 0 < own < base:
                 return own
         return base
@@ -283,11 +318,11 @@ def dynamic_counts(sass: str, line_counts: dict[tuple[str, int], float], sources
             if not sites:
                 entries[fn] = 1.0 if fn == funcs[0] else 0.0
             else:
-                entries[fn] = sum(instr_count(instrs.index(s), s) for s in sites)
+                entries[fn] = sum(instr_count(s) for s in sites)
         return entries[fn]
 
     for idx, ins in enumerate(instrs):
-        count[idx] = instr_count(idx, ins)
+        count[idx] = instr_count(ins)
     total = sum(count.values())
     ffma = sum(c for i, c in count.items() if _FMA.match(instrs[i].opcode))
     mma = sum(c for i, c in count.items() if _MMA.match(instrs[i].opcode))
@@ -299,10 +334,10 @@ def dynamic_counts(sass: str, line_counts: dict[tuple[str, int], float], sources
         n_mma = sum(1 for ins in body if _MMA.match(ins.opcode))
         loop_rows.append(
             {
-                "function": lp.function,
-                "source": f"{Path(lp.file).name}:{spans[j][1]}" if spans[j] else None,
+                "function": python_name(lp.function),
+                "source": f"{Path(lp.file).name}:{spans[j][1]}" if spans.get(j) else None,
                 "body_instructions": len(body),
-                "iterations": trips[j],
+                "iterations": loop_trips(j),
                 "ffma_mma_share": (n_fma + n_mma) / len(body) if body else 0.0,
                 "dot_loop": bool(n_fma or n_mma),
             }
@@ -361,11 +396,12 @@ STEP = dict(step_size=10.0, grad_clip=0.03, noise_std=0.005, lo=-1.0, hi=1.0)
 
 
 def backend_launches(backend: str, specs, shape, batch: int, precision: int, device: str = "meta", steps: int = 1,
-                     rows_cap: int | None = None) -> list:  # fmt: skip
+                     rows_cap: int | None = None, one_block: bool = False) -> list:  # fmt: skip
     """The launches (``KernelCall``) of one Langevin step of ``backend`` at ``batch``, with the GPU's settings
     (``interpreted=False``): ``triton`` every launch of ``step_calls`` (the sampler's step: stream noise);
     ``persistent`` the one chain launch of ``steps`` steps (132 SMs). Tensors on ``device``; ``rows_cap`` (CPU
-    counting runs) allocates per-sample tensors for at most that many samples while the launch keeps ``batch``."""
+    counting runs) allocates per-sample tensors for at most that many samples while the launch keeps ``batch``;
+    ``one_block`` (persistent counting runs) keeps ``batch``'s settings but gives the launch one block of samples."""
     import torch
 
     from ebmfast.kernels import layers as L
@@ -391,12 +427,18 @@ def backend_launches(backend: str, specs, shape, batch: int, precision: int, dev
         from ebmfast.kernels import persistent as P
 
         settings = P.chain_settings(specs, batch, interpreted=False, sm_count=GPUS["H100"].sms)
-        x, w, b, rng = _tensors(specs, shape, batch, device)
+        x, w, b, rng = _tensors(specs, shape, settings.block if one_block else batch, device)
         per_program = P.scratch_layout(specs, settings.block)[1]
         n_scr = settings.programs * per_program if device == "meta" else per_program
         scratch = torch.empty(n_scr, dtype=torch.float32, device=device)
         return [P.chain_call(specs, x, rng, w, b, scratch, precision, settings, steps, **STEP)]
     raise ValueError(f"backend: expected 'triton' or 'persistent', got {backend!r}")
+
+
+def settings_block(specs, batch: int) -> int:
+    from ebmfast.kernels import persistent as P
+
+    return P.chain_settings(specs, batch, interpreted=False, sm_count=GPUS["H100"].sms).block
 
 
 def _label(call, i: int) -> str:
@@ -420,15 +462,25 @@ def count_lines(backend: str, hidden: int, batch: int, precision: int, only: lis
 
     def run(call, grid) -> tuple[collections.Counter, int]:
         counts: collections.Counter = collections.Counter()
+        context: dict = {}  # frame -> the Python name of the function the kernel called ("" for the kernel)
 
         def local(frame, event, arg):
             if event == "line":
-                counts[(os.path.realpath(frame.f_code.co_filename), frame.f_lineno)] += 1
+                counts[(context.get(frame, ""), os.path.realpath(frame.f_code.co_filename), frame.f_lineno)] += 1
+            elif event == "return":
+                context.pop(frame, None)
             return local
 
         def tracer(frame, event, arg):
             path = os.path.realpath(frame.f_code.co_filename)
             if os.path.dirname(path) in watched or "ebmfast_generated" in frame.f_globals.get("__name__", ""):
+                parent = frame.f_back
+                while parent is not None and parent not in context:
+                    parent = parent.f_back
+                if parent is None:
+                    context[frame] = ""  # the kernel
+                else:
+                    context[frame] = context[parent] or frame.f_code.co_name
                 return local
             return None
 
@@ -449,24 +501,26 @@ def count_lines(backend: str, hidden: int, batch: int, precision: int, only: lis
                 continue
             grid = (min(call.grid[0], 2), call.grid[1], call.grid[2])
             counts, n = run(call, grid)
-            out.append({f"{p}:{ln}": c / n for (p, ln), c in counts.items()})
+            out.append({f"{ctx}|{p}:{ln}": c / n for (ctx, p, ln), c in counts.items()})
     else:
-        one = run(backend_launches(backend, specs, shape, batch, precision, "cpu", steps=1)[0], (1, 1, 1))[0]
-        two = run(backend_launches(backend, specs, shape, batch, precision, "cpu", steps=2)[0], (1, 1, 1))[0]
-        out.append({f"{p}:{ln}": two[(p, ln)] - one.get((p, ln), 0) for (p, ln) in two})
+        # one block of samples (program 0's first): a program's blocks all run the same loops
+        one = run(backend_launches(backend, specs, shape, batch, precision, "cpu", 1, one_block=True)[0], (1, 1, 1))[0]
+        two = run(backend_launches(backend, specs, shape, batch, precision, "cpu", 2, one_block=True)[0], (1, 1, 1))[0]
+        out.append({f"{ctx}|{p}:{ln}": two[(ctx, p, ln)] - one.get((ctx, p, ln), 0) for (ctx, p, ln) in two})
     return out
 
 
-def _counts_from(doc: dict) -> dict[tuple[str, int], float]:
+def _counts_from(doc: dict) -> dict[tuple[str, str, int], float]:
     out = {}
     for key, v in doc.items():
-        path, line = key.rsplit(":", 1)
-        out[(path, int(line))] = float(v)
+        ctx, _, rest = key.partition("|")
+        path, line = rest.rsplit(":", 1)
+        out[(ctx, path, int(line))] = float(v)
     return out
 
 
 def line_counts(backend: str, hidden: int, batch: int, precision: int, only: list[int] | None = None
-                ) -> list[dict[tuple[str, int], float]]:  # fmt: skip
+                ) -> list[dict[tuple[str, str, int], float]]:  # fmt: skip
     """``count_lines`` in a subprocess with the Triton interpreter."""
     env = dict(os.environ, TRITON_INTERPRET="1", EBMFAST_TRITON_ON_CPU="1", PYTHONPATH=str(ROOT))
     job = json.dumps([backend, hidden, batch, precision, only])
@@ -511,6 +565,10 @@ def predict(backend: str, batch: int, precision: int = 0, capability: int = 90, 
     for i, call, comp, lc in zip(picked, calls, compiled, counts):
         dyn = dynamic_counts(comp["sass"], lc, sources)
         programs = call.grid[0] * call.grid[1] * call.grid[2]
+        if backend == "persistent":  # counted for one block-step: a program runs n_blocks / programs blocks
+            blocks = -(-call.args["N"] // settings_block(specs, batch))
+            dyn = {k: (v * blocks / programs if k in ("instructions", "ffma", "mma", "bytes") else v)
+                   for k, v in dyn.items()}  # fmt: skip
         rep = comp["ptxas"]
         rows.append(
             {

@@ -77,8 +77,9 @@ def canned(tmp_path):
     src.write_text(SOURCE)
     path = os.path.realpath(src)
     # the interpreter's line counts per program: the loop body runs 5 times, the `if` body 3 times
-    counts = {(path, 2): 1, (path, 3): 6, (path, 4): 5, (path, 5): 5, (path, 6): 3, (path, 7): 1, (path, 11): 5,
-              (path, 12): 4}  # fmt: skip
+    # (context: "" the kernel, "helper" the function it calls, compiled apart), file, line -> runs per program
+    counts = {("", path, 2): 1, ("", path, 3): 6, ("", path, 4): 5, ("", path, 5): 5, ("", path, 6): 3,
+              ("", path, 7): 1, ("helper", path, 11): 5, ("helper", path, 12): 4}  # fmt: skip
     return SASS.format(src=path), counts, path
 
 
@@ -113,7 +114,29 @@ def test_dynamic_counts(canned):
     main, helper = dyn["loops"]
     assert main["iterations"] == 5 and main["body_instructions"] == 5 and main["dot_loop"]
     assert main["ffma_mma_share"] == pytest.approx(1 / 5) and main["source"] == "kern.py:3"
-    assert helper["iterations"] == 4 and not helper["dot_loop"]
+    assert helper["iterations"] == 4 and not helper["dot_loop"] and helper["function"] == "helper"
+
+
+def test_a_function_called_twice_shares_its_counts(canned):
+    """Two CALLs of the helper (its line counts are the total of both entries): each entry runs the loop 4 times,
+    so the copy's instructions count twice, not the total twice over."""
+    sass, counts, path = canned
+    sass = sass.replace(
+        "        /*0080*/                   STG.E",
+        "        /*0078*/                   CALL.REL.NOINC `(helper) ;\n        /*0080*/                   STG.E",
+    )
+    doubled = {k: (2 * v if k[0] == "helper" else v) for k, v in counts.items()}
+    dyn = costmodel.dynamic_counts(sass, doubled)
+    # kernel: 2 + 5 x 4 + 3 FFMA + CALL, CALL, STG, EXIT; helper: 2 entries x (MOV, RET + 4 x (FMUL, BRA))
+    assert dyn["instructions"] == 2 + 5 * 4 + 3 + 4 + 2 * (2 + 4 * 2)
+    assert dyn["loops"][1]["iterations"] == 8  # both entries together
+
+
+def test_python_names_of_noinline_functions():
+    label = "$chain_kernel$ebmfast_generated_chain_4a36_$__input_grad_2__Pfp32_Pfp32_i32_i32"
+    assert costmodel.python_name(label) == "_input_grad_2"
+    assert costmodel.python_name("$k$m_$__update__Pfp32_cTrue_cFalse") == "_update"
+    assert costmodel.python_name("layer_fwd_kernel") == "layer_fwd_kernel"
 
 
 def test_global_bytes_widths():
