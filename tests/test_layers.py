@@ -636,6 +636,19 @@ def test_tile_settings_respect_the_gpu_rules():
                 assert st.num_warps in (4, 8)
 
 
+def test_small_batches_split_the_columns_to_fill_the_gpu():
+    """At batch 128 the seed CNN's last conv has 32 row tiles of 16: its columns split while the doubled grid stays
+    within one program per SM (forward 32 -> 128 programs); its input gradient (128 programs) already fills the SMs
+    and keeps its tiles, as do large batches."""
+    specs = plan_layers(CNNModel(), (1, 28, 28))
+    fwd = L.tile_settings(specs[3], 128, "fwd", interpreted=False)
+    assert (fwd.bm, fwd.bn) == (16, 16)
+    dgrad = L.tile_settings(specs[3], 128, "dgrad", interpreted=False)
+    assert (dgrad.bm, dgrad.bn) == (16, 64)
+    assert L.tile_settings(specs[3], 16384, "fwd", interpreted=False).bn == 64
+    assert L.tile_settings(specs[3], 128, "fwd", interpreted=False, min_programs=1).bn == 64  # persistent tiles
+
+
 REASONS = [
     (
         lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
