@@ -41,22 +41,33 @@ def call_signature(call) -> tuple[dict, dict]:
     them: tensors (any device, ``meta`` included) become pointer types, Python ints i32 (i64 beyond 32 bits), floats
     fp32."""
     sig, constexprs = {}, {}
-    for p in call.kernel.params:
-        v = call.args[p.name]
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            constexprs[p.name] = v
+    for name, is_constexpr in _params(call.kernel):
+        v = call.args[name]
+        if is_constexpr:
+            sig[name] = "constexpr"
+            constexprs[name] = v
         elif hasattr(v, "dtype") and hasattr(v, "data_ptr"):
-            sig[p.name] = _POINTER_TYPES[str(v.dtype)]
+            sig[name] = _POINTER_TYPES[str(v.dtype)]
         elif isinstance(v, bool):
-            sig[p.name] = "i1"
+            sig[name] = "i1"
         elif isinstance(v, int):
-            sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+            sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
         elif isinstance(v, float):
-            sig[p.name] = "fp32"
+            sig[name] = "fp32"
         else:
-            raise TypeError(f"{p.name}: cannot type {type(v).__name__} for an ahead-of-time compile")
+            raise TypeError(f"{name}: cannot type {type(v).__name__} for an ahead-of-time compile")
     return sig, constexprs
+
+
+def _params(kernel) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of a kernel's parameters: from a compiled ``JITFunction``'s ``params``, or from the
+    annotations of the function an interpreted one wraps (a process with TRITON_INTERPRET=1 can still describe a
+    compile job for another process)."""
+    params = getattr(kernel, "params", None)
+    if params is not None:
+        return [(p.name, bool(p.is_constexpr)) for p in params]
+    fn = getattr(kernel, "fn", kernel)
+    return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(fn).parameters.items()]
 
 
 def _compile(fn, sig: dict, constexprs: dict, num_warps: int, capability: int, warp_size: int = 32):
