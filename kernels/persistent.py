@@ -221,10 +221,8 @@ def chain_settings(
     - tiles: the layer kernels' GPU tiles for a batch of ``block`` without their small-batch row shrinking
       (``min_programs=1``), rows capped at the block's rows (``layer_tiles``).
     - ``num_warps`` 4: ``PROGRAMS_PER_SM`` programs of 128 threads fit an SM's 65,536 registers at up to 255
-      registers per thread (the seed CNN's kernel uses 255 at block 4; with 8 warps it needs 179, so only one
-      program would fit). 8 when the grid has at most one program per SM (small batches: the seed CNN below batch
-      133): a program alone on its SM then has the SM's registers to itself, and 8 warps share each tile's work, so
-      each warp issues about half the tile instructions of a 4-warp program.
+      registers per thread (the seed CNN's kernel uses 255 at block 4, no spills; with 8 warps it needs 179, so only
+      one program would fit).
     Interpreted (CPU tests): the interpreter pays per Triton operation, so blocks are as large as the scratch
     budget allows (capped at the batch), one program per block, and the tiles the interpreter's (large).
     """
@@ -246,8 +244,7 @@ def chain_settings(
             while bb > 1 and cdiv(batch, bb) < sms:
                 bb //= 2
         n_blocks = cdiv(batch, bb)
-        grid = programs or min(n_blocks, in_flight)
-        settings = ChainSettings(bb, num_warps or (8 if grid <= sms else 4), grid, True)
+        settings = ChainSettings(bb, num_warps or 4, programs or min(n_blocks, in_flight), True)
     return settings
 
 
