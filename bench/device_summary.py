@@ -1,18 +1,19 @@
 """The GPU check's summary (``bench/device_check.sh`` prints it last) and its verdicts on the project's targets.
 
     python3 bench/device_summary.py OUTDIR
-    python3 bench/device_summary.py --plan-train-run OUTDIR SECONDS   (the training stage's iteration count)
+    python3 bench/device_summary.py --choose-train-backend OUTDIR     (call 2's sampler backend, from call 1)
     python3 bench/device_summary.py --merge-table OUTDIR [TABLE]      (the run's rows into backend="auto"'s table)
 
-reads OUTDIR/{stages.tsv, bench.json, pytest_benchmark.json, cuda_tests.xml, precision_tests.xml, kernel_sweep.xml,
-profile.json, train_run.tsv, train_run/metrics.csv, evaluate/report.json} and prints the stages, the environment, the
-GPU tests' counts and printed PRECISION lines, the sampler and training figures, the profile, the real training run,
-and the targets of issues 4, 10 (``triton``), 11 (``persistent``) and 12 judged from them (met / NOT met / not
-measured); it writes OUTDIR/summary.json (the training run's figures, ``measured_60_epochs_min`` among them, and the
-verdicts) and, for a CUDA run, OUTDIR/backend_rows.json (microseconds per step of each backend per batch size, the
-rows ``ebmfast/backend_table.json`` takes). Measurements are reported, never asserted: this script judges them, the
-library (``ebmfast.benchmark``) only measures. It needs only the Python standard library, so the summary is written
-even when the package does not import.
+reads OUTDIR/{stages.tsv, check_info.tsv, parity.xml, bench.json, pytest_benchmark.json, cuda_tests.xml,
+precision_tests.xml, kernel_sweep.xml, profile.json, train_backend.txt, train_run.tsv, train_run/metrics.csv,
+evaluate/report.json} and prints the stages, the environment, the GPU tests' counts and printed PRECISION lines, the
+kernel backends' parity, the sampler and training figures, the profile, the real training run, and the targets
+judged from them (sampler speed and memory, the ``triton`` and ``persistent`` backends, training: met / NOT met / not
+measured); it writes OUTDIR/summary.json (the training run's figures, ``measured_60_epochs_min`` among them, the
+parity and the verdicts) and, for a CUDA run, OUTDIR/backend_rows.json (microseconds per step of each backend per
+batch size, the rows ``ebmfast/backend_table.json`` takes). Measurements are reported, never asserted: this script
+judges them, the library (``ebmfast.benchmark``) only measures. It needs only the Python standard library, so the
+summary is written even when the package does not import.
 """
 
 from __future__ import annotations
@@ -28,22 +29,22 @@ def fmt(v, spec: str, none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
 
 
-GPU_TARGETS = (
+SAMPLER_TARGETS = (
     "batch 128, 60 steps: graph >= 20x eager sample-steps/s (same run)",
     "batch 16384: >= 40% of measured fp32 matmul peak in achieved FLOP/s (TF32 reported separately)",
     "seed's 60-epoch MNIST training (batch 128, 60 steps) projected <= 3 minutes",
     "graph peak memory <= 2x eager at batch 128 (60 steps)",
 )
-CPU_TARGET = "CPU, batch 128, 60 steps: best backend >= 1.5x eager sample-steps/s (aim 2x)"
+CPU_SAMPLER_TARGET = "CPU, batch 128, 60 steps: best backend >= 1.5x eager sample-steps/s (aim 2x)"
 
 
 def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "NOT met")
 
 
-def target_report(doc: dict) -> list[str]:
-    """Issue 4's targets judged from an ``ebmfast bench --json`` document: the GPU targets for a CUDA run, the
-    CPU target for a CPU run. Reported, never asserted."""
+def sampler_target_report(doc: dict) -> list[str]:
+    """The sampler's speed and memory targets judged from an ``ebmfast bench --json`` document: the GPU targets for a
+    CUDA run, the CPU target for a CPU run. Reported, never asserted."""
     rows = [r for r in doc.get("sampler", []) if r.get("median_s")]
     cell = {(r["backend"], r["batch"], r["steps"]): r for r in rows}
     device = str(doc.get("environment", {}).get("device", ""))
@@ -53,20 +54,20 @@ def target_report(doc: dict) -> list[str]:
         best = max(others, key=lambda r: r["ratio_to_eager"] or 0.0, default=None)
         ok = None if (e is None or best is None) else best["ratio_to_eager"] >= 1.5
         return [
-            f"[{_verdict(ok)}] {CPU_TARGET}: "
+            f"[{_verdict(ok)}] {CPU_SAMPLER_TARGET}: "
             + ("n/a" if ok is None else f"{best['ratio_to_eager']:.2f}x ({best['backend']})")
         ]
     lines = []
     g, e = cell.get(("graph", 128, 60)), cell.get(("eager", 128, 60))
     ratio = g["ratio_to_eager"] if g and e else None
     lines.append(
-        f"[{_verdict(None if ratio is None else ratio >= 20)}] {GPU_TARGETS[0]}: "
+        f"[{_verdict(None if ratio is None else ratio >= 20)}] {SAMPLER_TARGETS[0]}: "
         + ("n/a" if ratio is None else f"{ratio:.1f}x")
     )
     big = [r for r in rows if r["batch"] == 16384 and r.get("frac_fp32_peak") is not None]
     best = max(big, key=lambda r: r["frac_fp32_peak"], default=None)
     lines.append(
-        f"[{_verdict(None if best is None else best['frac_fp32_peak'] >= 0.4)}] {GPU_TARGETS[1]}: "
+        f"[{_verdict(None if best is None else best['frac_fp32_peak'] >= 0.4)}] {SAMPLER_TARGETS[1]}: "
         + (
             "n/a"
             if best is None
@@ -80,33 +81,34 @@ def target_report(doc: dict) -> list[str]:
     ]
     bt = min(train, key=lambda r: r["projected_60_epochs_min"], default=None)
     lines.append(
-        f"[{_verdict(None if bt is None else bt['projected_60_epochs_min'] <= 3.0)}] {GPU_TARGETS[2]}: "
+        f"[{_verdict(None if bt is None else bt['projected_60_epochs_min'] <= 3.0)}] {SAMPLER_TARGETS[2]}: "
         + ("n/a" if bt is None else f"{bt['projected_60_epochs_min']:.2f} min ({bt['backend']})")
     )
     gm, em = (g or {}).get("peak_mem_mb"), (e or {}).get("peak_mem_mb")
     mem_ok = None if (gm is None or not em) else gm <= 2 * em
     lines.append(
-        f"[{_verdict(mem_ok)}] {GPU_TARGETS[3]}: "
+        f"[{_verdict(mem_ok)}] {SAMPLER_TARGETS[3]}: "
         + ("n/a" if mem_ok is None else f"graph {gm:.1f} MB vs eager {em:.1f} MB ({gm / em:.2f}x)")
     )
     return lines
 
 
-# ------------------------------------------------------------------ our own kernels: triton (issue 10), persistent (11)
-ISSUE10_TARGETS = (
+# ------------------------------------------------------------------------------ our own kernels: triton, persistent
+TRITON_TARGETS = (
     "batch 128, 60 steps: triton >= 20x eager sample-steps/s (same run)",
     "triton: <= 14 kernels per step (profile, smallest batch)",
     "batch 16384: triton >= 40% of the measured fp32 matmul peak",
     "batch 16384: triton tf32 >= 2x its own fp32 throughput (profile)",
     "triton peak memory <= graph's (each batch both measured, 60 steps)",
 )
-ISSUE11_TARGETS = (
+PERSISTENT_TARGETS = (
     "batch 128, 60 steps: persistent >= 50x eager sample-steps/s (same run)",
     "batch 1, 60 steps: persistent >= 100x eager sample-steps/s (same run)",
     "batch 16384: persistent >= 40% of the measured fp32 matmul peak",
     "batch 16384: persistent tf32 and bf16 >= 2x its own fp32 throughput (profile)",
     "persistent: 1-2 kernels per chain (profile, smallest batch)",
     "persistent: first call (compile + one chain, cold Triton cache) <= 60 s",
+    "batch 128, 60 steps: persistent <= 39 us per step",
 )
 
 
@@ -191,52 +193,53 @@ def _precision_line(target, variants, backend, precisions, cuda) -> str:
 
 
 def kernel_backend_report(doc: dict | None, prof: dict, cold_cache: bool = True) -> tuple[list[str], list[str]]:
-    """The targets of issues 10 (``triton``) and 11 (``persistent``), judged from ``bench.json`` (sample-steps/s,
-    FLOP/s, memory, first call) and ``profile.json`` (kernels per step, reduced precisions). Reported, never asserted;
+    """The targets of our own kernel backends (``triton``, ``persistent``), judged from ``bench.json``
+    (sample-steps/s, FLOP/s, memory, first call, time per step) and ``profile.json`` (kernels per step, reduced
+    precisions). Reported, never asserted;
     figures from a CPU run are shown but not judged, and the compile time only when ``cold_cache`` (the run started
     with empty compile caches)."""
     cuda = _is_cuda(doc) or bool(prof)
     cell = _sampler_cells(doc)
     variants = _variants(prof)
-    t10, t11 = ISSUE10_TARGETS, ISSUE11_TARGETS
+    tt, pt = TRITON_TARGETS, PERSISTENT_TARGETS
 
-    issue10 = [_ratio_line(t10[0], cell, "triton", 128, 20, cuda)]
+    triton_lines = [_ratio_line(tt[0], cell, "triton", 128, 20, cuda)]
     p = _profiled(prof, "triton")
-    issue10.append(
+    triton_lines.append(
         _line(
-            t10[1],
+            tt[1],
             None if p is None else p["kernels_per_step"] <= 14,
             None if p is None else f"{p['kernels_per_step']:.2f} kernels/step (batch {p['batch']})",
             cuda,
         )
     )
-    issue10.append(_peak_line(t10[2], doc, "triton", cuda))
-    issue10.append(_precision_line(t10[3], variants, "triton", ("tf32",), cuda))
+    triton_lines.append(_peak_line(tt[2], doc, "triton", cuda))
+    triton_lines.append(_precision_line(tt[3], variants, "triton", ("tf32",), cuda))
     pairs = [
         (n, r["peak_mem_mb"], cell[("graph", n, k)]["peak_mem_mb"])
         for (b, n, k), r in sorted(cell.items(), key=lambda kv: kv[0][1])
         if b == "triton" and k == 60 and ("graph", n, k) in cell
         if r.get("peak_mem_mb") is not None and cell[("graph", n, k)].get("peak_mem_mb") is not None
     ]
-    issue10.append(
+    triton_lines.append(
         _line(
-            t10[4],
+            tt[4],
             None if not pairs else all(t <= g for _, t, g in pairs),
             None if not pairs else ", ".join(f"batch {n}: {t:.1f} vs {g:.1f} MB" for n, t, g in pairs),
             cuda,
         )
     )
 
-    issue11 = [
-        _ratio_line(t11[0], cell, "persistent", 128, 50, cuda),
-        _ratio_line(t11[1], cell, "persistent", 1, 100, cuda),
-        _peak_line(t11[2], doc, "persistent", cuda),
-        _precision_line(t11[3], variants, "persistent", ("tf32", "bf16"), cuda),
+    persistent_lines = [
+        _ratio_line(pt[0], cell, "persistent", 128, 50, cuda),
+        _ratio_line(pt[1], cell, "persistent", 1, 100, cuda),
+        _peak_line(pt[2], doc, "persistent", cuda),
+        _precision_line(pt[3], variants, "persistent", ("tf32", "bf16"), cuda),
     ]
     p = _profiled(prof, "persistent")
-    issue11.append(
+    persistent_lines.append(
         _line(
-            t11[4],
+            pt[4],
             None if p is None else 1 <= p["kernels"] <= 2,
             None if p is None else f"{p['kernels']} kernel(s) per {p['steps']}-step chain (batch {p['batch']})",
             cuda,
@@ -250,11 +253,16 @@ def kernel_backend_report(doc: dict | None, prof: dict, cold_cache: bool = True)
         if not cold_cache:
             text += " [the run did not record a cold compile cache: not judged]"
     ok = None if worst is None or not cold_cache else worst["first_call_s"] <= 60
-    issue11.append(_line(t11[5], ok, text, cuda))
-    return issue10, issue11
+    persistent_lines.append(_line(pt[5], ok, text, cuda))
+    r = cell.get(("persistent", 128, 60))
+    us = None if r is None else 1e6 * r["median_s"] / 60
+    persistent_lines.append(
+        _line(pt[6], None if us is None else us <= 39.0, None if us is None else f"{us:.1f} us/step", cuda)
+    )
+    return triton_lines, persistent_lines
 
 
-# ------------------------------------------------------------------------- backend="auto"'s committed table (issue 10)
+# ------------------------------------------------------------------------------ backend="auto"'s committed table
 AUTO_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "ebmfast", "backend_table.json")
 
 
@@ -307,35 +315,13 @@ def merge_table(table_path: str, rows: list[dict]) -> dict:
     return table
 
 
-# ----------------------------------------------------------------------------------- the real training run (issue 12)
+# -------------------------------------------------------------------------------------------- the real training run
 SEED_ITERATIONS = 60 * 468  # the seed's 60 epochs of full MNIST at batch 128
 SEED_EPOCHS = 60
-MNIST5K_ITERS_PER_EPOCH = 35  # 4,500 training images / batch 128
-MIN_TRAIN_ITERATIONS = 2000
-TRAIN_STARTUP_S = 30.0  # process start, imports, data, compilation (inductor's cache is warm from the benchmarks)
-TRAIN_EPOCH_END_S = 0.15  # assumed per epoch end (validation, rand_out, checkpoints) when planning
-ISSUE12_TARGETS = (
+TRAINING_TARGETS = (
     "iteration time <= 1.15x the chain time of the same sampler backend (batch 128, 60 steps)",
     "the seed's 60 epochs (28,080 iterations, batch 128, 60 steps) <= 3 minutes wall clock",
 )
-
-
-def plan_train_run(doc: dict | None, seconds: float) -> dict:
-    """How many iterations the training stage asks for in ``seconds``: the benchmark's fastest measured CD
-    iteration (the ``cdgraph`` row where present: what the trainer runs on CUDA) x 1.3, plus an assumed epoch-end
-    share and start-up; at most the seed's 28,080, and 0 (skip) below 2,000."""
-    rows = [r for r in (doc or {}).get("train", []) if r.get("median_s") and r.get("batch") == 128]
-    by_name = {r["backend"]: r for r in rows}
-    row = by_name.get("cdgraph") or min(rows, key=lambda r: r["median_s"], default=None)
-    per_it = (row["median_s"] if row else 0.030) * 1.3 + TRAIN_EPOCH_END_S / MNIST5K_ITERS_PER_EPOCH
-    n = int(max(0.0, seconds - TRAIN_STARTUP_S) / per_it)
-    n = min(n, SEED_ITERATIONS)
-    basis = f"{row['backend']} row {1e3 * row['median_s']:.1f} ms" if row else "no benchmark row: 30 ms assumed"
-    plan = {"iterations": n, "per_iteration_s": per_it, "seconds": seconds, "basis": basis}
-    if n < MIN_TRAIN_ITERATIONS:
-        plan["iterations"] = 0
-        plan["skip"] = f"{seconds:.0f} s allow ~{n} iterations ({basis}), fewer than {MIN_TRAIN_ITERATIONS}"
-    return plan
 
 
 def _read_tsv(path: str) -> dict:
@@ -349,6 +335,58 @@ def _read_tsv(path: str) -> dict:
     except OSError:
         pass
     return out
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as fh:
+            return [ln.strip() for ln in fh if ln.strip()]
+    except OSError:
+        return []
+
+
+PARITY_BACKENDS = {"test_layers": "triton", "test_persistent": "persistent"}  # test module -> backend it checks
+
+
+def parity_report(outdir: str) -> dict[str, str]:
+    """{backend: "passed" / "FAILED" / "not run"} for ``triton`` and ``persistent`` from the parity stage's JUnit file
+    (tests/test_layers.py checks the layer kernels, tests/test_persistent.py the persistent kernel,
+    tests/test_sampler_kernels.py both, named in the case's parameters). Empty without the file."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(os.path.join(outdir, "parity.xml")).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    seen: dict[str, list[bool]] = {"triton": [], "persistent": []}
+    for case in root.iter("testcase"):
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        name = case.get("name", "")
+        backend = PARITY_BACKENDS.get(module)
+        if backend is None:
+            backend = next((b for b in seen if f"-{b}]" in name or f"[{b}" in name), None)
+        if backend is None or case.find("skipped") is not None:
+            continue
+        seen[backend].append(case.find("failure") is None and case.find("error") is None)
+    return {b: ("not run" if not oks else "passed" if all(oks) else "FAILED") for b, oks in seen.items()}
+
+
+def choose_train_backend(outdir: str) -> tuple[str, str]:
+    """(backend, why) for call 2's training: the fastest of ``graph`` (the trainer's default) and the kernel backends
+    that passed parity, by ``bench.json``'s time per step at batch 128 and 60 steps; ``graph`` when nothing was
+    measured."""
+    passed = [b for b, v in parity_report(outdir).items() if v == "passed"]
+    try:
+        with open(os.path.join(outdir, "bench.json")) as fh:
+            cell = _sampler_cells(json.load(fh))
+    except (OSError, ValueError):
+        cell = {}
+    timed = {b: cell[(b, 128, 60)]["median_s"] / 60 for b in ["graph", *passed] if (b, 128, 60) in cell}
+    if not timed:
+        return "graph", "no batch-128 timing of graph or of a backend that passed parity: the trainer's default"
+    best = min(timed, key=timed.get)
+    ranked = sorted(timed.items(), key=lambda kv: kv[1])
+    return best, "fastest at batch 128, 60 steps, of " + ", ".join(f"{b} {1e6 * t:.1f} us/step" for b, t in ranked)
 
 
 def _metrics_csv(path: str) -> dict[str, list[tuple[int, float]]]:
@@ -381,10 +419,15 @@ def train_run_report(outdir: str) -> dict | None:
     info = _read_tsv(os.path.join(outdir, "train_run.tsv"))
     if not info:
         return None
-    rep: dict = {k: info[k] for k in ("status", "command", "skip", "evaluate_skip") if k in info}
+    rep: dict = {k: info[k] for k in ("status", "command", "skip", "evaluate_skip", "backend") if k in info}
     for key in ("iterations_asked", "wall_s", "rc", "budget_s", "evaluate_rc", "evaluate_s"):
         if key in info:
             rep[key] = _num(info[key])
+    try:
+        with open(os.path.join(outdir, "env.log")) as fh:
+            rep["cuda"] = "cuda available: True" in fh.read()
+    except OSError:
+        rep["cuda"] = False
     if "skip" in info:
         return rep
     metrics = _metrics_csv(os.path.join(outdir, "train_run", "metrics.csv"))
@@ -431,15 +474,16 @@ def train_run_report(outdir: str) -> dict | None:
     return rep
 
 
-def issue12_report(doc: dict | None, run: dict | None) -> list[str]:
-    """Issue 12's targets from ``bench.json`` (iteration vs chain time) and the training stage (60 epochs)."""
+def training_report(doc: dict | None, run: dict | None) -> list[str]:
+    """The training targets from ``bench.json`` (iteration vs chain time) and the training stage (the seed's length:
+    the whole run when it finished, else the projection from its measured rate, marked projected)."""
     rows = [r for r in (doc or {}).get("train", []) if r.get("iter_over_chain") and r.get("batch") == 128]
     by_name = {r["backend"]: r for r in rows}
     row = by_name.get("cdgraph") or min(rows, key=lambda r: r["median_s"], default=None)
-    cuda = str((doc or {}).get("environment", {}).get("device", "")).startswith("cuda")
+    cuda = _is_cuda(doc) or bool((run or {}).get("cuda"))
     ok = None if row is None or not cuda else row["iter_over_chain"] <= 1.15
     lines = [
-        f"[{_verdict(ok)}] {ISSUE12_TARGETS[0]}: "
+        f"[{_verdict(ok)}] {TRAINING_TARGETS[0]}: "
         + (
             "n/a"
             if row is None
@@ -447,24 +491,29 @@ def issue12_report(doc: dict | None, run: dict | None) -> list[str]:
             f"{1e3 * row['chain_median_s']:.2f} ms)" + ("" if cuda else " [not CUDA: not judged]")
         )
     ]
-    minutes = (run or {}).get("measured_60_epochs_min")
+    full = (run or {}).get("full_run_min")
+    minutes = full if full is not None else (run or {}).get("measured_60_epochs_min")
     ok = None if minutes is None or not cuda else minutes <= 3.0
-    text = "n/a" if minutes is None else f"{minutes:.2f} min projected from a real run of {run['iterations_done']} it"
-    if run and run.get("full_run_min") is not None:
-        text += f"; the whole 28,080-iteration run took {run['full_run_min']:.2f} min"
+    if full is not None:
+        text = f"{full:.2f} min: the whole 28,080-iteration run, measured end to end"
+    elif minutes is not None:
+        text = f"{minutes:.2f} min PROJECTED from the measured rate of a real run of {run['iterations_done']} it"
+    else:
+        text = "n/a"
     if minutes is None:
         bench = [r for r in (doc or {}).get("train", []) if r.get("projected_60_epochs_min")]
         best = min(bench, key=lambda r: r["projected_60_epochs_min"], default=None)
         if best is not None:
             text += f" (benchmark projection {best['projected_60_epochs_min']:.2f} min, {best['backend']})"
-    lines.append(f"[{_verdict(ok)}] {ISSUE12_TARGETS[1]}: {text}" + ("" if cuda or minutes is None else " [not CUDA]"))
+    lines.append(f"[{_verdict(ok)}] {TRAINING_TARGETS[1]}: {text}" + ("" if cuda or minutes is None else " [not CUDA]"))
     return lines
 
 
 def _train_run_lines(run: dict | None) -> list[str]:
     if not run:
         return []
-    out = ["", "training run (ebmfast train --preset tutorial --data mnist5k, then ebmfast evaluate):"]
+    backend = f", sampler backend {run['backend']}" if run.get("backend") else ""
+    out = ["", f"training run (ebmfast train --preset tutorial --data mnist5k{backend}, then ebmfast evaluate):"]
     if run.get("skip"):
         return out + [f"  skipped: {run['skip']}"]
     t = run.get("trainer_timing", {})
@@ -474,9 +523,15 @@ def _train_run_lines(run: dict | None) -> list[str]:
         f"iteration {fmt(t.get('first_iteration_s'), '.1f')} s, then {fmt(t.get('iteration_ms'), '.2f')} ms/iteration, "
         f"epoch end {fmt(t.get('epoch_end_s'), '.3f')} s"
     )
+    if run.get("full_run_min") is not None:
+        out.append(f"  the seed's whole length (28,080 iterations) ran: {run['full_run_min']:.2f} min end to end")
+    else:
+        out.append(
+            "  the seed's whole length (28,080 iterations) did not fit the call: PROJECTED from the measured rate"
+        )
     out.append(
-        f"  measured_60_epochs_min {fmt(run.get('measured_60_epochs_min'), '.2f')} (projected from the run's steady "
-        f"time); whole 28,080-iteration run {fmt(run.get('full_run_min'), '.2f')} min"
+        f"  measured_60_epochs_min {fmt(run.get('measured_60_epochs_min'), '.2f')} (PROJECTED: first iteration + "
+        "28,080 x the run's steady time per iteration + 60 epoch ends)"
     )
     at = run.get("rand_out_at_seed_epochs") or {}
     if at:
@@ -542,7 +597,7 @@ TEST_STAGES = (  # the pytest stages of bench/device_check.sh: (stage, what it r
 
 def summarize_device_check(outdir: str) -> str:
     """The short table ``bench/device_check.sh`` prints last: stages, environment, GPU tests, sampler and training
-    figures, profile, training run, and the targets of issues 4, 10, 11 and 12 (see the module docstring)."""
+    figures, parity, profile, training run, and the targets (see the module docstring)."""
     out = []
     stages_path = os.path.join(outdir, "stages.tsv")
     stages = []
@@ -598,13 +653,25 @@ def summarize_device_check(outdir: str) -> str:
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             out.append(f"pytest-benchmark: unreadable ({type(exc).__name__})")
+    parity = parity_report(outdir)
+    if parity:
+        out.append("parity (the seed CNN's 60-step chains vs the reference, CUDA): " + ", ".join(
+            f"{b} {v}" for b, v in parity.items()))  # fmt: skip
+    choice = _read_lines(os.path.join(outdir, "train_backend.txt"))
+    if choice:
+        out.append(f"call 2 trains on: {' - '.join(choice)}")
+    call = _read_tsv(os.path.join(outdir, "check_info.tsv")).get("call", "1")
     if doc is None:
-        out.append("bench.json: missing (see bench_cli.log)")
+        if call != "2":
+            out.append("bench.json: missing (see bench_cli.log)")
         run = train_run_report(outdir)
         out.extend(_train_run_lines(run))
+        training = training_report(None, run) if run else []
         if run:
-            out.append("targets (issue 12; measured, not asserted):")
-            out.extend("  " + line for line in issue12_report(None, run))
+            out.append("targets (training; measured, not asserted):")
+            out.extend("  " + line for line in training)
+        _write_json(os.path.join(outdir, "summary.json"), {"train_run": run, "parity": parity,
+                                                           "targets_training": training})  # fmt: skip
         return "\n".join(out)
     peak = doc.get("matmul_peak") or {}
     if peak:
@@ -659,18 +726,18 @@ def summarize_device_check(outdir: str) -> str:
     run = train_run_report(outdir)
     out.extend(_train_run_lines(run))
     out.append("")
-    out.append("targets (issue 4; measured, not asserted):")
-    issue4 = target_report(doc)
-    out.extend("  " + line for line in issue4)
+    out.append("targets (sampler speed and memory; measured, not asserted):")
+    sampler = sampler_target_report(doc)
+    out.extend("  " + line for line in sampler)
     cold = _read_tsv(os.path.join(outdir, "check_info.tsv")).get("compile_cache", "").startswith("cold")
-    issue10, issue11 = kernel_backend_report(doc, _profile_doc(outdir), cold_cache=cold)
-    out.append("targets (issue 10, backend triton; measured, not asserted):")
-    out.extend("  " + line for line in issue10)
-    out.append("targets (issue 11, backend persistent; measured, not asserted):")
-    out.extend("  " + line for line in issue11)
-    out.append("targets (issue 12; measured, not asserted):")
-    issue12 = issue12_report(doc, run)
-    out.extend("  " + line for line in issue12)
+    triton_lines, persistent_lines = kernel_backend_report(doc, _profile_doc(outdir), cold_cache=cold)
+    out.append("targets (backend triton; measured, not asserted):")
+    out.extend("  " + line for line in triton_lines)
+    out.append("targets (backend persistent; measured, not asserted):")
+    out.extend("  " + line for line in persistent_lines)
+    out.append("targets (training; measured, not asserted):")
+    training = training_report(doc, run)
+    out.extend("  " + line for line in training)
     rows = backend_rows(doc)
     if rows:
         _write_json(os.path.join(outdir, "backend_rows.json"), {"rows": rows})
@@ -682,10 +749,11 @@ def summarize_device_check(outdir: str) -> str:
         os.path.join(outdir, "summary.json"),
         {
             "train_run": run,
-            "targets_issue4": issue4,
-            "targets_issue10": issue10,
-            "targets_issue11": issue11,
-            "targets_issue12": issue12,
+            "parity": parity,
+            "targets_sampler": sampler,
+            "targets_triton": triton_lines,
+            "targets_persistent": persistent_lines,
+            "targets_training": training,
         },
     )
     return "\n".join(out)
@@ -729,15 +797,10 @@ def _profile_lines(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 3 and argv[0] == "--plan-train-run":
-        try:
-            with open(os.path.join(argv[1], "bench.json")) as fh:
-                doc = json.load(fh)
-        except (OSError, ValueError):
-            doc = None
-        plan = plan_train_run(doc, float(argv[2]))
-        print(plan["iterations"])  # the shell reads this line
-        print(plan.get("skip") or f"~{1e3 * plan['per_iteration_s']:.1f} ms/iteration assumed ({plan['basis']})")
+    if len(argv) == 2 and argv[0] == "--choose-train-backend":
+        backend, why = choose_train_backend(argv[1])
+        print(backend)  # the shell reads this line
+        print(why)
         return 0
     if len(argv) in (2, 3) and argv[0] == "--merge-table":
         try:
@@ -758,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(argv) != 1:
         print(
-            "usage: python3 bench/device_summary.py OUTDIR | --plan-train-run OUTDIR SECONDS"
+            "usage: python3 bench/device_summary.py OUTDIR | --choose-train-backend OUTDIR"
             " | --merge-table OUTDIR [TABLE]",
             file=sys.stderr,
         )

@@ -877,6 +877,7 @@ class TileSettings(NamedTuple):
 
 
 TARGET_PROGRAMS = 264  # two programs per SM of an H100/H200 (132 SMs): rows shrink to 16 before going below this
+FILL_PROGRAMS = 132  # an H100/H200's SMs: a grid split along its columns while it stays within one program per SM
 SUM_TILE_ELEMENTS = 4096  # multiply-and-sum path: BM * BK * BN products live in registers at once
 FLAT_BELOW = 16  # a conv whose reduction has fewer channels per tap than this reduces over (tap, channel) pairs
 
@@ -913,9 +914,13 @@ def tile_settings(
     - ``tl.dot`` only when BN and BK are >= 16 (compiled dot needs M, N, K >= 16; BM is always >= 16); otherwise a
       multiply-and-sum with BM * BK * BN <= 4096 products in flight (registers).
     - BM: 64 for dot tiles, halved down to 16 while the grid would have fewer than ``TARGET_PROGRAMS`` programs
-      (small batches: more, smaller tiles keep the SMs busy). ``min_programs=1`` keeps the largest rows (the
-      persistent kernel, whose programs own blocks of samples and loop over their tiles).
-    - num_warps: 4 (8 for tiles of 64 x 64 and more).
+      (small batches: more, smaller tiles keep the SMs busy); then BN halved down to 16 while the grid, doubled,
+      stays within ``FILL_PROGRAMS`` (one program per SM): a grid that leaves most SMs idle is split along its
+      columns (the seed CNN's last conv at batch 128: 128 programs instead of 32); one that already fills the SMs is
+      not, since narrower tiles repeat the row addressing and the input loads per column tile. ``min_programs=1``
+      keeps the largest tiles (the persistent kernel, whose programs own blocks of samples and loop over their tiles).
+    - num_warps: 4 (8 for tiles of 64 x 32 and more: fewer registers per thread; with 4 warps Triton 3.6 spilled in
+      a 64 x 32 input-gradient tile).
     Interpreted (CPU tests): the interpreter pays per Triton operation, not per element, so every conv is FLAT and
     tiles are as large as the problem (BM up to 1024, BN up to 128, BK up to 1024): a few programs and loop trips
     per launch. The tile code is the same for every setting; the tests also run the compiled settings under the
@@ -938,16 +943,18 @@ def tile_settings(
     bk = min(_pow2(k_red), 32)
     use_dot = bn >= 16 and bk >= 16
     bm = 64 if use_dot else max(16, min(128, SUM_TILE_ELEMENTS // (bk * bn)))
-    others = cdiv(n, bn) * phases
-    while bm > 16 and cdiv(m, bm) * others < min_programs:
+    while bm > 16 and cdiv(m, bm) * cdiv(n, bn) * phases < min_programs:
         bm //= 2
-    warps = 8 if bm * bn >= 64 * 64 else 4
+    while use_dot and bn > 16 and cdiv(m, bm) * cdiv(n, bn // 2) * phases <= min(min_programs, FILL_PROGRAMS):
+        bn //= 2
+    warps = 8 if bm * bn >= 64 * 32 else 4
     return TileSettings(bm, bn, bk, warps, use_dot, flat)
 
 
 def _head_settings(spec: LayerSpec, batch: int, interpreted: bool, min_programs: int = TARGET_PROGRAMS) -> TileSettings:
     """The fused head: BN holds every output (<= HEAD_MAX_OUT); BK blocks its forward over D, BJ its input gradient
-    over D (64 compiled). Rows as for the other kernels, counting programs = row tiles."""
+    over D (64 compiled). Rows as for the other kernels, counting programs = row tiles; 8 warps from 32 x 64 tiles
+    on (with 4, Triton 3.6 spilled in the seed CNN's 32 x 64 head)."""
     bn = _pow2(spec.c_out)
     cap_k, cap_j = (1024, 1024) if interpreted else (32, 64)
     bk, bj = min(_pow2(spec.d_in), cap_k), min(_pow2(spec.d_in), cap_j)
@@ -959,7 +966,7 @@ def _head_settings(spec: LayerSpec, batch: int, interpreted: bool, min_programs:
     bm = 64 if use_dot and use_dot_b else max(16, min(64, SUM_TILE_ELEMENTS // prod))
     while bm > 16 and cdiv(batch, bm) < min_programs:
         bm //= 2
-    warps = 8 if bm * max(bn, bj) >= 64 * 64 else 4
+    warps = 8 if bm * max(bn, bj) >= 64 * 32 else 4
     return TileSettings(bm, bn, bk, warps, use_dot, False, bj, use_dot_b)
 
 
@@ -1131,40 +1138,3 @@ def launch_step(
         grad_clip=grad_clip, noise_std=noise_std, lo=lo, hi=hi, noise_index=noise_index, add_noise=add_noise,
     )  # fmt: skip
     run_calls(calls, wrap)
-
-
-# ----------------------------------------------------------------------------------------------- ahead-of-time compile
-_POINTER_TYPES = {"torch.float32": "*fp32", "torch.int64": "*i64", "torch.bfloat16": "*bf16", "torch.float16": "*fp16"}
-
-
-def call_signature(call: KernelCall) -> tuple[dict, dict]:
-    """(signature, constexprs) of a launch, as ``triton.compiler.ASTSource`` takes them: tensors (any device,
-    ``meta`` included) become pointer types, Python ints i32 (i64 beyond 32 bits), floats fp32."""
-    sig, constexprs = {}, {}
-    for p in call.kernel.params:
-        v = call.args[p.name]
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            constexprs[p.name] = v
-        elif hasattr(v, "dtype") and hasattr(v, "data_ptr"):
-            sig[p.name] = _POINTER_TYPES[str(v.dtype)]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        else:
-            raise TypeError(f"{p.name}: cannot type {type(v).__name__} for an ahead-of-time compile")
-    return sig, constexprs
-
-
-def compile_call(call: KernelCall, capability: int = 90, warp_size: int = 32):
-    """Compile one launch's specialisation for an NVIDIA target without a GPU (default sm_90, Hopper). Needs the
-    compiled Triton (TRITON_INTERPRET unset when this module was imported)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig, constexprs = call_signature(call)
-    src = ASTSource(fn=call.kernel, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, warp_size), options={"num_warps": call.num_warps})

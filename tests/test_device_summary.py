@@ -60,19 +60,19 @@ def _gpu_doc(graph_ratio=25.0, frac=0.45, minutes=2.5, graph_mem=30.0):
     }
 
 
-def test_target_report_gpu_verdicts():
-    met = device_summary.target_report(_gpu_doc())
+def test_sampler_targets_gpu_verdicts():
+    met = device_summary.sampler_target_report(_gpu_doc())
     assert [line.split("]")[0] for line in met] == ["[met"] * 4
     assert "25.0x" in met[0] and "45.0% fp32" in met[1] and "2.50 min (graph)" in met[2] and "1.50x" in met[3]
-    missed = device_summary.target_report(_gpu_doc(graph_ratio=19.9, frac=0.39, minutes=3.1, graph_mem=41.0))
+    missed = device_summary.sampler_target_report(_gpu_doc(graph_ratio=19.9, frac=0.39, minutes=3.1, graph_mem=41.0))
     assert [line.split("]")[0] for line in missed] == ["[NOT met"] * 4
     doc = _gpu_doc()
     doc["sampler"] = doc["sampler"][:1]
     doc["train"] = []
-    assert [line.split("]")[0] for line in device_summary.target_report(doc)] == ["[not measured"] * 4
+    assert [line.split("]")[0] for line in device_summary.sampler_target_report(doc)] == ["[not measured"] * 4
 
 
-def test_target_report_cpu():
+def test_sampler_target_cpu():
     doc = {
         "environment": {"device": "cpu"},
         "sampler": [
@@ -81,7 +81,7 @@ def test_target_report_cpu():
             _row("fused", 128, 60, 1.2e4, 1.2),
         ],
     }
-    (line,) = device_summary.target_report(doc)
+    (line,) = device_summary.sampler_target_report(doc)
     assert line.startswith("[met]") and "1.60x (compiled)" in line
 
 
@@ -99,10 +99,10 @@ def test_summarize_device_check(tmp_path):
     assert "env ok 2s | cuda_tests FAILED rc=1 80s | bench_cli TIMEOUT 200s | pytest_bench skipped 0s" in text
     assert "7 passed, 1 failed, 0 errors, 2 skipped; failing: test_graph_cuda::test_replay" in text
     lines = text.rstrip().splitlines()
-    at = lines.index("targets (issue 4; measured, not asserted):")
+    at = lines.index("targets (sampler speed and memory; measured, not asserted):")
     assert lines[at + 1].startswith("  [met]"), lines[at:]
-    assert "targets (issue 12; measured, not asserted):" in lines[at:]
-    assert json.loads((tmp_path / "summary.json").read_text())["targets_issue4"][0].startswith("[met]")
+    assert "targets (training; measured, not asserted):" in lines[at:]
+    assert json.loads((tmp_path / "summary.json").read_text())["targets_sampler"][0].startswith("[met]")
     assert "Fake H200" in text and "2,500,000" in text
     empty = device_summary.summarize_device_check(str(tmp_path / "nothing"))
     assert "bench.json: missing" in empty and "none recorded" in empty
@@ -156,7 +156,7 @@ def test_device_check_summary_quotes_printed_precision_lines(tmp_path):
     assert "other" not in text
 
 
-# ------------------------------------------------------------------------------------------------ issue 12
+# ------------------------------------------------------------------------------------------------ the training run
 def _train_rows(cdgraph_ms=15.0, chain_ms=14.0):
     def row(name, ms, chain):
         return {
@@ -195,26 +195,7 @@ def _write_run(tmp_path, iterations=2100, first=20.0, it_ms=5.0, end_s=0.1, wall
     )
 
 
-def test_plan_train_run_uses_the_cdgraph_row_and_the_2000_floor():
-    doc = {"train": _train_rows(cdgraph_ms=10.0)}
-    plan = device_summary.plan_train_run(doc, 130.0)
-    per_it = 0.010 * 1.3 + 0.15 / 35
-    assert plan["per_iteration_s"] == pytest.approx(per_it) and "cdgraph row 10.0 ms" in plan["basis"]
-    assert plan["iterations"] == int(100.0 / per_it) and "skip" not in plan
-    assert device_summary.plan_train_run(doc, 10_000.0)["iterations"] == 28080  # never more than the seed's run
-    short = device_summary.plan_train_run(doc, 50.0)
-    assert short["iterations"] == 0 and "fewer than 2000" in short["skip"]
-    assert "30 ms assumed" in device_summary.plan_train_run(None, 100.0)["basis"]
-
-
-def test_plan_train_run_command_prints_the_count(tmp_path, capsys):
-    (tmp_path / "bench.json").write_text(json.dumps({"train": _train_rows(cdgraph_ms=10.0)}))
-    assert device_summary.main(["--plan-train-run", str(tmp_path), "130"]) == 0
-    first, second = capsys.readouterr().out.splitlines()
-    assert int(first) > 2000 and "ms/iteration assumed" in second
-
-
-def test_train_run_report_and_issue12_verdicts(tmp_path):
+def test_train_run_report_and_training_verdicts(tmp_path):
     _write_run(tmp_path)
     run = device_summary.train_run_report(str(tmp_path))
     assert run["iterations_done"] == 2100 and run["wall_s"] == 60.0 and run["full_run_min"] is None
@@ -226,15 +207,15 @@ def test_train_run_report_and_issue12_verdicts(tmp_path):
     assert run["evaluate"]["fd_real_vs_real"] == 3.0
     doc = _gpu_doc()
     doc["train"] = _train_rows()
-    met = device_summary.issue12_report(doc, run)
+    met = device_summary.training_report(doc, run)
     assert [line.split("]")[0] for line in met] == ["[met", "[met"]
-    assert "1.07x (cdgraph: iteration 15.00 ms, chain 14.00 ms)" in met[0] and "2.77 min projected" in met[1]
+    assert "1.07x (cdgraph: iteration 15.00 ms, chain 14.00 ms)" in met[0] and "2.77 min PROJECTED" in met[1]
     doc["train"] = _train_rows(cdgraph_ms=16.5)
     slow = dict(run, measured_60_epochs_min=3.2)
-    assert [line.split("]")[0] for line in device_summary.issue12_report(doc, slow)] == ["[NOT met", "[NOT met"]
-    none = device_summary.issue12_report({"environment": {"device": "cuda"}, "train": []}, None)
+    assert [line.split("]")[0] for line in device_summary.training_report(doc, slow)] == ["[NOT met", "[NOT met"]
+    none = device_summary.training_report({"environment": {"device": "cuda"}, "train": []}, None)
     assert [line.split("]")[0] for line in none] == ["[not measured", "[not measured"]
-    cpu = device_summary.issue12_report({"environment": {"device": "cpu"}, "train": _train_rows()}, run)
+    cpu = device_summary.training_report({"environment": {"device": "cpu"}, "train": _train_rows()}, run)
     assert [line.split("]")[0] for line in cpu] == ["[not measured", "[not measured"]  # targets are for the H200
 
 
@@ -245,15 +226,16 @@ def test_full_run_and_skipped_run(tmp_path):
     assert set(run["rand_out_at_seed_epochs"]) == {"0", "5", "20", "59"}
     (tmp_path / "bench.json").write_text(json.dumps(_gpu_doc()))
     text = device_summary.summarize_device_check(str(tmp_path))
-    assert "whole 28,080-iteration run 2.83 min" in text and "the whole 28,080-iteration run took 2.83 min" in text
+    assert "the seed's whole length (28,080 iterations) ran: 2.83 min" in text
+    assert "2.83 min: the whole 28,080-iteration run, measured end to end" in text  # judged on the run, not projected
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["train_run"]["measured_60_epochs_min"] == pytest.approx(run["measured_60_epochs_min"])
     skipped = tmp_path / "skipped"
     skipped.mkdir()
-    (skipped / "train_run.tsv").write_text("skip\t50 s allow ~900 iterations, fewer than 2000 (40s left)\n")
+    (skipped / "train_run.tsv").write_text("skip\t20s left for training\n")
     report = device_summary.train_run_report(str(skipped))
-    assert report == {"skip": "50 s allow ~900 iterations, fewer than 2000 (40s left)"}
-    assert "skipped: 50 s allow" in "\n".join(device_summary._train_run_lines(report))
+    assert report == {"skip": "20s left for training", "cuda": False}  # no env.log: not a CUDA run
+    assert "skipped: 20s left" in "\n".join(device_summary._train_run_lines(report))
 
 
 def _kernel_doc():
@@ -296,24 +278,30 @@ def _kernel_profile_doc():
 
 
 def test_kernel_backend_targets_are_judged_from_the_bench_and_the_profile():
-    issue10, issue11 = device_summary.kernel_backend_report(_kernel_doc(), _kernel_profile_doc())
-    assert [ln.split("]")[0] + "]" for ln in issue10] == ["[met]", "[met]", "[met]", "[met]", "[met]"], issue10
-    assert "30.0x" in issue10[0] and "9.00 kernels/step" in issue10[1] and "50.0%" in issue10[2]
-    assert "tf32 2.50x" in issue10[3] and "batch 128: 25.0 vs 30.0 MB" in issue10[4]
-    # persistent: 40x < 50x at 128; 150x >= 100x at batch 1; 30% < 40%; bf16 failed -> not judged; 1 kernel; 12.5 s
-    verdicts = [ln.split("]")[0] + "]" for ln in issue11]
-    assert verdicts == ["[NOT met]", "[met]", "[NOT met]", "[not measured]", "[met]", "[met]"], issue11
-    assert "tf32 3.00x" in issue11[3] and "not every precision measured" in issue11[3]
-    assert "1 kernel(s) per 60-step chain" in issue11[4] and "12.5 s (batch 128" in issue11[5]
+    triton_lines, persistent_lines = device_summary.kernel_backend_report(_kernel_doc(), _kernel_profile_doc())
+    assert [ln.split("]")[0] + "]" for ln in triton_lines] == ["[met]", "[met]", "[met]", "[met]", "[met]"], (
+        triton_lines
+    )
+    assert "30.0x" in triton_lines[0] and "9.00 kernels/step" in triton_lines[1] and "50.0%" in triton_lines[2]
+    assert "tf32 2.50x" in triton_lines[3] and "batch 128: 25.0 vs 30.0 MB" in triton_lines[4]
+    # persistent: 40x < 50x at 128; 150x >= 100x at batch 1; 30% < 40%; bf16 failed -> not judged; 1 kernel; 12.5 s;
+    # 32 us per step at batch 128
+    verdicts = [ln.split("]")[0] + "]" for ln in persistent_lines]
+    assert verdicts == ["[NOT met]", "[met]", "[NOT met]", "[not measured]", "[met]", "[met]", "[met]"], (
+        persistent_lines
+    )
+    assert "tf32 3.00x" in persistent_lines[3] and "not every precision measured" in persistent_lines[3]
+    assert "1 kernel(s) per 60-step chain" in persistent_lines[4] and "12.5 s (batch 128" in persistent_lines[5]
+    assert "32.0 us/step" in persistent_lines[6]  # 128 samples x 60 steps at 4e6 sample-steps/s
 
 
 def test_kernel_backend_targets_without_measurements_or_off_cuda():
-    issue10, issue11 = device_summary.kernel_backend_report(None, {})
-    assert all(ln.startswith("[not measured]") and ln.endswith("n/a") for ln in issue10 + issue11)
+    triton_lines, persistent_lines = device_summary.kernel_backend_report(None, {})
+    assert all(ln.startswith("[not measured]") and ln.endswith("n/a") for ln in triton_lines + persistent_lines)
     cpu = _kernel_doc()
     cpu["environment"]["device"] = "cpu"
-    issue10, _ = device_summary.kernel_backend_report(cpu, {})
-    assert issue10[0].startswith("[not measured]") and "[not CUDA: not judged]" in issue10[0]
+    triton_lines, _ = device_summary.kernel_backend_report(cpu, {})
+    assert triton_lines[0].startswith("[not measured]") and "[not CUDA: not judged]" in triton_lines[0]
 
 
 def test_backend_rows_and_merging_them_into_the_table(tmp_path):
@@ -340,11 +328,11 @@ def test_summary_writes_backend_rows_and_merge_table_command(tmp_path, capsys):
     (tmp_path / "bench.json").write_text(json.dumps(_kernel_doc()))
     (tmp_path / "profile.json").write_text(json.dumps(_kernel_profile_doc()))
     text = device_summary.summarize_device_check(str(tmp_path))
-    assert "targets (issue 10, backend triton; measured, not asserted):" in text
-    assert "targets (issue 11, backend persistent; measured, not asserted):" in text
+    assert "targets (backend triton; measured, not asserted):" in text
+    assert "targets (backend persistent; measured, not asserted):" in text
     assert "persistent: boom" not in text and "RuntimeError: boom" in text  # the failed variant is shown as such
     assert len(json.loads((tmp_path / "backend_rows.json").read_text())["rows"]) == 3
-    assert len(json.loads((tmp_path / "summary.json").read_text())["targets_issue11"]) == 6
+    assert len(json.loads((tmp_path / "summary.json").read_text())["targets_persistent"]) == 7
     table = tmp_path / "table.json"
     assert device_summary.main(["--merge-table", str(tmp_path), str(table)]) == 0
     assert len(json.loads(table.read_text())["rows"]) == 3
@@ -365,3 +353,64 @@ def test_profile_plan_measures_what_the_targets_need_first():
     assert len(items) == len(set(items))  # nothing measured twice
     variants = {(i[1], i[2], i[3], i[4]) for i in items if i[0] == "variant"}
     assert ("graph", 128, True, "tf32") in variants and ("persistent", 128, None, "bf16") in variants
+
+
+# ------------------------------------------------------------------------------------------------ parity, call 2
+def _parity_xml(tmp_path, persistent_fails=False):
+    fail = '<failure message="x"/>' if persistent_fails else ""
+    (tmp_path / "parity.xml").write_text(
+        "<testsuites><testsuite>"
+        '<testcase classname="tests.test_layers" name="test_seed_cnn_60_step_trajectory_parity"/>'
+        f'<testcase classname="tests.test_persistent" name="test_60_step_parity_conv_chains[seed-2]">{fail}</testcase>'
+        '<testcase classname="tests.test_sampler_kernels" '
+        'name="test_kernel_backend_on_the_seed_cnn_with_trajectory_and_supplied_noise[cuda-triton]"/>'
+        "</testsuite></testsuites>"
+    )
+
+
+def test_parity_report_and_call_2_backend_choice(tmp_path, capsys):
+    assert device_summary.parity_report(str(tmp_path)) == {}
+    assert device_summary.choose_train_backend(str(tmp_path))[0] == "graph"  # nothing measured: the default
+    _parity_xml(tmp_path)
+    assert device_summary.parity_report(str(tmp_path)) == {"triton": "passed", "persistent": "passed"}
+    (tmp_path / "bench.json").write_text(json.dumps(_kernel_doc()))  # batch 128: persistent 4e6 > triton 3e6
+    backend, why = device_summary.choose_train_backend(str(tmp_path))
+    assert backend == "persistent" and "persistent 32.0 us/step" in why and "graph" in why
+    _parity_xml(tmp_path, persistent_fails=True)
+    assert device_summary.parity_report(str(tmp_path))["persistent"] == "FAILED"
+    assert device_summary.choose_train_backend(str(tmp_path))[0] == "triton"  # the fastest that passed
+    assert device_summary.main(["--choose-train-backend", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "triton"
+    text = device_summary.summarize_device_check(str(tmp_path))
+    assert "parity (the seed CNN's 60-step chains vs the reference, CUDA): triton passed, persistent FAILED" in text
+
+
+def test_call_2_summary_judges_the_training_without_a_benchmark(tmp_path):
+    """Call 2 has no bench.json: the training run is judged (CUDA from env.log), a projection marked PROJECTED."""
+    _write_run(tmp_path, iterations=2100)
+    (tmp_path / "check_info.tsv").write_text("compile_cache\tcold\t/tmp/x\ncall\t2\n")
+    (tmp_path / "env.log").write_text("torch 2.11\ncuda available: True\n")
+    text = device_summary.summarize_device_check(str(tmp_path))
+    assert "bench.json: missing" not in text and "did not fit the call: PROJECTED" in text
+    assert "PROJECTED from the measured rate of a real run of 2100 it" in text
+    assert "[met] the seed's 60 epochs" in text  # 2.77 min projected <= 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["targets_training"][1].startswith("[met]")
+
+
+@pytest.mark.slow
+def test_gpu_test_selection_drops_the_cpu_cases():
+    """The GPU check's pytest plugin: no case parametrized for the CPU is selected, the CUDA ones are."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT)])}
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "gpu_test_selection", "-m", "cuda or device",
+         "tests/test_sampler_kernels.py", "tests/test_buffer.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ids = [ln for ln in res.stdout.splitlines() if "::" in ln]
+    assert ids and not [i for i in ids if "[cpu" in i or "-cpu" in i], ids
+    assert any("[cuda-triton]" in i for i in ids)

@@ -954,6 +954,19 @@ def test_tile_settings_respect_the_gpu_rules():
                 assert st.num_warps in (4, 8)
 
 
+def test_small_batches_split_the_columns_to_fill_the_gpu():
+    """At batch 128 the seed CNN's last conv has 32 row tiles of 16: its columns split while the doubled grid stays
+    within one program per SM (forward 32 -> 128 programs); its input gradient (128 programs) already fills the SMs
+    and keeps its tiles, as do large batches."""
+    specs = plan_layers(CNNModel(), (1, 28, 28))
+    fwd = L.tile_settings(specs[3], 128, "fwd", interpreted=False)
+    assert (fwd.bm, fwd.bn) == (16, 16)
+    dgrad = L.tile_settings(specs[3], 128, "dgrad", interpreted=False)
+    assert (dgrad.bm, dgrad.bn) == (16, 64)
+    assert L.tile_settings(specs[3], 16384, "fwd", interpreted=False).bn == 64
+    assert L.tile_settings(specs[3], 128, "fwd", interpreted=False, min_programs=1).bn == 64  # persistent tiles
+
+
 REASONS = [
     (
         lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.Softplus(threshold=10), nn.Flatten(), nn.Linear(4 * 26 * 26, 1)),
@@ -1076,6 +1089,7 @@ def test_opcheck_layer_ops(device):
 
 
 # ------------------------------------------------------------------------------------------------ sm_90 compile
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 _COMPILE_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time
@@ -1084,13 +1098,16 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from ebmfast.kernels import layers as L
     from ebmfast.kernels.geometry import decode_geometry
 
+    sys.path.insert(0, sys.argv[2])  # bench/: the compile tooling
+    import kernel_compile as KC
+
     job = json.loads(sys.argv[1])
     meta = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)
     rng, one = meta(2, dtype=torch.int64), meta(1)
     calls = {}
 
     def add(call):
-        sig, cx = L.call_signature(call)
+        sig, cx = KC.call_signature(call)
         key = (call.kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(cx.items())), call.num_warps)
         calls.setdefault(key, call)
 
@@ -1116,7 +1133,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
             add(L.dgrad_call(spec, 17, one, one, one, mode, prec, interpreted=False))
     t0, counts = time.time(), {"fma": 0, "mma": 0, "wgmma": 0}
     for key, call in calls.items():
-        k = L.compile_call(call, capability=90)
+        k = KC.compile_call(call, capability=90)
         assert k.asm.get("cubin"), key
         ptx = k.asm["ptx"]
         tc = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
@@ -1170,7 +1187,11 @@ def compile_job(job: dict) -> str:
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(job)], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(job), BENCH_DIR],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return res.stdout.strip()

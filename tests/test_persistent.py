@@ -30,6 +30,7 @@ import pytest
 import torch
 from conftest import assert_close_verbose
 from test_layers import (
+    BENCH_DIR,
     NEW_ACTS,
     act_chain,
     affine_params,
@@ -513,9 +514,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import json, os, re, sys, time
     assert "TRITON_INTERPRET" not in os.environ
     import torch
-    from ebmfast.kernels import layers as L
     from ebmfast.kernels import persistent as P
     from ebmfast.kernels.geometry import decode_geometry
+
+    sys.path.insert(0, sys.argv[2])  # bench/: the compile tooling
+    import kernel_compile as KC
 
     meta = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)
     rows = []
@@ -526,7 +529,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         extra = {"noise": dict(noise=meta(2, batch, *shape)), "trajectory": dict(trajectory=meta(2, batch, *shape))}
         call = P.chain_call(specs, x, meta(2, dtype=torch.int64), w, w, meta(1), prec, st, 60, **extra.get(mode, {}))
         t0 = time.time()
-        k = L.compile_call(call, capability=90)
+        k = KC.compile_call(call, capability=90)
         seconds = time.time() - t0
         assert k.asm.get("cubin")
         ptx = k.asm["ptx"]
@@ -542,7 +545,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 src = [l for l in lines[max(0, n - 4):n] if re.search(rf"add\\.s64\\s+{re.escape(reg)},", l)]
                 ok = reg in table or (src and any(re.search(rf"{re.escape(t)}\\b", src[-1]) for t in table))
                 assert ok, f"non-coherent load: {line.strip()}"
-        rep = P.ptxas_report(ptx)
+        rep = KC.ptxas_report(ptx)
         rows.append(dict(layers=len(specs), batch=batch, block=st.block, warps=st.num_warps, prec=prec, mode=mode,
                          seconds=round(seconds, 1), registers=rep["registers"], spills=rep["spill_stores"],
                          shared=k.metadata.shared, tc=tc, barriers=ptx.count("bar.sync")))
@@ -579,7 +582,11 @@ def compile_rows(jobs: list, tmp_path) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EBMFAST_TRITON_ON_CPU")}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), EBMFAST_KERNEL_CACHE=str(tmp_path / "gen"))
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs)], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(jobs), BENCH_DIR],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
