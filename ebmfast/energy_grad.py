@@ -152,6 +152,57 @@ def _func_energy_grad(model_ref: weakref.ref[nn.Module]) -> Callable:
     return grad(neg_energy_sum, argnums=2)
 
 
+def conv_input_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias_sizes: object,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    output_padding: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, None, None] | object:
+    """``aten.convolution_backward`` asked for the input gradient only (what an input gradient needs) as the
+    transposed convolution it is, so the compiled graph runs oneDNN's conv_transpose like the chain program instead of
+    the full backward kernel; any other request (weight or bias gradients, transposed or non-2-D convolutions) is left
+    as it was (``NotImplemented``)."""
+    if transposed or output_mask[1] or output_mask[2] or not output_mask[0] or weight.dim() != 4:
+        return NotImplemented
+    k = weight.shape[2:]
+    out_pad = [
+        input.shape[d + 2]
+        - ((grad_output.shape[d + 2] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (k[d] - 1) + 1)
+        for d in (0, 1)
+    ]
+    g = torch.ops.aten.convolution.default(grad_output, weight, None, stride, padding, dilation, True, out_pad, groups)
+    return g, None, None
+
+
+def _inductor_input_grad(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """The inductor backend with ``conv_input_grad`` in its decomposition table (the generic gradient's backend)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    table[torch.ops.aten.convolution_backward.default] = conv_input_grad
+    # the AOT-autograd cache keys on the captured graph, not on the decomposition table: a hit would bring back a
+    # graph traced without conv_input_grad
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions=table)
+
+
+def compile_generic(fn: Callable, compile_kwargs: dict) -> Callable:
+    """``torch.compile`` of the generic gradient: inductor with the convolution input gradient as a transposed
+    convolution (``conv_input_grad``) unless ``compile_kwargs`` name their own backend, mode or options."""
+    if any(k in compile_kwargs for k in ("backend", "mode", "options")):
+        return torch.compile(fn, **compile_kwargs)
+    return torch.compile(fn, backend=_inductor_input_grad, **compile_kwargs)
+
+
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
@@ -183,7 +234,7 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
                 fn = programs[found] = torch.compile(functools.partial(program_energy_grad, found), **compile_kwargs)
             return fn(found.read(owner), x)
         if not generic:
-            generic.append(torch.compile(_func_energy_grad(model_ref), **compile_kwargs))
+            generic.append(compile_generic(_func_energy_grad(model_ref), compile_kwargs))
         params = {k: v.detach() for k, v in owner.named_parameters()}
         buffers = dict(owner.named_buffers())
         return generic[0](params, buffers, x)
