@@ -10,6 +10,8 @@ Two builders:
   model goes through ``torch.func.grad`` over ``functional_call``; ``recognise(model, x)`` (and
   ``sampler.explain(x)``) says why. Either way parameters are read at call time, so in-place optimizer updates and
   replaced parameters are seen.
+  The generic program is compiled with the convolution input gradient decomposed into the transposed convolution it
+  is (``conv_input_grad``), like the chain program, instead of the full convolution backward kernel.
   On CPU, 4-D inputs are run channels-last (oneDNN's strided conv_transpose is several times faster that way).
 """
 
