@@ -185,14 +185,21 @@ def time_cpu(
     return times
 
 
-def choose_cpu(times: dict) -> tuple[str, str]:
-    """(backend, why) from ``time_cpu``'s times: ``compiled`` only when it measured faster than ``eager``."""
+def choose_cpu(times: dict, uncompiled: bool = False) -> tuple[str, str]:
+    """(backend, why) from ``time_cpu``'s times: ``compiled`` only when it measured faster than ``eager``.
+    ``uncompiled``: the compiled gradient compiled nothing (``energy_grad.runs_uncompiled``): ``eager`` whatever the
+    times (they would differ by noise only)."""
     compiled, eager = times["compiled"], times["eager"]
-    backend = "compiled" if compiled < eager else "eager"
+    backend = "compiled" if compiled < eager and not uncompiled else "eager"
     why = (
         f"auto on cpu: timed once for this model structure and shape, {1e3 * compiled:.2f} ms per gradient compiled "
         f"vs {1e3 * eager:.2f} ms eager (compile {times.get('compile_s', math.nan):.1f} s, not counted)"
     )
+    if uncompiled:
+        why += (
+            "; dynamo compiled no graph of the gradient (a graph break inside torch.func.grad, e.g. data-dependent"
+            " control flow), so it runs eagerly"
+        )
     if "compiled error" in times:
         why += f"; the compiled gradient failed: {times['compiled error']}"
     return backend, why

@@ -28,7 +28,15 @@ from torch import nn
 
 from .recognise import ACTIVATIONS, Act, Add, Affine, Program, Reshape, affine_tensors, recognise
 
-__all__ = ["eager_energy_grad", "compiled_energy_grad", "program_energy_grad", "activation"]
+__all__ = [
+    "eager_energy_grad",
+    "compiled_energy_grad",
+    "program_energy_grad",
+    "activation",
+    "conv_input_grad",
+    "compile_generic",
+    "runs_uncompiled",
+]
 
 EnergyGrad = Callable[[torch.Tensor], torch.Tensor]
 
@@ -197,12 +205,28 @@ def _inductor_input_grad(gm: torch.fx.GraphModule, example_inputs: list) -> Call
         return compile_fx(gm, example_inputs, decompositions=table)
 
 
-def compile_generic(fn: Callable, compile_kwargs: dict) -> Callable:
+def compile_generic(fn: Callable, compile_kwargs: dict, graphs: list[int] | None = None) -> Callable:
     """``torch.compile`` of the generic gradient: inductor with the convolution input gradient as a transposed
-    convolution (``conv_input_grad``) unless ``compile_kwargs`` name their own backend, mode or options."""
+    convolution (``conv_input_grad``) unless ``compile_kwargs`` name their own backend, mode or options. ``graphs``:
+    gets one entry (the node count) per graph compiled."""
     if any(k in compile_kwargs for k in ("backend", "mode", "options")):
         return torch.compile(fn, **compile_kwargs)
-    return torch.compile(fn, backend=_inductor_input_grad, **compile_kwargs)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        if graphs is not None:
+            graphs.append(len(gm.graph.nodes))
+        return _inductor_input_grad(gm, example_inputs)
+
+    return torch.compile(fn, backend=backend, **compile_kwargs)
+
+
+def runs_uncompiled(grad_fn: EnergyGrad) -> bool:
+    """True when ``grad_fn`` (from ``compiled_energy_grad``) has run the generic path and no graph was compiled for it:
+    dynamo could not trace the gradient (a graph break inside ``torch.func.grad``, e.g. data-dependent control flow)
+    and runs ``torch.func`` eagerly, which is no faster than autograd. False where it cannot tell (a backend of the
+    caller's own)."""
+    state = getattr(grad_fn, "generic_state", None)
+    return state is not None and state["counted"] and state["calls"] > 0 and not state["graphs"]
 
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
@@ -226,6 +250,8 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
     model_ref = weakref.ref(model)
     programs: dict[Program, Callable] = {}  # one compiled chain program per recognised structure
     generic: list[Callable] = []
+    counted = not any(k in compile_kwargs for k in ("backend", "mode", "options"))
+    state: dict = {"calls": 0, "graphs": [], "counted": counted}  # what runs_uncompiled reads
 
     def run(x: torch.Tensor) -> torch.Tensor:
         owner = model_ref()
@@ -236,7 +262,8 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
                 fn = programs[found] = torch.compile(functools.partial(program_energy_grad, found), **compile_kwargs)
             return fn(found.read(owner), x)
         if not generic:
-            generic.append(compile_generic(_func_energy_grad(model_ref), compile_kwargs))
+            generic.append(compile_generic(_func_energy_grad(model_ref), compile_kwargs, state["graphs"]))
+        state["calls"] += 1
         params = {k: v.detach() for k, v in owner.named_parameters()}
         buffers = dict(owner.named_buffers())
         return generic[0](params, buffers, x)
@@ -248,4 +275,5 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
             return g.contiguous()
         return run(x)
 
+    energy_grad.generic_state = state
     return energy_grad

@@ -47,7 +47,7 @@ from torch import nn
 
 from . import langevin, ops
 from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain
-from .energy_grad import compiled_energy_grad, eager_energy_grad
+from .energy_grad import compiled_energy_grad, eager_energy_grad, runs_uncompiled
 from .errors import StopRequested
 from .opdef import HAS_TRITON, triton_unavailable_reason
 from .recognise import structure_key
@@ -322,7 +322,7 @@ class LangevinSampler:
         grads = {name: self._energy_grad(x.device, name) for name in ("compiled", "eager")}
         with sampling_mode(self.model):
             times = autotune.time_cpu(grads, x.detach())
-        return autotune.choose_cpu(times)
+        return autotune.choose_cpu(times, uncompiled=runs_uncompiled(self._grad_fns[x.device.type]))
 
     def explain(self, x: torch.Tensor) -> str:
         """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons). Cheap: where auto

@@ -174,6 +174,11 @@ def test_choose_cpu_keeps_compiled_only_when_faster(compiled, eager, expected):
     assert "compile 12.3 s, not counted" in why
 
 
+def test_choose_cpu_takes_eager_when_nothing_was_compiled():
+    backend, why = autotune.choose_cpu({"compiled": 0.001, "eager": 0.002, "compile_s": 1.0}, uncompiled=True)
+    assert backend == "eager" and "compiled no graph" in why
+
+
 def _tiny():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))

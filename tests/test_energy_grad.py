@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ebmfast import LangevinSampler, langevin_reference
-from ebmfast.energy_grad import compiled_energy_grad, conv_input_grad, eager_energy_grad
+from ebmfast.energy_grad import compiled_energy_grad, conv_input_grad, eager_energy_grad, runs_uncompiled
 
 aten = torch.ops.aten
 
@@ -69,6 +69,22 @@ def test_generic_compiled_gradient_and_chain_equal_eager():
         xs = sign * x
         # float32, the same sums in another order (tests/test_sampler.py's CPU tolerance)
         torch.testing.assert_close(compiled_energy_grad(model)(xs), eager_energy_grad(model)(xs), rtol=1e-5, atol=1e-6)
+    assert runs_uncompiled(compiled_energy_grad(model))  # the branch breaks the graph: nothing compiled
     sampler = LangevinSampler(model, steps=4, backend="compiled", seed=3)
     noise = sampler.noise_stream(x)
     torch.testing.assert_close(sampler.sample(x), langevin_reference(model, x, 4, noise=noise), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_traceable_generic_model_is_compiled():
+    class Pow(nn.Module):  # aten.pow: outside the chain program's vocabulary, yet traceable
+        def forward(self, h):
+            return h.pow(2)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, 2, 1), Pow(), nn.Flatten(), nn.Linear(3 * 4 * 3, 1)).eval()
+    x = torch.rand(2, 1, 7, 6)
+    grad = compiled_energy_grad(model)
+    assert "torch.func" in LangevinSampler(model, backend="compiled").explain(x)
+    torch.testing.assert_close(grad(x), eager_energy_grad(model)(x), rtol=1e-5, atol=1e-6)
+    assert not runs_uncompiled(grad)
