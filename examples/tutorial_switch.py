@@ -112,7 +112,8 @@ def main():
         t0 = time.perf_counter()
         run()
         print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
-    print(sampler.explain(x))  # after the first call: auto's choice on CPU is timed there
+    for s in (sampler, seed_sampler):  # after the first call: auto's choice on CPU is timed there
+        print(s.explain(x))
     times = {name: [] for name in runs}
     names = list(runs)
     for r in range(args.rounds):  # interleaved, the order rotated every round
