@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import ebmfast
+from ebmfast.benchmark.timing import rotations
 
 
 class BranchCNN(nn.Module):
@@ -53,8 +54,8 @@ def main():
         print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
         print("  " + s.explain(x))
     names, times = list(samplers), {name: [] for name in samplers}
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for order in rotations(names, args.rounds):  # interleaved, the order rotated every round
+        for name in order:
             t0 = time.perf_counter()
             samplers[name].sample(x)
             times[name].append(time.perf_counter() - t0)

@@ -16,6 +16,7 @@ import torch
 
 import ebmfast
 from ebmfast import energy_grad as eg
+from ebmfast.benchmark.timing import rotations
 from ebmfast.recognise import recognise
 
 
@@ -52,8 +53,8 @@ def main():
     for name, run in runs.items():
         print(f"max |g - eager| {name}: {(run() - ref).abs().max().item():.2e}")
     names, times = list(runs), {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for order in rotations(names, args.rounds):  # interleaved, the order rotated every round
+        for name in order:
             t0 = time.perf_counter()
             for _ in range(args.reps):
                 runs[name]()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import ebmfast  # ebmfast
+from ebmfast.benchmark.timing import rotations
 
 
 # ------------------------------------------------------------------------------------------ the tutorial's code
@@ -116,8 +117,8 @@ def main():
         print(s.explain(x))
     times = {name: [] for name in runs}
     names = list(runs)
-    for r in range(args.rounds):  # interleaved, the order rotated every round
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for order in rotations(names, args.rounds):  # interleaved, the order rotated every round
+        for name in order:
             t0 = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - t0)
