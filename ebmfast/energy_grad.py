@@ -205,11 +205,16 @@ def _inductor_input_grad(gm: torch.fx.GraphModule, example_inputs: list) -> Call
         return compile_fx(gm, example_inputs, decompositions=table)
 
 
+def _own_backend(compile_kwargs: dict) -> bool:
+    """Whether ``compile_kwargs`` choose torch.compile's backend themselves (then the generic gradient keeps it)."""
+    return any(k in compile_kwargs for k in ("backend", "mode", "options"))
+
+
 def compile_generic(fn: Callable, compile_kwargs: dict, graphs: list[int] | None = None) -> Callable:
     """``torch.compile`` of the generic gradient: inductor with the convolution input gradient as a transposed
     convolution (``conv_input_grad``) unless ``compile_kwargs`` name their own backend, mode or options. ``graphs``:
     gets one entry (the node count) per graph compiled."""
-    if any(k in compile_kwargs for k in ("backend", "mode", "options")):
+    if _own_backend(compile_kwargs):
         return torch.compile(fn, **compile_kwargs)
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
@@ -250,8 +255,7 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
     model_ref = weakref.ref(model)
     programs: dict[Program, Callable] = {}  # one compiled chain program per recognised structure
     generic: list[Callable] = []
-    counted = not any(k in compile_kwargs for k in ("backend", "mode", "options"))
-    state: dict = {"calls": 0, "graphs": [], "counted": counted}  # what runs_uncompiled reads
+    state: dict = {"calls": 0, "graphs": [], "counted": not _own_backend(compile_kwargs)}  # what runs_uncompiled reads
 
     def run(x: torch.Tensor) -> torch.Tensor:
         owner = model_ref()

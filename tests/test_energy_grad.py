@@ -88,3 +88,11 @@ def test_a_traceable_generic_model_is_compiled():
     assert "torch.func" in LangevinSampler(model, backend="compiled").explain(x)
     torch.testing.assert_close(grad(x), eager_energy_grad(model)(x), rtol=1e-5, atol=1e-6)
     assert not runs_uncompiled(grad)
+
+
+def test_a_backend_of_the_callers_own_is_kept_and_not_judged():
+    model = BranchCNN().eval()
+    x = torch.rand(2, 1, 13, 11)
+    grad = compiled_energy_grad(model, backend="eager")  # dynamo without inductor: quick
+    torch.testing.assert_close(grad(x), eager_energy_grad(model)(x), rtol=1e-5, atol=1e-6)
+    assert not runs_uncompiled(grad)  # it cannot tell without its own backend counting the graphs
