@@ -3,9 +3,9 @@ kernel backends; always by measurement.
 
 On CPU (``time_cpu``, ``choose_cpu``): at the sampler's first call for a model structure and input shape, the compiled
 gradient is called once (the compile, timed and reported apart), then compiled and eager gradients are timed in
-interleaved rounds (``CPU_ROUNDS`` each); ``compiled`` is kept only if it measured faster than eager, so ``auto`` is
-never the slower of the two by more than the timing's noise. The choice is cached by the sampler per shape, dtype,
-precision and model structure; ``sampler.explain(x)`` gives the times.
+interleaved rounds (``CPU_ROUNDS`` each); ``compiled`` is kept unless it measured below ``CPU_MIN_RATIO`` of eager's
+speed, or compiled no graph at all (``energy_grad.runs_uncompiled``). The choice is cached by the sampler per shape,
+dtype, precision and model structure; ``sampler.explain(x)`` gives the times.
 
 On CUDA: the fastest *measured* backend for this GPU, model and batch size.
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the sampler imports this module when it chooses; at run tim
 __all__ = ["architecture_key", "choose", "choose_cpu", "time_cpu", "tune", "record", "cache_path", "TABLE_PATH"]
 
 CPU_ROUNDS = 2  # timed gradients per candidate when auto chooses on CPU (after the compile)
+CPU_MIN_RATIO = 0.95  # auto on CPU keeps compiled while it times at least this fraction of eager's speed
 
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 
@@ -186,11 +187,13 @@ def time_cpu(
 
 
 def choose_cpu(times: dict, uncompiled: bool = False) -> tuple[str, str]:
-    """(backend, why) from ``time_cpu``'s times: ``compiled`` only when it measured faster than ``eager``.
+    """(backend, why) from ``time_cpu``'s times: ``compiled`` unless it measured below ``CPU_MIN_RATIO`` of eager's
+    speed (a tie within the timing's noise keeps the compiled gradient, the one measured faster on the project's
+    models).
     ``uncompiled``: the compiled gradient compiled nothing (``energy_grad.runs_uncompiled``): ``eager`` whatever the
     times (they would differ by noise only)."""
     compiled, eager = times["compiled"], times["eager"]
-    backend = "compiled" if compiled < eager and not uncompiled else "eager"
+    backend = "compiled" if CPU_MIN_RATIO * compiled <= eager and not uncompiled else "eager"
     why = (
         f"auto on cpu: timed once for this model structure and shape, {1e3 * compiled:.2f} ms per gradient compiled "
         f"vs {1e3 * eager:.2f} ms eager (compile {times.get('compile_s', math.nan):.1f} s, not counted)"
