@@ -1,4 +1,13 @@
-"""How ``backend="auto"`` chooses on CUDA: the fastest *measured* backend for this GPU, model and batch size.
+"""How ``backend="auto"`` chooses: on CPU between the compiled gradient and eager autograd, on CUDA among the graph and
+kernel backends; always by measurement.
+
+On CPU (``time_cpu``, ``choose_cpu``): at the sampler's first call for a model structure and input shape, the compiled
+gradient is called once (the compile, timed and reported apart), then compiled and eager gradients are timed in
+interleaved rounds (``CPU_ROUNDS`` each); ``compiled`` is kept unless it measured below ``CPU_MIN_RATIO`` of eager's
+speed, or compiled no graph at all (``energy_grad.runs_uncompiled``). The choice is cached by the sampler per shape,
+dtype, precision and model structure; ``sampler.explain(x)`` gives the times.
+
+On CUDA: the fastest *measured* backend for this GPU, model and batch size.
 
 Where the measurements come from, in this order:
 1. the user's timing cache, written by ``tune(sampler, x)`` (or by ``auto`` itself when
@@ -19,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +39,10 @@ from torch import nn
 if TYPE_CHECKING:  # the sampler imports this module when it chooses; at run time tune() imports the sampler late
     from .sampler import LangevinSampler
 
-__all__ = ["architecture_key", "choose", "tune", "record", "cache_path", "TABLE_PATH"]
+__all__ = ["architecture_key", "choose", "choose_cpu", "time_cpu", "tune", "record", "cache_path", "TABLE_PATH"]
+
+CPU_ROUNDS = 2  # timed gradients per candidate when auto chooses on CPU (after the compile)
+CPU_MIN_RATIO = 0.95  # auto on CPU keeps compiled while it times at least this fraction of eager's speed
 
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 
@@ -137,6 +150,62 @@ def choose(
     if pick is not None:
         return pick, f"committed table {TABLE_PATH.name}"
     return "graph", "default (no measurement for this GPU, model and batch)"
+
+
+def time_cpu(
+    grads: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    rounds: int = CPU_ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Seconds per gradient of each of ``grads`` (name -> g(x)) on ``x``: the fastest of ``rounds`` calls, the
+    candidates interleaved (order rotated each round); a first call of ``compiled`` before the rounds is its compile,
+    returned as ``"compile_s"``. A candidate that raises measures ``inf`` and its error is returned under
+    ``"<name> error"`` (as a string)."""
+    times: dict = {name: math.inf for name in grads}
+    names = list(grads)
+    failed: set[str] = set()
+
+    def call(name: str) -> float:
+        t0 = clock()
+        try:
+            grads[name](x)
+        except Exception as exc:  # the candidate loses; auto keeps the other
+            failed.add(name)
+            times[f"{name} error"] = f"{type(exc).__name__}: {exc}"
+        return clock() - t0
+
+    if "compiled" in grads:
+        times["compile_s"] = call("compiled")
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if name not in failed:
+                times[name] = min(times[name], call(name))
+    for name in failed:
+        times[name] = math.inf
+    return times
+
+
+def choose_cpu(times: dict, uncompiled: bool = False) -> tuple[str, str]:
+    """(backend, why) from ``time_cpu``'s times: ``compiled`` unless it measured below ``CPU_MIN_RATIO`` of eager's
+    speed (a tie within the timing's noise keeps the compiled gradient, the one measured faster on the project's
+    models).
+    ``uncompiled``: the compiled gradient compiled nothing (``energy_grad.runs_uncompiled``): ``eager`` whatever the
+    times (they would differ by noise only)."""
+    compiled, eager = times["compiled"], times["eager"]
+    backend = "compiled" if CPU_MIN_RATIO * compiled <= eager and not uncompiled else "eager"
+    why = (
+        f"auto on cpu: timed once for this model structure and shape, {1e3 * compiled:.2f} ms per gradient compiled "
+        f"vs {1e3 * eager:.2f} ms eager (compile {times.get('compile_s', math.nan):.1f} s, not counted)"
+    )
+    if uncompiled:
+        why += (
+            "; dynamo compiled no graph of the gradient (a graph break inside torch.func.grad, e.g. data-dependent"
+            " control flow), so it runs eagerly"
+        )
+    if "compiled error" in times:
+        why += f"; the compiled gradient failed: {times['compiled error']}"
+    return backend, why
 
 
 def record(model: nn.Module, x: torch.Tensor, precision: str, times: dict[str, float]) -> None:

@@ -10,6 +10,8 @@ Two builders:
   model goes through ``torch.func.grad`` over ``functional_call``; ``recognise(model, x)`` (and
   ``sampler.explain(x)``) says why. Either way parameters are read at call time, so in-place optimizer updates and
   replaced parameters are seen.
+  The generic program is compiled with the convolution input gradient decomposed into the transposed convolution it
+  is (``conv_input_grad``), like the chain program, instead of the full convolution backward kernel.
   On CPU, 4-D inputs are run channels-last (oneDNN's strided conv_transpose is several times faster that way).
 """
 
@@ -26,7 +28,15 @@ from torch import nn
 
 from .recognise import ACTIVATIONS, Act, Add, Affine, Program, Reshape, affine_tensors, recognise
 
-__all__ = ["eager_energy_grad", "compiled_energy_grad", "program_energy_grad", "activation"]
+__all__ = [
+    "eager_energy_grad",
+    "compiled_energy_grad",
+    "program_energy_grad",
+    "activation",
+    "conv_input_grad",
+    "compile_generic",
+    "runs_uncompiled",
+]
 
 EnergyGrad = Callable[[torch.Tensor], torch.Tensor]
 
@@ -152,6 +162,78 @@ def _func_energy_grad(model_ref: weakref.ref[nn.Module]) -> Callable:
     return grad(neg_energy_sum, argnums=2)
 
 
+def conv_input_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias_sizes: object,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    output_padding: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor | None, None, None] | object:
+    """``aten.convolution_backward`` asked for the input gradient only (what an input gradient needs) as the
+    transposed convolution it is, so the compiled graph runs oneDNN's conv_transpose like the chain program instead of
+    the full backward kernel; any other request (weight or bias gradients, transposed or non-2-D convolutions) is left
+    as it was (``NotImplemented``)."""
+    if transposed or output_mask[1] or output_mask[2] or not output_mask[0] or weight.dim() != 4:
+        return NotImplemented
+    k = weight.shape[2:]
+    out_pad = [
+        input.shape[d + 2]
+        - ((grad_output.shape[d + 2] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (k[d] - 1) + 1)
+        for d in (0, 1)
+    ]
+    g = torch.ops.aten.convolution.default(grad_output, weight, None, stride, padding, dilation, True, out_pad, groups)
+    return g, None, None
+
+
+def _inductor_input_grad(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """The inductor backend with ``conv_input_grad`` in its decomposition table (the generic gradient's backend)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    table[torch.ops.aten.convolution_backward.default] = conv_input_grad
+    # the AOT-autograd cache keys on the captured graph, not on the decomposition table: a hit would bring back a
+    # graph traced without conv_input_grad
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions=table)
+
+
+def _own_backend(compile_kwargs: dict) -> bool:
+    """Whether ``compile_kwargs`` choose torch.compile's backend themselves (then the generic gradient keeps it)."""
+    return any(k in compile_kwargs for k in ("backend", "mode", "options"))
+
+
+def compile_generic(fn: Callable, compile_kwargs: dict, graphs: list[int] | None = None) -> Callable:
+    """``torch.compile`` of the generic gradient: inductor with the convolution input gradient as a transposed
+    convolution (``conv_input_grad``) unless ``compile_kwargs`` name their own backend, mode or options. ``graphs``:
+    gets one entry (the node count) per graph compiled."""
+    if _own_backend(compile_kwargs):
+        return torch.compile(fn, **compile_kwargs)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        if graphs is not None:
+            graphs.append(len(gm.graph.nodes))
+        return _inductor_input_grad(gm, example_inputs)
+
+    return torch.compile(fn, backend=backend, **compile_kwargs)
+
+
+def runs_uncompiled(grad_fn: EnergyGrad) -> bool:
+    """True when ``grad_fn`` (from ``compiled_energy_grad``) has run the generic path and no graph was compiled for it:
+    dynamo could not trace the gradient (a graph break inside ``torch.func.grad``, e.g. data-dependent control flow)
+    and runs ``torch.func`` eagerly, which is no faster than autograd. False where it cannot tell (a backend of the
+    caller's own)."""
+    state = getattr(grad_fn, "generic_state", None)
+    return state is not None and state["counted"] and state["calls"] > 0 and not state["graphs"]
+
+
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
@@ -173,6 +255,7 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
     model_ref = weakref.ref(model)
     programs: dict[Program, Callable] = {}  # one compiled chain program per recognised structure
     generic: list[Callable] = []
+    state: dict = {"calls": 0, "graphs": [], "counted": not _own_backend(compile_kwargs)}  # what runs_uncompiled reads
 
     def run(x: torch.Tensor) -> torch.Tensor:
         owner = model_ref()
@@ -183,7 +266,8 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
                 fn = programs[found] = torch.compile(functools.partial(program_energy_grad, found), **compile_kwargs)
             return fn(found.read(owner), x)
         if not generic:
-            generic.append(torch.compile(_func_energy_grad(model_ref), **compile_kwargs))
+            generic.append(compile_generic(_func_energy_grad(model_ref), compile_kwargs, state["graphs"]))
+        state["calls"] += 1
         params = {k: v.detach() for k, v in owner.named_parameters()}
         buffers = dict(owner.named_buffers())
         return generic[0](params, buffers, x)
@@ -195,4 +279,5 @@ def _build_compiled(model: nn.Module, channels_last: bool | None, compile_kwargs
             return g.contiguous()
         return run(x)
 
+    energy_grad.generic_state = state
     return energy_grad

@@ -17,7 +17,8 @@ Backends (``backend=``):
   (plus a per-sample scratch budget). Captured in a CUDA graph on CUDA as well.
 - ``auto``: on CUDA the fastest measured of ``graph`` and the kernel backends the model supports
   (``ebmfast.autotune``; ``graph`` where nothing was measured, ``compiled`` when Triton is missing); ``compiled`` on
-  CPU (the fastest measured there). ``sampler.explain(x)`` says what runs and why, and for the compiled gradient
+  CPU unless eager autograd times faster for this model and shape (``ebmfast.autotune.time_cpu``: once, at the first
+  call, compile time apart). ``sampler.explain(x)`` says what runs and why, and for the compiled gradient
   whether the chain program runs the model (or why not).
 
 Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a pure function of the sampler's seed,
@@ -46,7 +47,7 @@ from torch import nn
 
 from . import langevin, ops
 from .chain import Chain, FusedStepper, LayerStepper, PersistentChain, StepChain
-from .energy_grad import compiled_energy_grad, eager_energy_grad
+from .energy_grad import compiled_energy_grad, eager_energy_grad, runs_uncompiled
 from .errors import StopRequested
 from .opdef import HAS_TRITON, triton_unavailable_reason
 from .recognise import structure_key
@@ -268,13 +269,20 @@ class LangevinSampler:
             from .layers import unsupported_reason
         return unsupported_reason(self.model, x, self.precision)
 
-    def _choose(self, x: torch.Tensor) -> tuple[str, str]:
+    def _choose(self, x: torch.Tensor, measure: bool = True) -> tuple[str, str]:
         """(backend, why) for a call on ``x``; cached per shape, dtype, device, precision and model structure (a model
-        changed after a first call is chosen for again)."""
+        changed after a first call is chosen for again). ``measure=False`` (``explain``): a choice that needs timing
+        (``auto`` on CPU) is not made yet but said so."""
         key = (tuple(x.shape), x.dtype, x.device, self.precision, structure_key(self.model))
         if key in self._choices:
             return self._choices[key]
         base = self.resolve(x.device)
+        if self.backend == "auto" and x.device.type == "cpu":
+            if not measure:
+                return base, "auto on cpu: compiled unless eager times faster at the first sample (not timed yet)"
+            choice = self._time_cpu_choice(x)
+            self._choices[key] = choice
+            return choice
         if base in KERNEL_BACKENDS:
             reason = self._kernel_reason(base, x)
             if reason is not None:
@@ -307,9 +315,19 @@ class LangevinSampler:
         self._choices[key] = choice
         return choice
 
+    def _time_cpu_choice(self, x: torch.Tensor) -> tuple[str, str]:
+        """auto on CPU: the compiled gradient or eager autograd, whichever ``autotune.time_cpu`` measures faster."""
+        from . import autotune
+
+        grads = {name: self._energy_grad(x.device, name) for name in ("compiled", "eager")}
+        with sampling_mode(self.model):
+            times = autotune.time_cpu(grads, x.detach())
+        return autotune.choose_cpu(times, uncompiled=runs_uncompiled(self._grad_fns[x.device.type]))
+
     def explain(self, x: torch.Tensor) -> str:
-        """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons)."""
-        backend, why = self._choose(x)
+        """Which backend ``sample(x)`` runs and why (auto's choice, fall-backs and their reasons). Cheap: where auto
+        has still to time its choice (on CPU), it says so; after the first ``sample(x)`` it gives the times."""
+        backend, why = self._choose(x, measure=False)
         text = f"backend={self.backend!r} -> {backend!r} for x of shape {tuple(x.shape)} on {x.device}: {why}"
         if backend in ("compiled", "fused", "graph"):
             from .recognise import recognise

@@ -1,4 +1,5 @@
-"""backend='auto' on CUDA: the choice logic (the timing itself needs a GPU and runs in bench/device_check.sh)."""
+"""backend='auto': the choice logic, timings injected (on CUDA the timing itself needs a GPU and runs in
+bench/device_check.sh; on CPU examples/generic_gradient.py and examples/tutorial_switch.py measure)."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ebmfast import CNNModel, autotune
+from ebmfast import CNNModel, LangevinSampler, autotune
 
 
 @pytest.fixture
@@ -118,3 +119,101 @@ def test_autotune_env_times_on_first_use(fake_gpu, monkeypatch):
     monkeypatch.setenv("EBMFAST_AUTOTUNE", "1")
     backend, why = autotune.choose(model, x, "fp32", ["graph", "triton"], tuner=tuner)
     assert backend == "triton" and "timed now" in why and calls == [1]
+
+
+# ------------------------------------------------------------------------------------------------ auto on CPU
+class _Clock:
+    """A clock that each fake gradient advances by its own cost."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _fake_grads(clock, costs, calls):
+    def make(name):
+        def g(x):
+            calls.append(name)
+            cost = costs[name].pop(0) if isinstance(costs[name], list) else costs[name]
+            if cost is None:
+                raise RuntimeError("no kernel for this op")
+            clock.now += cost
+            return x
+
+        return g
+
+    return {name: make(name) for name in costs}
+
+
+def test_time_cpu_compiles_first_then_interleaves_and_keeps_the_fastest():
+    clock, calls = _Clock(), []
+    grads = _fake_grads(clock, {"compiled": [9.0, 0.003, 0.002], "eager": [0.005, 0.004]}, calls)
+    times = autotune.time_cpu(grads, torch.zeros(2), rounds=2, clock=clock)
+    assert calls == ["compiled", "compiled", "eager", "eager", "compiled"]  # compile, then the order rotated
+    assert times == pytest.approx({"compile_s": 9.0, "compiled": 0.002, "eager": 0.004})
+
+
+def test_time_cpu_a_failing_candidate_measures_inf():
+    clock, calls = _Clock(), []
+    times = autotune.time_cpu(
+        _fake_grads(clock, {"compiled": None, "eager": 0.001}, calls), torch.zeros(2), clock=clock
+    )
+    assert times["compiled"] == math.inf and times["eager"] == 0.001
+    assert calls.count("compiled") == 1  # not tried again after it failed
+    backend, why = autotune.choose_cpu(times)
+    assert backend == "eager" and "no kernel for this op" in why
+
+
+@pytest.mark.parametrize(
+    ("compiled", "eager", "expected"),
+    [(0.002, 0.003, "compiled"), (0.003, 0.002, "eager"), (0.00104, 0.001, "compiled"), (0.00106, 0.001, "eager")],
+)
+def test_choose_cpu_keeps_compiled_unless_below_the_ratio_of_eager(compiled, eager, expected):
+    # 0.00104 s: 0.96x eager's speed, kept; 0.00106 s: 0.94x, below CPU_MIN_RATIO
+    backend, why = autotune.choose_cpu({"compiled": compiled, "eager": eager, "compile_s": 12.3})
+    assert backend == expected
+    assert f"{1e3 * compiled:.2f} ms per gradient compiled vs {1e3 * eager:.2f} ms eager" in why
+    assert "compile 12.3 s, not counted" in why
+
+
+def test_choose_cpu_takes_eager_when_nothing_was_compiled():
+    backend, why = autotune.choose_cpu({"compiled": 0.001, "eager": 0.002, "compile_s": 1.0}, uncompiled=True)
+    assert backend == "eager" and "compiled no graph" in why
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+
+def test_sampler_auto_on_cpu_times_once_per_shape_and_structure(monkeypatch):
+    timed = []
+
+    def fake_time_cpu(grads, x):
+        timed.append(tuple(x.shape))
+        assert set(grads) == {"compiled", "eager"}
+        return {"compiled": 0.002, "eager": 0.001, "compile_s": 3.0}
+
+    monkeypatch.setattr(autotune, "time_cpu", fake_time_cpu)
+    model = _tiny()
+    sampler = LangevinSampler(model, steps=2, backend="auto", seed=0)
+    x = torch.rand(4, 1, 3, 4)
+    assert "not timed yet" in sampler.explain(x) and not timed  # explain stays cheap
+    sampler.sample(x)
+    sampler.sample(x)
+    assert sampler.last_backend == "eager" and timed == [(4, 1, 3, 4)]
+    assert "-> 'eager'" in sampler.explain(x) and "2.00 ms per gradient compiled vs 1.00 ms eager" in sampler.explain(x)
+    sampler.sample(torch.rand(5, 1, 3, 4))  # another shape: timed again
+    model[2] = torch.nn.Sigmoid()  # another structure: timed again
+    sampler.sample(x)
+    assert timed == [(4, 1, 3, 4), (5, 1, 3, 4), (4, 1, 3, 4)]
+
+
+def test_sampler_auto_on_cpu_keeps_compiled_when_it_times_faster(monkeypatch):
+    monkeypatch.setattr(autotune, "time_cpu", lambda grads, x: {"compiled": 0.001, "eager": 0.002, "compile_s": 3.0})
+    sampler = LangevinSampler(_tiny(), steps=2, backend="auto", seed=0)
+    x = torch.rand(4, 1, 3, 4)
+    assert sampler._choose(x)[0] == "compiled"  # the choice only: sampling would compile (slow on CPU)
+    assert "-> 'compiled'" in sampler.explain(x)
