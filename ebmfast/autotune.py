@@ -1,7 +1,8 @@
 """How ``backend="auto"`` chooses: on CPU between the compiled gradient and eager autograd, on CUDA among the graph and
 kernel backends; always by measurement.
 
-On CPU (``time_cpu``, ``choose_cpu``): at the sampler's first call for a model structure and input shape, the compiled
+On CPU (``time_cpu``, ``choose_cpu``), for a model ``ebmfast.recognise`` does not read (a recognised one always gets the
+compiled chain program, untimed): at the sampler's first call for a model structure and input shape, the compiled
 gradient is called once (the compile, timed and reported apart), then compiled and eager gradients are timed in
 interleaved rounds (``CPU_ROUNDS`` each); ``compiled`` is kept unless it measured below ``CPU_MIN_RATIO`` of eager's
 speed, or compiled no graph at all (``energy_grad.runs_uncompiled``). The choice is cached by the sampler per shape,

@@ -17,8 +17,9 @@ Backends (``backend=``):
   (plus a per-sample scratch budget). Captured in a CUDA graph on CUDA as well.
 - ``auto``: on CUDA the fastest measured of ``graph`` and the kernel backends the model supports
   (``ebmfast.autotune``; ``graph`` where nothing was measured, ``compiled`` when Triton is missing); ``compiled`` on
-  CPU unless eager autograd times faster for this model and shape (``ebmfast.autotune.time_cpu``: once, at the first
-  call, compile time apart). ``sampler.explain(x)`` says what runs and why, and for the compiled gradient
+  CPU for a recognised model (the chain program; not timed, so runs reproduce), and for any other model unless eager
+  autograd times faster for it and this shape (``ebmfast.autotune.time_cpu``: once, at the first call, compile time
+  apart). ``sampler.explain(x)`` says what runs and why, and for the compiled gradient
   whether the chain program runs the model (or why not).
 
 Noise. Every backend draws the same stream: z_k = normal(seed, counter + k), a pure function of the sampler's seed,
@@ -278,9 +279,14 @@ class LangevinSampler:
             return self._choices[key]
         base = self.resolve(x.device)
         if self.backend == "auto" and x.device.type == "cpu":
-            if not measure:
+            from .recognise import recognise
+
+            if not isinstance(recognise(self.model, x), str):  # no timing: the same numbers on every run
+                choice = (base, "auto on cpu: the compiled chain program of the recognised model (not timed)")
+            elif not measure:
                 return base, "auto on cpu: compiled unless eager times faster at the first sample (not timed yet)"
-            choice = self._time_cpu_choice(x)
+            else:
+                choice = self._time_cpu_choice(x)
             self._choices[key] = choice
             return choice
         if base in KERNEL_BACKENDS:

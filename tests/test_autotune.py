@@ -183,9 +183,20 @@ def test_choose_cpu_takes_eager_when_nothing_was_compiled():
     assert backend == "eager" and "compiled no graph" in why
 
 
-def _tiny():
+class _Sin(torch.nn.Module):
+    def forward(self, x):
+        return torch.sin(x)  # outside the recognised vocabulary: the generic path
+
+
+class _Cos(torch.nn.Module):
+    def forward(self, x):
+        return torch.cos(x)
+
+
+def _tiny(act=None):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    act = _Sin() if act is None else act
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3), act, torch.nn.Linear(3, 1))
 
 
 def test_sampler_auto_on_cpu_times_once_per_shape_and_structure(monkeypatch):
@@ -206,7 +217,7 @@ def test_sampler_auto_on_cpu_times_once_per_shape_and_structure(monkeypatch):
     assert sampler.last_backend == "eager" and timed == [(4, 1, 3, 4)]
     assert "-> 'eager'" in sampler.explain(x) and "2.00 ms per gradient compiled vs 1.00 ms eager" in sampler.explain(x)
     sampler.sample(torch.rand(5, 1, 3, 4))  # another shape: timed again
-    model[2] = torch.nn.Sigmoid()  # another structure: timed again
+    model[2] = _Cos()  # another structure: timed again
     sampler.sample(x)
     assert timed == [(4, 1, 3, 4), (5, 1, 3, 4), (4, 1, 3, 4)]
 
@@ -217,3 +228,13 @@ def test_sampler_auto_on_cpu_keeps_compiled_when_it_times_faster(monkeypatch):
     x = torch.rand(4, 1, 3, 4)
     assert sampler._choose(x)[0] == "compiled"  # the choice only: sampling would compile (slow on CPU)
     assert "-> 'compiled'" in sampler.explain(x)
+
+
+def test_sampler_auto_on_cpu_does_not_time_a_recognised_model(monkeypatch):
+    """A model the chain program runs gets the compiled gradient without timing: the same numbers on every run (a
+    resumed run stays bit-identical)."""
+    monkeypatch.setattr(autotune, "time_cpu", lambda grads, x: pytest.fail("a recognised model was timed"))
+    sampler = LangevinSampler(_tiny(torch.nn.Tanh()), steps=2, backend="auto", seed=0)
+    x = torch.rand(4, 1, 3, 4)
+    backend, why = sampler._choose(x)
+    assert backend == "compiled" and "recognised" in why and "not timed" in sampler.explain(x)
