@@ -27,8 +27,10 @@ captures, so a model changed after its first call is re-captured, never run stal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import time
 import warnings
@@ -219,9 +221,12 @@ def _capture(model: nn.Module, x: torch.Tensor) -> Program | str:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
+        # export's advice is for export users, and on failure it prints the partial graph to stderr: what matters
+        # comes back as a reason
         with sampling_mode(model), torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # export's advice is for export users; what matters comes back as a reason
-            exported = torch.export.export(model, (probe,), strict=False)
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stderr(io.StringIO()):
+                exported = torch.export.export(model, (probe,), strict=False)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"the forward could not be captured by torch.export ({type(exc).__name__}: {msg[:300]})"

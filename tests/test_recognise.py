@@ -325,6 +325,14 @@ def test_refused_forms_name_the_op(make, shape, match):
     assert isinstance(reason, str) and match in reason, reason
 
 
+def test_a_failed_capture_prints_nothing(capfd):
+    """A forward torch.export cannot capture is a reason, not a graph dump on the user's terminal (export prints the
+    partial graph to stderr on a data-dependent branch)."""
+    assert "could not be captured" in recognise(DataDependent(), torch.zeros(2, 4))
+    out, err = capfd.readouterr()
+    assert "def forward" not in out + err, err[-500:]
+
+
 def test_kernel_reasons_for_what_the_kernels_lack(monkeypatch):
     monkeypatch.setenv("EBMFAST_TRITON_ON_CPU", "1")
     assert unsupported_reason(ShortRunNet(), images(2, 16)) is None  # its final 4x4 conv runs as a dense layer
